@@ -1,0 +1,12 @@
+"""Who may use the agent: Portainer request signatures and the security shutdown.
+
+* :mod:`~portainer_agent.security.signature`: pure parsing/verification of the headers;
+* :mod:`~portainer_agent.security.notary`: the association policy (default vs secret mode);
+* :mod:`~portainer_agent.security.guard`: the HTTP seam used by the root resource;
+* :mod:`~portainer_agent.security.shutdown`: close an unclaimed API after a timeout.
+"""
+from portainer_agent.security.notary import Notary
+from portainer_agent.security.shutdown import SecurityShutdown
+from portainer_agent.security.signature import SignatureError, SignatureInvalid, SignatureMissing
+
+__all__ = ["Notary", "SecurityShutdown", "SignatureError", "SignatureInvalid", "SignatureMissing"]
