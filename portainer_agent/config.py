@@ -1,0 +1,58 @@
+"""The agent's configuration: one immutable record built once from options.
+
+Configuration flows one way: command-line flags and environment variables are parsed
+by :mod:`portainer_agent.options` into a :class:`Config`, which is handed to the
+services that need it. Nothing else reads ``os.environ``.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import attrs
+
+
+def default_data_dir() -> Path:
+    """Per-user default: ``$XDG_STATE_HOME/portainer-agent`` or ``~/.local/state/portainer-agent``.
+
+    The container image sets ``AGENT_DATA_DIR=/data``.
+    """
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(base) / "portainer-agent"
+
+
+@attrs.frozen
+class Config:
+    """Everything the agent was told to do. Durations are seconds (floats)."""
+
+    host: str = "0.0.0.0"
+    port: int = 9001
+    docker_host: str = "unix:///var/run/docker.sock"
+    data_dir: Path = attrs.field(factory=default_data_dir)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    keep_cert: bool = False
+    log_level: str = "INFO"
+    log_format: str = "text"
+    shutdown_grace: float = 5.0
+
+    # security (issue 4)
+    secret: str | None = None
+    secret_timeout: float = 72 * 3600.0
+
+    # cluster (issue 5)
+    cluster_addr: str | None = None
+    advertise_addr: str | None = None
+    cluster_port: int = 9002
+    cluster_key: bytes | None = None
+    probe_interval: float = 1.0
+    probe_timeout: float = 0.5
+
+    # browse (later issue)
+    host_management: bool = False
+
+    @property
+    def docker_socket_path(self) -> str:
+        """Filesystem path of the Docker unix socket (``DOCKER_HOST=unix://...``)."""
+        return self.docker_host[len("unix://"):] if self.docker_host.startswith("unix://") else self.docker_host

@@ -1,0 +1,1 @@
+"""Talking to the local Docker engine over its unix socket."""

@@ -1,0 +1,44 @@
+"""HTTP to the local Docker socket: one pooled ``twisted.web.client.Agent``.
+
+Every Docker request goes to the fixed fake host ``http://docker``, so the pool holds
+one key and reuses its persistent connections; the endpoint factory dials the unix
+socket whatever the URL says.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import treq
+from twisted.internet.endpoints import UNIXClientEndpoint
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.iweb import IAgent, IAgentEndpointFactory
+from zope.interface import implementer
+
+DOCKER_BASE_URL = b"http://docker"
+
+
+@implementer(IAgentEndpointFactory)
+class DockerSocketEndpointFactory:
+    def __init__(self, reactor: Any, socket_path: str) -> None:
+        self._reactor = reactor
+        self.socket_path = socket_path
+
+    def endpointForURI(self, uri: Any) -> IStreamClientEndpoint:
+        return UNIXClientEndpoint(self._reactor, self.socket_path, timeout=10)
+
+
+def make_pool(reactor: Any, max_per_host: int = 16) -> HTTPConnectionPool:
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = max_per_host
+    pool.cachedConnectionTimeout = 120
+    return pool
+
+
+def docker_agent(reactor: Any, socket_path: str, pool: HTTPConnectionPool) -> IAgent:
+    return Agent.usingEndpointFactory(reactor, DockerSocketEndpointFactory(reactor, socket_path), pool=pool)
+
+
+def docker_treq(agent: IAgent) -> treq.client.HTTPClient:
+    """A treq client over the Docker agent, for the agent's own JSON calls (``/info``)."""
+    return treq.client.HTTPClient(agent)

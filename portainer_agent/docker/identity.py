@@ -1,0 +1,118 @@
+"""Who this node is, from Docker's point of view (``GET /info``).
+
+The pure part (:func:`identity_from_info`) turns Docker's JSON into a
+:class:`NodeIdentity`; two thin shells fetch it: a blocking one used once at start
+(so a missing Docker fails the start with a clear message before anything listens)
+and a Deferred one for periodic refresh (role changes, leadership).
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred, inlineCallbacks, returnValue
+
+
+class DockerUnavailable(Exception):
+    """The Docker socket does not answer (or answers nonsense)."""
+
+
+@attrs.frozen
+class NodeIdentity:
+    name: str
+    node_id: str = ""
+    role: str | None = None  # "manager" / "worker" in a swarm, None otherwise
+    is_leader: bool = False
+    node_addr: str = ""
+    docker_root_dir: str = "/var/lib/docker"
+    server_version: str = ""
+
+    @property
+    def in_swarm(self) -> bool:
+        return bool(self.node_id)
+
+    @property
+    def is_manager(self) -> bool:
+        return self.role == "manager"
+
+
+def identity_from_info(info: dict[str, Any], node: dict[str, Any] | None = None) -> NodeIdentity:
+    """Pure: ``GET /info`` (and, for managers, ``GET /nodes/{id}``) -> NodeIdentity."""
+    swarm = info.get("Swarm") or {}
+    node_id = swarm.get("NodeID") or ""
+    # A node that left or is joining reports a NodeID only when its state is active.
+    if swarm.get("LocalNodeState") not in (None, "active"):
+        node_id = ""
+    role = None
+    if node_id:
+        role = "manager" if swarm.get("ControlAvailable") else "worker"
+    leader = bool(((node or {}).get("ManagerStatus") or {}).get("Leader"))
+    return NodeIdentity(
+        name=str(info.get("Name") or ""),
+        node_id=node_id,
+        role=role,
+        is_leader=leader,
+        node_addr=str(swarm.get("NodeAddr") or ""),
+        docker_root_dir=str(info.get("DockerRootDir") or "/var/lib/docker"),
+        server_version=str(info.get("ServerVersion") or ""),
+    )
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, socket_path: str, timeout: float) -> None:
+        super().__init__("docker", timeout=timeout)
+        self._socket_path = socket_path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self._socket_path)
+        self.sock = sock
+
+
+def _get_json_blocking(socket_path: str, path: str, timeout: float) -> Any:
+    conn = _UnixHTTPConnection(socket_path, timeout)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        body = response.read()
+    finally:
+        conn.close()
+    if response.status != 200:
+        raise DockerUnavailable(f"Docker at {socket_path} answered {response.status} to GET {path}")
+    return json.loads(body)
+
+
+def fetch_identity_blocking(socket_path: str, timeout: float = 10.0) -> NodeIdentity:
+    """Read the identity once, synchronously (start-up only)."""
+    try:
+        info = _get_json_blocking(socket_path, "/info", timeout)
+        node = None
+        swarm = info.get("Swarm") or {}
+        if swarm.get("ControlAvailable") and swarm.get("NodeID"):
+            try:
+                node = _get_json_blocking(socket_path, f"/nodes/{swarm['NodeID']}", timeout)
+            except (DockerUnavailable, OSError, ValueError):
+                node = None
+    except (OSError, ValueError, http.client.HTTPException) as error:
+        raise DockerUnavailable(f"cannot reach Docker at {socket_path}: {error}") from error
+    return identity_from_info(info, node)
+
+
+@inlineCallbacks
+def fetch_identity(docker: Any) -> "Deferred[NodeIdentity]":
+    """Read the identity through a treq-like client bound to the Docker socket."""
+    response = yield docker.get("http://docker/info")
+    info = yield response.json()
+    node = None
+    swarm = info.get("Swarm") or {}
+    if swarm.get("ControlAvailable") and swarm.get("NodeID"):
+        node_response = yield docker.get(f"http://docker/nodes/{swarm['NodeID']}")
+        if node_response.code == 200:
+            node = yield node_response.json()
+        else:
+            yield node_response.content()
+    returnValue(identity_from_info(info, node))

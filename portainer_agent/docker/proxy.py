@@ -1,0 +1,107 @@
+"""The local Docker proxy: any request, streamed to the Docker socket and back.
+
+Request bodies arrive spooled by twisted.web (memory under 100 kB, a temporary file
+above) and are streamed upstream with ``FileBodyProducer``; responses are relayed
+by :func:`portainer_agent.http.streaming.relay_response`. Docker receives the
+client's original path, API version prefix included, so it answers in the client's
+API version.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.internet import task
+from twisted.internet.defer import CancelledError
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import FileBodyProducer
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IResponse
+from twisted.web.server import NOT_DONE_YET, Request
+
+from portainer_agent.errors import bad_gateway_docker
+from portainer_agent.http.paths import forwardable_request_headers
+from portainer_agent.http.responses import finish_with_error
+from portainer_agent.http.streaming import relay_response
+
+log = Logger()
+
+
+def request_body_producer(request: Request, cooperator: Any = task) -> FileBodyProducer | None:
+    """A producer for the spooled request body, or None when there is no body."""
+    content = request.content
+    if content is None:
+        return None
+    content.seek(0, os.SEEK_END)
+    size = content.tell()
+    content.seek(0)
+    has_body_header = request.requestHeaders.hasHeader(b"content-length") or request.requestHeaders.hasHeader(
+        b"transfer-encoding"
+    )
+    if size == 0 and not has_body_header:
+        return None
+    return FileBodyProducer(content, cooperator=cooperator)
+
+
+def upstream_headers(request: Request, extra: dict[bytes, bytes] | None = None) -> Headers:
+    raw = request.requestHeaders
+    headers = Headers()
+    for name, values in forwardable_request_headers(raw.getAllRawHeaders(), raw.getRawHeaders(b"connection", [])):
+        headers.setRawHeaders(name, values)
+    for name, value in (extra or {}).items():
+        headers.setRawHeaders(name, [value])
+    return headers
+
+
+class DockerProxy:
+    """Forwards a request to the local Docker engine."""
+
+    def __init__(self, agent: IAgent, socket_path: str, base_url: bytes = b"http://docker", cooperator: Any = task) -> None:
+        self._agent = agent
+        self._socket_path = socket_path
+        self._base_url = base_url
+        self._cooperator = cooperator
+
+    def render(self, request: Request) -> Any:
+        url = self._base_url + request.uri
+        pending = self._agent.request(
+            request.method, url, upstream_headers(request), request_body_producer(request, self._cooperator)
+        )
+        request.notifyFinish().addErrback(lambda _: pending.cancel())
+        pending.addCallbacks(self._relay, self._failed, callbackArgs=(request,), errbackArgs=(request,))
+        pending.addErrback(self._bug, request)
+        return NOT_DONE_YET
+
+    def _relay(self, response: IResponse, request: Request) -> Any:
+        if request._disconnected:
+            response.deliverBody(_Drop())
+            return None
+        return relay_response(response, request)
+
+    def _failed(self, failure: Failure, request: Request) -> None:
+        if failure.check(CancelledError) or request._disconnected:
+            return
+        reason = failure.getErrorMessage()
+        inner = getattr(failure.value, "reasons", None)
+        if inner:
+            reason = "; ".join(f.getErrorMessage() for f in inner)
+        log.warn("Docker socket {socket} unreachable: {reason}", socket=self._socket_path, reason=reason)
+        finish_with_error(request, bad_gateway_docker(self._socket_path, reason))
+
+    def _bug(self, failure: Failure, request: Request) -> None:
+        log.failure("proxying to Docker failed", failure)
+        from portainer_agent.errors import AgentError
+
+        finish_with_error(request, AgentError(500, "Internal agent error", failure.getErrorMessage()))
+
+
+class _Drop:
+    def makeConnection(self, transport: Any) -> None:
+        transport.stopProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+    def connectionLost(self, reason: Any) -> None:
+        pass

@@ -1,0 +1,1 @@
+"""The agent's HTTP face: root resource, site, error rendering, streaming relay."""

@@ -1,0 +1,46 @@
+"""Writing agent-made responses (JSON, errors, empty) onto a twisted.web request."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.web.server import Request
+
+from portainer_agent.errors import AgentError
+
+
+def write_json(request: Request, value: Any, status: int = 200) -> bytes:
+    """Set status and JSON content type; return the body for ``render`` to return."""
+    body = json.dumps(value).encode() + b"\n"
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"content-length", b"%d" % len(body))
+    return body
+
+
+def write_error(request: Request, error: AgentError) -> bytes:
+    """Docker-style JSON error (``{"message", "details"}``) for ``render`` to return."""
+    body = error.body()
+    request.setResponseCode(error.status)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"content-length", b"%d" % len(body))
+    return body
+
+
+def finish_with_error(request: Request, error: AgentError) -> None:
+    """Like :func:`write_error`, for an asynchronous (NOT_DONE_YET) request."""
+    if request._disconnected or request.finished:
+        return
+    if request.startedWriting:
+        # Headers already went out: all we can do is cut the response short.
+        transport = request.channel.transport if request.channel else None
+        if transport is not None:
+            transport.abortConnection()
+        return
+    request.write(write_error(request, error))
+    request.finish()
+
+
+def write_empty(request: Request, status: int = 204) -> bytes:
+    request.setResponseCode(status)
+    return b""

@@ -1,0 +1,86 @@
+"""The HTTP site: request factory, access log, in-flight tracking for shutdown."""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.logger import Logger
+from twisted.web.server import Request, Site
+
+log = Logger(namespace="portainer_agent.access")
+
+
+class AgentRequest(Request):
+    """Never parses form bodies into memory: the proxy streams them as they are."""
+
+    def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
+        kwargs["parsePOSTFormSubmission"] = False
+        super().__init__(channel, *args, **kwargs)
+        self.startedAt = time.monotonic()
+
+
+class AgentSite(Site):
+    """A Site that logs one structured access line per request at DEBUG (method,
+    path without the query string, status, bytes, duration) and knows which requests
+    and hijacked streams are still running, for a graceful stop."""
+
+    requestFactory = AgentRequest
+
+    def __init__(self, resource: Any, access_log: bool = False, **kwargs: Any) -> None:
+        super().__init__(resource, requestFactory=AgentRequest, **kwargs)
+        self._accessLog = access_log
+        self.inflight: set[Request] = set()
+        self.streams: set[Any] = set()
+
+    def getResourceFor(self, request: Request) -> Any:
+        self.inflight.add(request)
+        request.notifyFinish().addBoth(lambda _: self.inflight.discard(request))
+        return super().getResourceFor(request)
+
+    def track_stream(self, stream: Any) -> Callable[[], None]:
+        """Register a hijacked stream (no longer a Request); returns its remover."""
+        self.streams.add(stream)
+        return lambda: self.streams.discard(stream)
+
+    def log(self, request: Request) -> None:
+        if not self._accessLog:
+            return
+        log.debug(
+            "{method} {path} {status} {bytes}B {duration_ms}ms",
+            method=request.method.decode("latin-1"),
+            path=request.path.decode("latin-1"),
+            status=request.code,
+            bytes=request.sentLength,
+            duration_ms=round((time.monotonic() - getattr(request, "startedAt", time.monotonic())) * 1000, 2),
+        )
+
+    def drain(self, clock: Any, grace: float) -> "Deferred[None]":
+        """Wait up to ``grace`` seconds for running requests, then cut the rest."""
+        pending = [req.notifyFinish() for req in list(self.inflight)]
+        done: Deferred[None] = Deferred()
+        if not pending and not self.streams:
+            done.callback(None)
+            return done
+
+        def cut() -> None:
+            for req in list(self.inflight):
+                transport = req.channel.transport if req.channel else None
+                if transport is not None:
+                    transport.abortConnection()
+            for stream in list(self.streams):
+                if stream.transport is not None:
+                    stream.transport.abortConnection()
+            if not done.called:
+                done.callback(None)
+
+        timer = clock.callLater(grace, cut)
+
+        def finished(_: Any) -> None:
+            if timer.active():
+                timer.cancel()
+            cut()
+
+        if pending:
+            DeferredList(pending, consumeErrors=True).addBoth(finished)
+        return done

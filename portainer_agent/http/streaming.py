@@ -1,0 +1,109 @@
+"""The one stream abstraction: relay an upstream HTTP response to a client request.
+
+Used for the local Docker socket and for peer agents alike. The upstream body is
+written to the client as it arrives, with backpressure both ways: the client
+connection is the consumer and the upstream connection its push producer, so a slow
+client pauses the upstream read instead of growing our memory.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
+from twisted.web.server import Request
+
+from portainer_agent.http.paths import forwardable_response_headers
+
+log = Logger()
+
+NO_BODY_CODES = frozenset({204, 304})
+
+
+def copy_response_head(response: IResponse, request: Request) -> None:
+    """Status and headers from ``response`` onto ``request`` (hop-by-hop removed,
+    ``Content-Length`` put back from ``response.length``)."""
+    request.setResponseCode(response.code, response.phrase)
+    headers = response.headers
+    connection = headers.getRawHeaders(b"connection", [])
+    for name, values in forwardable_response_headers(headers.getAllRawHeaders(), connection):
+        request.responseHeaders.setRawHeaders(name, values)
+    if request.method == b"HEAD":
+        length = headers.getRawHeaders(b"content-length")
+        if length:
+            request.responseHeaders.setRawHeaders(b"content-length", length[-1:])
+    elif response.length is not UNKNOWN_LENGTH and response.code not in NO_BODY_CODES:
+        request.setHeader(b"content-length", b"%d" % (response.length,))
+
+
+class _BodyRelay(Protocol):
+    """Receives the upstream body and writes it to the client request."""
+
+    def __init__(self, request: Request, done: "Deferred[None]") -> None:
+        self._request = request
+        self._done = done
+        self._clientGone = False
+
+    def connectionMade(self) -> None:
+        # ``self.transport`` is a TransportProxyProducer over the upstream connection.
+        self._request.registerProducer(self.transport, True)
+        self._request.notifyFinish().addErrback(self._clientLost)
+
+    def _clientLost(self, reason: Failure) -> None:
+        self._clientGone = True
+        # Stop the upstream (e.g. an endless /events or logs?follow) at once.
+        self.transport.stopProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self._clientGone:
+            self._request.write(data)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        request = self._request
+        try:
+            request.unregisterProducer()
+        except RuntimeError:
+            pass
+        if not self._clientGone and not request._disconnected:
+            if reason is None or reason.check(ResponseDone, PotentialDataLoss):
+                request.finish()
+            else:
+                # The upstream broke mid-body: the client must see a truncated
+                # response, not a complete-looking one.
+                log.warn("upstream body broken for {method} {path}: {error}",
+                         method=request.method.decode("latin-1"), path=request.path.decode("latin-1"),
+                         error=reason.getErrorMessage())
+                transport = request.channel.transport if request.channel else None
+                if transport is not None:
+                    transport.abortConnection()
+        self._done.callback(None)
+
+
+def relay_response(response: IResponse, request: Request) -> "Deferred[None]":
+    """Copy ``response`` to ``request`` and stream its body; fires when it has ended."""
+    copy_response_head(response, request)
+    done: Deferred[None] = Deferred()
+    if request.method == b"HEAD" or response.code in NO_BODY_CODES:
+        response.deliverBody(_Discard())
+        if not request._disconnected:
+            request.finish()
+        done.callback(None)
+        return done
+    # Flush the status line and headers now: clients such as ``docker run`` wait for
+    # the headers of ``/containers/{id}/wait`` before they send ``/start``.
+    request.write(b"")
+    response.deliverBody(_BodyRelay(request, done))
+    return done
+
+
+class _Discard(Protocol):
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+    def connectionLost(self, reason: Any = None) -> None:
+        pass

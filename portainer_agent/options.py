@@ -1,0 +1,190 @@
+"""Command-line flags and environment variables -> :class:`~portainer_agent.config.Config`.
+
+Every option is both a flag and an environment variable; the flag wins. The table
+below is the single place where options are declared: ``--help`` shows each option's
+environment variable and default from it, and the parsing/validation is driven by it.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import attrs
+from twisted.python import usage
+
+from portainer_agent.config import Config, default_data_dir
+from portainer_agent.durations import parse_go_duration
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARN", "ERROR")
+LOG_FORMATS = ("text", "json")
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise ValueError(f"not a port number: {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise ValueError(f"port out of range (1-65535): {value}")
+    return value
+
+
+def _ip(text: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text.strip()))
+    except ValueError:
+        raise ValueError(f"not an IP address: {text!r}") from None
+
+
+def _docker_host(text: str) -> str:
+    if not text.startswith("unix://") or len(text) <= len("unix://"):
+        raise ValueError(f"only unix:// Docker hosts are supported, got {text!r}")
+    return text
+
+
+def _log_level(text: str) -> str:
+    value = text.strip().upper()
+    if value == "WARNING":
+        value = "WARN"
+    if value not in LOG_LEVELS:
+        raise ValueError(f"unknown log level {text!r} (one of {', '.join(LOG_LEVELS)})")
+    return value
+
+
+def _log_format(text: str) -> str:
+    value = text.strip().lower()
+    if value not in LOG_FORMATS:
+        raise ValueError(f"unknown log format {text!r} (text or json)")
+    return value
+
+
+def _duration(text: str) -> float:
+    return parse_go_duration(text)
+
+
+def _positive_duration(text: str) -> float:
+    value = parse_go_duration(text)
+    if value <= 0:
+        raise ValueError(f"duration must be positive: {text!r}")
+    return value
+
+
+def _path(text: str) -> Path:
+    if not text:
+        raise ValueError("empty path")
+    return Path(text).expanduser()
+
+
+def _existing_file(text: str) -> Path:
+    path = _path(text)
+    if not path.is_file():
+        raise ValueError(f"no such file: {text}")
+    return path
+
+
+def _text(text: str) -> str:
+    if text == "":
+        raise ValueError("empty value")
+    return text
+
+
+def _flag(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {text!r} (use 1 or 0)")
+
+
+@attrs.frozen
+class OptionSpec:
+    """One option: its flag, environment variable, Config field and parser."""
+
+    flag: str
+    env: str
+    field: str
+    parse: Callable[[str], Any]
+    help: str
+    default_text: str
+    takes_value: bool = True
+
+
+OPTIONS: tuple[OptionSpec, ...] = (
+    OptionSpec("host", "AGENT_HOST", "host", _ip, "address the agent API listens on", "0.0.0.0"),
+    OptionSpec("port", "AGENT_PORT", "port", _port, "agent API port (HTTPS)", "9001"),
+    OptionSpec("docker-host", "DOCKER_HOST", "docker_host", _docker_host, "Docker API socket", "unix:///var/run/docker.sock"),
+    OptionSpec("data-dir", "AGENT_DATA_DIR", "data_dir", _path, "where the agent keeps its TLS key and state", str(default_data_dir())),
+    OptionSpec("tls-cert", "AGENT_TLS_CERT", "tls_cert", _existing_file, "PEM certificate for the API (else self-signed, made at start)", "generated"),
+    OptionSpec("tls-key", "AGENT_TLS_KEY", "tls_key", _existing_file, "PEM private key for --tls-cert", "generated"),
+    OptionSpec("tls-ca", "AGENT_TLS_CA", "tls_ca", _existing_file, "PEM CA: require client certificates signed by it (mutual TLS)", "none"),
+    OptionSpec("keep-cert", "AGENT_TLS_KEEP_CERT", "keep_cert", _flag, "reuse the generated certificate in --data-dir across restarts (1/0)", "0"),
+    OptionSpec("log-level", "LOG_LEVEL", "log_level", _log_level, "DEBUG, INFO, WARN or ERROR (any case)", "INFO"),
+    OptionSpec("log-format", "LOG_FORMAT", "log_format", _log_format, "text, or json (one object a line)", "text"),
+    OptionSpec("shutdown-grace", "AGENT_SHUTDOWN_GRACE", "shutdown_grace", _duration, "how long in-flight requests may run after SIGTERM", "5s"),
+    OptionSpec("secret", "AGENT_SECRET", "secret", _text, "shared secret: accept any Portainer key signing it (secret mode)", "none"),
+    OptionSpec("secret-timeout", "AGENT_SECRET_TIMEOUT", "secret_timeout", _duration, "close the API if no Portainer paired within this time (0: never)", "72h"),
+    OptionSpec("cluster-addr", "AGENT_CLUSTER_ADDR", "cluster_addr", _text, "name or address[:port] of agents to join", "tasks.<service> when run as a Swarm task"),
+    OptionSpec("advertise-addr", "AGENT_ADVERTISE_ADDR", "advertise_addr", _ip, "address other agents reach this one at", "detected"),
+    OptionSpec("cluster-port", "AGENT_CLUSTER_PORT", "cluster_port", _port, "cluster membership port (AMP over TLS)", "9002"),
+    OptionSpec("cluster-key", "AGENT_CLUSTER_KEY", "cluster_key", lambda t: _text(t).encode(), "shared key authenticating cluster members", "derived from AGENT_SECRET"),
+    OptionSpec("probe-interval", "AGENT_CLUSTER_PROBE_INTERVAL", "probe_interval", _positive_duration, "membership probe interval", "1s"),
+    OptionSpec("probe-timeout", "AGENT_CLUSTER_PROBE_TIMEOUT", "probe_timeout", _positive_duration, "membership probe timeout", "500ms"),
+    OptionSpec("host-management", "CAP_HOST_MANAGEMENT", "host_management", _flag, "allow /browse outside volumes (1/0)", "0"),
+)
+
+_BY_FLAG = {spec.flag: spec for spec in OPTIONS}
+
+
+def derive_cluster_key(secret: str) -> bytes:
+    """Cluster key derived from ``AGENT_SECRET`` so one secret authenticates both
+    Portainer and the agents' membership traffic (domain-separated by the label)."""
+    return hmac.new(secret.encode(), b"portainer-agent cluster key v1", hashlib.sha256).hexdigest().encode()
+
+
+def build_config(flags: Mapping[str, str | None], environ: Mapping[str, str]) -> Config:
+    """Pure: flag values (None when not given) and an environment -> Config.
+
+    Raises ``usage.UsageError`` with a one-line message naming the flag/variable.
+    """
+    values: dict[str, Any] = {}
+    for spec in OPTIONS:
+        raw = flags.get(spec.flag)
+        source = f"--{spec.flag}"
+        if raw is None:
+            raw = environ.get(spec.env)
+            source = spec.env
+            if raw is None or (raw == "" and spec.flag not in ("host-management", "keep-cert")):
+                continue
+        try:
+            values[spec.field] = spec.parse(raw)
+        except ValueError as error:
+            raise usage.UsageError(f"invalid {source}: {error}") from None
+    if ("tls_cert" in values) != ("tls_key" in values):
+        raise usage.UsageError("--tls-cert and --tls-key must be given together")
+    if values.get("cluster_key") is None and values.get("secret"):
+        values["cluster_key"] = derive_cluster_key(values["secret"])
+    return Config(**values)
+
+
+class AgentOptions(usage.Options):
+    """``portainer-agent`` / ``twistd portainer-agent`` options (see :data:`OPTIONS`)."""
+
+    synopsis = "[options]"
+    longdesc = "Every option is also an environment variable; the flag wins."
+    optParameters = [
+        [spec.flag, None, None, f"{spec.help} [env {spec.env}; default {spec.default_text}]"]
+        for spec in OPTIONS
+    ]
+
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        super().__init__()
+        self._environ = os.environ if environ is None else environ
+        self.config: Config | None = None
+
+    def postOptions(self) -> None:
+        self.config = build_config({spec.flag: self.get(spec.flag) for spec in OPTIONS}, self._environ)

@@ -1,0 +1,164 @@
+"""Assembling the agent: Config -> services. Also the twistd plugin's entry points
+(``Options`` and ``makeService``, loaded lazily by ``twisted/plugins``).
+
+``build_agent_service`` reads the node identity from Docker synchronously (so a
+missing Docker fails the start with a clear message before anything listens),
+makes the TLS identity, and returns one ``MultiService`` holding the API listener
+(and, wired by their modules, the membership and security services).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from portainer_agent import __version__
+from portainer_agent.config import Config
+from portainer_agent.docker.client import docker_agent, docker_treq, make_pool
+from portainer_agent.docker.hijack import HijackProxy
+from portainer_agent.docker.identity import DockerUnavailable, NodeIdentity, fetch_identity_blocking
+from portainer_agent.docker.proxy import DockerProxy
+from portainer_agent.http.root import AgentRoot
+from portainer_agent.http.site import AgentSite
+from portainer_agent.options import AgentOptions
+from portainer_agent.tls.certs import TLSIdentity, load_or_generate
+from portainer_agent.tls.server import TLSServerEndpoint, server_options
+
+log = Logger()
+
+
+class StartupError(Exception):
+    """The agent cannot start; the message says why, in one line."""
+
+
+class ApiListenerService(Service):
+    """Listens for the agent API; on stop, stops accepting and drains in-flight
+    requests within a bounded grace period."""
+
+    def __init__(self, endpoint: IStreamServerEndpoint, site: AgentSite, clock: Any, grace: float,
+                 describe: str, on_fatal: Callable[[str], None] | None = None) -> None:
+        self._endpoint = endpoint
+        self.site = site
+        self._clock = clock
+        self._grace = grace
+        self._describe = describe
+        self._on_fatal = on_fatal
+        self.port: IListeningPort | None = None
+        self.closed_by_security = False
+
+    def startService(self) -> None:
+        super().startService()
+        listening = self._endpoint.listen(self.site)
+        listening.addCallbacks(self._listening, self._failed)
+
+    def _listening(self, port: IListeningPort) -> None:
+        self.port = port
+        log.info("agent API listening on https://{address}", address=self._describe)
+
+    def _failed(self, failure: Failure) -> None:
+        message = f"cannot listen on {self._describe}: {failure.getErrorMessage()}"
+        log.error(message)
+        if self._on_fatal is not None:
+            self._on_fatal(message)
+
+    def stop_listening(self) -> "Deferred[None]":
+        """Close the listening port (the process keeps running)."""
+        port, self.port = self.port, None
+        if port is None:
+            return maybeDeferred(lambda: None)
+        return maybeDeferred(port.stopListening)
+
+    @inlineCallbacks
+    def stopService(self) -> Any:
+        super().stopService()
+        yield self.stop_listening()
+        yield self.site.drain(self._clock, self._grace)
+
+
+class AgentService(MultiService):
+    """The whole agent. Children are stopped in reverse order of addition."""
+
+    def __init__(self, config: Config, identity: NodeIdentity, tls: TLSIdentity, reactor: Any) -> None:
+        super().__init__()
+        self.config = config
+        self.identity = identity
+        self.tls = tls
+        self.reactor = reactor
+        self.exit_code = 0
+        self.pool = make_pool(reactor)
+        self.docker_agent = docker_agent(reactor, config.docker_socket_path, self.pool)
+        self.docker = docker_treq(self.docker_agent)
+        self.root = AgentRoot(
+            docker=DockerProxy(self.docker_agent, config.docker_socket_path),
+            hijack=HijackProxy(reactor, config.docker_socket_path, track=None),
+        )
+        self.site = AgentSite(self.root, access_log=config.log_level == "DEBUG", reactor=reactor)
+        self.root._hijack._track = self.site.track_stream  # type: ignore[attr-defined]
+        ca_pem = config.tls_ca.read_bytes() if config.tls_ca else None
+        inner = (TCP6ServerEndpoint if ":" in config.host else TCP4ServerEndpoint)(
+            reactor, config.port, backlog=128, interface=config.host
+        )
+        self.api = ApiListenerService(
+            TLSServerEndpoint(inner, server_options(tls, ca_pem)), self.site, reactor, config.shutdown_grace,
+            f"{config.host}:{config.port}", on_fatal=self.fatal,
+        )
+        self.api.setName("api")
+        self.api.setServiceParent(self)
+
+    def fatal(self, message: str) -> None:
+        """Stop the process with a non-zero exit code."""
+        self.exit_code = 1
+        if self.reactor.running:
+            self.reactor.stop()
+
+    @inlineCallbacks
+    def stopService(self) -> Any:
+        log.info("stopping: no new connections, draining in-flight requests (grace {grace}s)",
+                 grace=self.config.shutdown_grace)
+        yield super().stopService()
+        yield self.pool.closeCachedConnections()
+        log.info("stopped")
+
+
+def build_agent_service(config: Config, reactor: Any) -> AgentService:
+    """Read the node identity, make the TLS identity, build the service tree."""
+    try:
+        identity = fetch_identity_blocking(config.docker_socket_path)
+    except DockerUnavailable as error:
+        raise StartupError(f"{error} (is Docker running? set --docker-host/DOCKER_HOST)") from error
+    log.info(
+        "Portainer agent {version} on node {node} (swarm: {swarm}, role: {role}, leader: {leader}, "
+        "node address: {addr}, Docker root: {root}, Docker {docker_version})",
+        version=__version__, node=identity.name, swarm=identity.in_swarm, role=identity.role or "standalone",
+        leader=identity.is_leader, addr=identity.node_addr or "-", root=identity.docker_root_dir,
+        docker_version=identity.server_version,
+    )
+    names = [n for n in (config.advertise_addr, identity.node_addr, identity.name) if n]
+    if config.host not in ("0.0.0.0", "::"):
+        names.append(config.host)
+    try:
+        tls = load_or_generate(config.data_dir, names, config.tls_cert, config.tls_key, keep=config.keep_cert)
+    except (OSError, ValueError) as error:
+        raise StartupError(f"cannot prepare the TLS certificate in {config.data_dir}: {error}") from error
+    log.info("TLS certificate SPKI sha256 {fingerprint}", fingerprint=tls.fingerprint)
+    return AgentService(config, identity, tls, reactor)
+
+
+# -- twistd plugin entry points -------------------------------------------------------
+
+Options = AgentOptions
+
+
+def makeService(options: AgentOptions) -> AgentService:
+    from twisted.internet import reactor
+
+    assert options.config is not None
+    try:
+        return build_agent_service(options.config, reactor)
+    except StartupError as error:
+        raise SystemExit(f"portainer-agent: {error}") from None
