@@ -85,7 +85,15 @@ def docker_client(base_url: str, headers: dict[str, str] | None = None, **kwargs
     import docker  # test-only dependency
     from docker.tls import TLSConfig
 
-    client = docker.DockerClient(base_url=base_url, tls=TLSConfig(verify=False), **kwargs)
+    # Build with a fixed version (no request yet): the version probe must already carry the
+    # signature headers, and requests lets REQUESTS_CA_BUNDLE/CURL_CA_BUNDLE override
+    # verify=False unless the session ignores the environment.
+    version = kwargs.pop("version", None)
+    client = docker.DockerClient(base_url=base_url, tls=TLSConfig(verify=False),
+                                 version=version if version not in (None, "auto") else "1.41", **kwargs)
+    client.api.trust_env = False
     if headers:
         client.api.headers.update(headers)
+    if version in (None, "auto"):
+        client.api._version = client.api._retrieve_server_version()
     return client
