@@ -25,6 +25,7 @@ Blocking API, for test fixtures and the ``portainer-agent-lab`` command::
 from __future__ import annotations
 
 import atexit
+import fcntl
 import http.client
 import ipaddress
 import json
@@ -83,6 +84,12 @@ def lab_root(prefix: str) -> Path:
 def state_path(prefix: str) -> Path:
     """Where ``up`` records the lab, for ``status``/``down`` from another process."""
     return lab_root(prefix) / "lab.json"
+
+
+def lock_path(prefix: str) -> Path:
+    """A lab holds an exclusive ``flock`` on this file while a process of ours owns it, so
+    two test runs with the same prefix wait for each other instead of cleaning each other."""
+    return Path(f"/tmp/pa-lab-{prefix}.lock")
 
 
 def check_prefix(prefix: str) -> str:
@@ -267,6 +274,31 @@ def https_status(host: str, port: int, path: str = "/ping", timeout: float = 2.0
         connection.close()
 
 
+def placeholder_ca_pem() -> bytes:
+    """A throwaway self-signed certificate for ``DOCKER_CONFIG/ca.pem``.
+
+    With ``--tls`` (no ``--tlsverify``) the docker CLI does not verify the agent, yet it
+    still loads ``ca.pem`` from its cert path (``DOCKER_CONFIG``) and fails when it is
+    missing. Its content is never used for verification.
+    """
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "portainer-agent-lab placeholder (not verified)")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number()).not_valid_before(now)
+                   .not_valid_after(now + datetime.timedelta(days=3650))
+                   .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                   .sign(key, hashes.SHA256()))
+    return certificate.public_bytes(serialization.Encoding.PEM)
+
+
 @attrs.define(eq=False)
 class Lab:
     """N dockerds in network namespaces on a private bridge, joined into a Swarm, with
@@ -286,9 +318,11 @@ class Lab:
     dockerd_timeout: float = 60
     agent_timeout: float = 30
     down_at_exit: bool = True
+    lock_timeout: float = 0
     nodes: list[Node] = attrs.field(factory=list)
     timings: dict[str, float] = attrs.field(factory=dict)
     _signer: PortainerSigner | None = attrs.field(default=None, alias="signer")
+    _lock: Any = attrs.field(default=None, init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         check_prefix(self.prefix)
@@ -351,10 +385,15 @@ class Lab:
         if missing:
             raise LabError(f"missing programs: {', '.join(missing)}; install them with: {INSTALL_HINT}")
         started = time.monotonic()
-        remaining = clean(self.prefix) if leftovers(self.prefix) else Leftovers()
-        if remaining:
-            raise LabError(f"lab {self.prefix} has leftovers that could not be removed: {remaining.describe()}")
-        self._check_subnet_free()
+        self._acquire_lock()
+        try:
+            remaining = clean(self.prefix) if leftovers(self.prefix) else Leftovers()
+            if remaining:
+                raise LabError(f"lab {self.prefix} has leftovers that could not be removed: {remaining.describe()}")
+            self._check_subnet_free()
+        except BaseException:
+            self._release_lock()
+            raise
         if self.down_at_exit:
             atexit.register(self.down)
         try:
@@ -377,6 +416,42 @@ class Lab:
             self.down()
             raise
         return self
+
+    def _acquire_lock(self) -> None:
+        if self._lock is not None:
+            return
+        handle = open(lock_path(self.prefix), "a+")
+        deadline = time.monotonic() + self.lock_timeout
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    handle.seek(0)
+                    owner = handle.read().strip() or "another process"
+                    handle.close()
+                    raise LabError(f"lab {self.prefix} is in use by {owner}; pick another prefix or wait") from None
+                time.sleep(0.5)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} ({' '.join(sys.argv)[:200]})\n")
+        handle.flush()
+        self._lock = handle
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def release(self) -> None:
+        """Forget the lab without tearing it down (the CLI's ``up`` leaves it running):
+        drop the lock and the exit hook."""
+        try:
+            atexit.unregister(self.down)
+        except Exception:
+            pass
+        self._release_lock()
 
     def _phase(self, name: str, started: float) -> None:
         self.timings[name] = round(time.monotonic() - started, 2)
@@ -600,6 +675,9 @@ class Lab:
         returns the directory (``DOCKER_CONFIG=<it> docker -H tcp://IP:9001 --tls ...``)."""
         path = Path(directory) if directory is not None else self.root / "docker-config"
         write_docker_config(path, self.signed_headers())
+        placeholder = path / "ca.pem"
+        if not placeholder.exists():
+            placeholder.write_bytes(placeholder_ca_pem())
         return path
 
     def agent_docker(self, ref: NodeRef, *args: str, check: bool = True, input: str | bytes | None = None,
@@ -623,6 +701,7 @@ class Lab:
             atexit.unregister(self.down)
         except Exception:
             pass
+        self._acquire_lock()
         for node in self.nodes:
             if node.agent is not None:
                 try:
@@ -642,8 +721,11 @@ class Lab:
             node.daemon.stop(timeout=30, remove=False)
             node.daemon = None
 
-        _parallel(stop, live)
-        return clean(self.prefix)
+        try:
+            _parallel(stop, live)
+            return clean(self.prefix)
+        finally:
+            self._release_lock()
 
     def _save_quietly(self) -> None:
         if self.root.exists():

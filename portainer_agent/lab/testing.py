@@ -1,0 +1,137 @@
+"""Trial support: a lab shared by the tests of one class.
+
+::
+
+    from portainer_agent.lab.testing import LabTestCase
+
+    class ForwardingTests(LabTestCase):
+        lab_prefix = "pafw"              # unique per test class (<= 10 chars)
+        lab_subnet = "10.77.61.0/24"     # unique per test class
+        lab_nodes, lab_managers = 3, 2
+
+        def test_node_ls_through_agent(self):
+            client = self.lab.signed_client("node2")
+            ...
+
+The lab comes up once in ``setUpClass`` (pytest and unittest call it) and goes down in
+``tearDownClass``; under the plain ``trial`` runner, which does not call them, the first
+``setUp`` brings it up and process exit tears it down. Without root or dockerd, every test of
+the class is skipped with the reason. Two runs of the same class on one machine wait for each
+other (the lab's lock), they never clean each other's nodes.
+
+Prefixes/subnets in use: ``tests/lab`` uses ``palt``/``10.77.50.0/24`` and ``palt2``/
+``10.77.51.0/24``; pick others (``10.77.60-99.0/24``) for new classes.
+"""
+from __future__ import annotations
+
+import atexit
+import hashlib
+import importlib.util
+import os
+import unittest
+from typing import Any, ClassVar
+
+from twisted.trial import unittest as trial_unittest
+
+from portainer_agent.lab.dockerd import INSTALL_HINT, missing_tools
+from portainer_agent.lab.harness import Lab, NodeRef
+
+
+def lab_skip_reason() -> str | None:
+    """Why a lab cannot run here, or None."""
+    if os.geteuid() != 0:
+        return "the lab needs root (network namespaces, bridges, iptables, dockerd)"
+    missing = missing_tools()
+    if missing:
+        return f"the lab needs {', '.join(missing)}: {INSTALL_HINT}"
+    return None
+
+
+def agent_available() -> bool:
+    """True once the agent program (``python -m portainer_agent``) exists in the package."""
+    try:
+        return importlib.util.find_spec("portainer_agent.__main__") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def default_prefix_and_subnet(cls: type) -> tuple[str, str]:
+    """A stable prefix and /24 for a test class that did not choose one."""
+    digest = hashlib.sha256(f"{cls.__module__}.{cls.__qualname__}".encode()).digest()
+    return f"pl{digest[:4].hex()[:7]}", f"10.77.{100 + digest[4] % 150}.0/24"
+
+
+class LabMixin:
+    """The lab lifecycle; mix into any TestCase (``LabTestCase`` is the trial one)."""
+
+    lab_prefix: ClassVar[str | None] = None
+    lab_subnet: ClassVar[str | None] = None
+    lab_nodes: ClassVar[int] = 3
+    lab_managers: ClassVar[int] = 2
+    #: Start an agent on every node (needs the agent program; tests needing agents skip otherwise).
+    lab_agents: ClassVar[bool] = True
+    #: Extra keyword arguments for :class:`Lab` (``secret=``, ``agent_args=``, ...).
+    lab_options: ClassVar[dict[str, Any]] = {}
+    #: How long to wait for another run holding the same prefix.
+    lab_lock_timeout: ClassVar[float] = 600
+    lab: ClassVar[Lab | None] = None
+
+    @classmethod
+    def make_lab(cls) -> Lab:
+        prefix, subnet = default_prefix_and_subnet(cls)
+        return Lab(prefix=cls.lab_prefix or prefix, subnet=cls.lab_subnet or subnet,
+                   nodes_count=cls.lab_nodes, managers=cls.lab_managers,
+                   agents=cls.lab_agents and agent_available(), lock_timeout=cls.lab_lock_timeout,
+                   **cls.lab_options)
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        super().setUpClass()  # type: ignore[misc]
+        reason = lab_skip_reason()
+        if reason:
+            raise unittest.SkipTest(reason)
+        lab = cls.make_lab()
+        lab.up()
+        cls.lab = lab
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        lab, cls.lab = cls.lab, None
+        try:
+            if lab is not None:
+                lab.down()
+        finally:
+            super().tearDownClass()  # type: ignore[misc]
+
+    def setUp(self) -> Any:
+        cls = type(self)
+        if cls.lab is None:  # the trial runner does not call setUpClass
+            reason = lab_skip_reason()
+            if reason:
+                raise unittest.SkipTest(reason)
+            lab = cls.make_lab()
+            lab.up()
+            cls.lab = lab
+            atexit.register(lab.down)
+        return super().setUp()  # type: ignore[misc]
+
+    def require_agents(self) -> None:
+        """Skip the test when the lab runs without agents."""
+        assert self.lab is not None
+        if not self.lab.agents:
+            raise unittest.SkipTest("the agent program (python -m portainer_agent) is not there yet")
+
+    def ensure_agent_running(self, node: NodeRef) -> None:
+        """Leave the node's agent running and reachable (for tearDown after fault tests)."""
+        assert self.lab is not None
+        self.lab.heal(node)
+        if self.lab.agents and not (self.lab.node(node).agent and self.lab.node(node).agent.running):
+            self.lab.start_agent(node)
+
+
+class LabTestCase(LabMixin, trial_unittest.TestCase):
+    """A trial TestCase with a lab (``self.lab``) shared by the class's tests."""
+
+
+class SynchronousLabTestCase(LabMixin, trial_unittest.SynchronousTestCase):
+    """The same for tests that never return Deferreds."""
