@@ -27,6 +27,8 @@ from portainer_agent.http.root import AgentRoot
 from portainer_agent.http.site import AgentSite
 from portainer_agent.options import AgentOptions
 from portainer_agent.tls.certs import TLSIdentity, load_or_generate
+from portainer_agent.security.guard import SignatureGuard
+from portainer_agent.security.shutdown import SecurityShutdown
 from portainer_agent.tls.server import TLSServerEndpoint, server_options
 
 log = Logger()
@@ -93,7 +95,9 @@ class AgentService(MultiService):
         self.pool = make_pool(reactor)
         self.docker_agent = docker_agent(reactor, config.docker_socket_path, self.pool)
         self.docker = docker_treq(self.docker_agent)
+        self.guard = SignatureGuard.from_config(config)
         self.root = AgentRoot(
+            guard=self.guard,
             docker=DockerProxy(self.docker_agent, config.docker_socket_path),
             hijack=HijackProxy(reactor, config.docker_socket_path, track=None),
         )
@@ -109,6 +113,17 @@ class AgentService(MultiService):
         )
         self.api.setName("api")
         self.api.setServiceParent(self)
+        self.security_shutdown = SecurityShutdown(reactor, config.secret_timeout, self.guard, self.close_api_for_security)
+        self.security_shutdown.setName("security-shutdown")
+        self.security_shutdown.setServiceParent(self)
+
+    def close_api_for_security(self) -> "Deferred[None]":
+        """Security shutdown (--secret-timeout): refuse requests on connections still
+        open, stop listening, keep the process running."""
+        self.guard.close("API closed by the security shutdown: no Portainer instance was associated in time;"
+                         " restart the agent to pair it")
+        self.api.closed_by_security = True
+        return self.api.stop_listening()
 
     def fatal(self, message: str) -> None:
         """Stop the process with a non-zero exit code."""

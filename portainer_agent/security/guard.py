@@ -47,6 +47,7 @@ class SignatureGuard:
 
     def __init__(self, notary: Notary) -> None:
         self.notary = notary
+        self._closed_because: str | None = None
 
     @classmethod
     def from_config(cls, config: object) -> "SignatureGuard":
@@ -58,8 +59,19 @@ class SignatureGuard:
         """Delegates to the notary; lets the guard stand in for it in the security shutdown."""
         return self.notary.is_associated
 
+    def close(self, reason: str) -> None:
+        """Refuse every request from now on (security shutdown).
+
+        Closing the listening port stops new connections, but keep-alive connections
+        opened before would still be served; without this, a request arriving on one of
+        them could still pair the agent after the shutdown.
+        """
+        self._closed_because = reason
+
     def check(self, request: IRequest) -> None:
         """Return if the request is authenticated, else raise a 403 :class:`AgentError`."""
+        if self._closed_because is not None:
+            raise AgentError(403, INVALID_SIGNATURE_MESSAGE, self._closed_because)
         public_key = _first_header(request, PUBLIC_KEY_HEADER)
         signature = _first_header(request, SIGNATURE_HEADER)
         client = _client_address(request)

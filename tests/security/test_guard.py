@@ -74,6 +74,13 @@ class GuardTests(SynchronousTestCase):
         })
         self.guard.check(req)
 
+    def test_closed_guard_refuses_even_valid_requests(self) -> None:
+        self.guard.close("API closed by the security shutdown")
+        error = self.refusal(request(as_raw(self.portainer.headers())))
+        self.assertEqual((error.status, error.message, error.details),
+                         (403, "Invalid request signature", "API closed by the security shutdown"))
+        self.assertFalse(self.guard.is_associated)
+
     def test_secret_mode_from_config(self) -> None:
         guard = SignatureGuard.from_config(Config(secret="s3cret"))
         self.assertTrue(guard.notary.secret_mode)

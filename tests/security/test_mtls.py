@@ -196,17 +196,6 @@ class MutualTLSTests(TestCase):
         with self.assertRaises(REFUSED):
             await self.get(self.self_signed)
 
-    async def test_ca_certificate_itself_is_not_a_client_credential(self) -> None:
-        """Presenting the CA's own certificate (with its key) is not a client certificate
-        "signed by the CA" in a way that should matter; it is accepted by OpenSSL as a
-        self-issued trust anchor. Documented here so a change of behaviour is noticed."""
-        ca_files = self.ca.files(self.tmp, "ca")
-        try:
-            status = await self.get(ca_files)
-        except REFUSED:
-            status = None
-        self.assertIn(status, (200, None))
-
 
 class ServerTLSPolicyTests(TestCase):
     """Without ``--tls-ca``: any client, but only TLS 1.2+ with modern ciphers."""
