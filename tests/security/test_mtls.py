@@ -7,19 +7,14 @@ a thread, so handshakes are real and independent of Twisted's client code.
 """
 from __future__ import annotations
 
-import datetime
 import http.client
+import shutil
 import socket
 import ssl
 import tempfile
 import warnings
 from pathlib import Path
 
-import attrs
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from twisted.internet import reactor, task, threads
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.trial.unittest import TestCase
@@ -27,61 +22,12 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 from twisted.web.static import Data
 
+from portainer_agent.security.testing import make_ca, self_signed_client
 from portainer_agent.tls.certs import generate_self_signed
 from portainer_agent.tls.server import TLSServerEndpoint, server_options
 
 
-@attrs.frozen
-class Issued:
-    cert_pem: bytes
-    key_pem: bytes
-
-    def files(self, directory: Path, name: str) -> tuple[str, str]:
-        cert, key = directory / f"{name}.crt", directory / f"{name}.key"
-        cert.write_bytes(self.cert_pem)
-        key.write_bytes(self.key_pem)
-        return str(cert), str(key)
-
-
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-
-
-def make_ca(name: str) -> tuple[Issued, ec.EllipticCurvePrivateKey, x509.Name]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-                                     key_encipherment=False, data_encipherment=False, key_agreement=False,
-                                     encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return Issued(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)), key, subject
-
-
-def make_client(name: str, issuer_key: ec.EllipticCurvePrivateKey | None = None, issuer: x509.Name | None = None) -> Issued:
-    """A client certificate signed by ``issuer_key`` (self-signed when ``None``)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder().subject_name(subject).issuer_name(issuer or subject).public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .sign(issuer_key or key, hashes.SHA256())
-    )
-    return Issued(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
-
-
-def https_get(port: int, client: tuple[str, str] | None = None, *, tls_max: ssl.TLSVersion | None = None,
+def https_get(port: int, client: tuple[Path, Path] | None = None, *, tls_max: ssl.TLSVersion | None = None,
               tls_min: ssl.TLSVersion | None = None, ciphers: str | None = None) -> int:
     """One HTTPS GET with the stdlib; returns the status or raises the TLS/socket error."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -146,12 +92,12 @@ class MutualTLSTests(TestCase):
 
     def setUp(self) -> None:
         self.tmp = Path(tempfile.mkdtemp())
-        self.ca, ca_key, ca_name = make_ca("portainer-client-ca")
-        other_ca, other_key, other_name = make_ca("someone-else")
-        self.good = make_client("portainer", ca_key, ca_name).files(self.tmp, "good")
-        self.foreign = make_client("intruder", other_key, other_name).files(self.tmp, "foreign")
-        self.self_signed = make_client("selfie").files(self.tmp, "self")
-        return self.listen(self.ca.cert_pem)
+        self.addCleanup(shutil.rmtree, self.tmp, ignore_errors=True)
+        self.ca = make_ca("portainer-client-ca")
+        self.good = self.ca.issue("portainer").write(self.tmp, "good")
+        self.foreign = make_ca("someone-else").issue("intruder").write(self.tmp, "foreign")
+        self.self_signed = self_signed_client("selfie").write(self.tmp, "self")
+        return self.listen(self.ca.certificate.cert_pem)
 
     def listen(self, client_ca_pem: bytes | None):
         root = Resource()
