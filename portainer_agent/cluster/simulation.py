@@ -9,13 +9,13 @@ node runs none of its timers and reads none of its messages until the stall ends
 """
 from __future__ import annotations
 
+import heapq
 import random
 from typing import Any, Callable, Sequence
 
 import attrs
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.error import ConnectionRefusedError
-from twisted.internet.task import Clock
 
 from portainer_agent.cluster.dissemination import Update
 from portainer_agent.cluster.member import Member, PeerAddress
@@ -23,6 +23,60 @@ from portainer_agent.cluster.swim import SwimNode, SwimSettings
 
 # Overdue I/O after a stall is read this long after the overdue timers ran.
 IO_AFTER_TIMERS = 1e-6
+
+
+class _HeapCall:
+    __slots__ = ("time", "seq", "function", "args", "kwargs", "cancelled", "called")
+
+    def __init__(self, time: float, seq: int, function: Callable[..., object], args: tuple, kwargs: dict) -> None:
+        self.time, self.seq, self.function, self.args, self.kwargs = time, seq, function, args, kwargs
+        self.cancelled = False
+        self.called = False
+
+    def __lt__(self, other: "_HeapCall") -> bool:
+        return (self.time, self.seq) < (other.time, other.seq)
+
+    def active(self) -> bool:
+        return not (self.cancelled or self.called)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def getTime(self) -> float:  # noqa: N802
+        return self.time
+
+
+class HeapClock:
+    """A deterministic ``IReactorTime`` like ``task.Clock`` but with a heap: ``task.Clock``
+    re-sorts its whole call list on every ``callLater``, which dominates a 500-node run."""
+
+    def __init__(self) -> None:
+        self._now = 0.0
+        self._heap: list[_HeapCall] = []
+        self._seq = 0
+
+    def seconds(self) -> float:
+        return self._now
+
+    def callLater(self, delay: float, function: Callable[..., object], *args: Any, **kwargs: Any) -> _HeapCall:  # noqa: N802
+        self._seq += 1
+        call = _HeapCall(self._now + max(0.0, delay), self._seq, function, args, kwargs)
+        heapq.heappush(self._heap, call)
+        return call
+
+    def getDelayedCalls(self) -> list[_HeapCall]:  # noqa: N802
+        return [c for c in self._heap if c.active()]
+
+    def advance(self, amount: float) -> None:
+        target = self._now + amount
+        while self._heap and self._heap[0].time <= target:
+            call = heapq.heappop(self._heap)
+            if call.cancelled:
+                continue
+            self._now = max(self._now, call.time)
+            call.called = True
+            call.function(*call.args, **call.kwargs)
+        self._now = target
 
 
 class _SimCall:
@@ -60,7 +114,7 @@ class _SimCall:
 class NodeClock:
     """``IReactorTime`` for one simulated node: the shared clock, frozen while stalled."""
 
-    def __init__(self, clock: Clock) -> None:
+    def __init__(self, clock: HeapClock) -> None:
         self.clock = clock
         self.frozen_until = 0.0
 
@@ -94,7 +148,7 @@ class SimNetwork:
         loss: float = 0.0,
         latency: tuple[float, float] = (0.001, 0.005),
     ) -> None:
-        self.clock = Clock()
+        self.clock = HeapClock()
         self.settings = settings
         self.rng = random.Random(seed)
         self.loss = loss

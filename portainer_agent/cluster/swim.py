@@ -151,6 +151,7 @@ class SwimNode:
         self._members: dict[str, Member] = {local.key: local.with_state(MemberState.ALIVE)}
         self._since: dict[str, float] = {local.key: clock.seconds()}
         self._local_key = local.key
+        self._live = _IndexedSet()
         self._suspicions: dict[str, _Suspicion] = {}
         self._probes: dict[str, _Probe] = {}
         self._round: list[str] = []
@@ -177,10 +178,17 @@ class SwimNode:
         return [m for m in self._members.values() if m.is_live]
 
     def live_peers(self) -> list[Member]:
-        return [m for m in self._members.values() if m.is_live and m.key != self._local_key]
+        return [self._members[key] for key in self._live.items]
 
     def cluster_size(self) -> int:
-        return max(1, len(self.live_members()))
+        """Live members, self included (O(1): used on every message)."""
+        return len(self._live) + 1
+
+    def _sample_live_peers(self, count: int, exclude: str = "") -> list[Member]:
+        """Up to ``count`` random live peers other than ``exclude``, in O(count)."""
+        keys = self._live.items
+        picked = self.rng.sample(keys, min(len(keys), count + (1 if exclude else 0)))
+        return [self._members[k] for k in picked if k != exclude][:count]
 
     def add_listener(self, listener: Listener) -> None:
         """``listener(old, new)`` after every accepted change (used by the view and logs)."""
@@ -408,6 +416,11 @@ class SwimNode:
     def _store(self, member: Member) -> None:
         old = self._members.get(member.key)
         self._members[member.key] = member
+        if member.key != self._local_key:
+            if member.is_live:
+                self._live.add(member.key)
+            else:
+                self._live.discard(member.key)
         if old is None or old.state is not member.state:
             self._since[member.key] = self.clock.seconds()
             if old is not None or member.key != self._local_key:
@@ -511,7 +524,7 @@ class SwimNode:
                 member = self._members.get(key)
                 if member is not None and member.is_live and key != self._local_key and key not in self._probes:
                     return member
-            self._round = [m.key for m in self.live_peers()]
+            self._round = list(self._live.items)
             self.rng.shuffle(self._round)
         return None
 
@@ -551,8 +564,7 @@ class SwimNode:
         if probe.finished or probe.indirect_started:
             return
         probe.indirect_started = True
-        candidates = [m for m in self.live_peers() if m.key != probe.target.key]
-        helpers = self.rng.sample(candidates, min(self.settings.indirect_checks, len(candidates)))
+        helpers = self._sample_live_peers(self.settings.indirect_checks, exclude=probe.target.key)
         probe.helpers = len(helpers)
         if not helpers:
             if probe.pending and all(d.called for d in probe.pending):
@@ -611,8 +623,7 @@ class SwimNode:
         self._schedule(self.settings.gossip_interval, self._gossip_tick)
         if not len(self.broadcasts):
             return
-        peers = self.live_peers()
-        for peer in self.rng.sample(peers, min(self.settings.gossip_nodes, len(peers))):
+        for peer in self._sample_live_peers(self.settings.gossip_nodes):
             updates = self._piggyback()
             if not updates:
                 break
@@ -623,9 +634,9 @@ class SwimNode:
         if not self.running:
             return
         self._schedule(self.settings.state_sync_period(self.cluster_size()), self._state_sync_tick)
-        peers = self.live_peers()
+        peers = self._sample_live_peers(1)
         if peers:
-            self._sync_with(self.rng.choice(peers).peer)
+            self._sync_with(peers[0].peer)
 
     def _reconnect_tick(self) -> None:
         """Retry dead (not left) members for a while: this is what heals a partition."""
@@ -659,6 +670,7 @@ class SwimNode:
             ):
                 del self._members[key]
                 self._since.pop(key, None)
+                self._last_hint.pop(key, None)
 
     # ------------------------------------------------------------------ timers
 
@@ -708,6 +720,31 @@ class SwimNode:
 
     def _count(self, name: str) -> None:
         self.counters[name] = self.counters.get(name, 0) + 1
+
+
+class _IndexedSet:
+    """A set with O(1) add/discard and a list view for O(k) random sampling."""
+
+    def __init__(self) -> None:
+        self.items: list[str] = []
+        self._index: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def add(self, key: str) -> None:
+        if key not in self._index:
+            self._index[key] = len(self.items)
+            self.items.append(key)
+
+    def discard(self, key: str) -> None:
+        position = self._index.pop(key, None)
+        if position is None:
+            return
+        last = self.items.pop()
+        if position < len(self.items):
+            self.items[position] = last
+            self._index[last] = position
 
 
 class _TimerHandle:
