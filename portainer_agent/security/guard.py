@@ -13,8 +13,10 @@ Refusals follow the reference wire format, which Portainer relies on (it greps
 """
 from __future__ import annotations
 
+from typing import Any, Protocol
+
 from twisted.logger import Logger
-from twisted.web.iweb import IRequest
+from twisted.web.http_headers import Headers
 
 from portainer_agent.errors import AgentError
 from portainer_agent.security.notary import Notary
@@ -35,6 +37,14 @@ SIGNATURE_HEADER = b"X-PortainerAgent-Signature"
 
 MISSING_SIGNATURE_MESSAGE = "Missing request signature headers"
 INVALID_SIGNATURE_MESSAGE = "Invalid request signature"
+
+
+class RequestLike(Protocol):
+    """What the guard reads from a ``twisted.web`` request (``Request``, ``DummyRequest``)."""
+
+    requestHeaders: Headers
+
+    def getClientAddress(self) -> Any: ...
 
 
 class SignatureGuard:
@@ -68,7 +78,7 @@ class SignatureGuard:
         """
         self._closed_because = reason
 
-    def check(self, request: IRequest) -> None:
+    def check(self, request: RequestLike) -> None:
         """Return if the request is authenticated, else raise a 403 :class:`AgentError`."""
         if self._closed_because is not None:
             raise AgentError(403, INVALID_SIGNATURE_MESSAGE, self._closed_because)
@@ -84,7 +94,7 @@ class SignatureGuard:
             self._refused(request, client, error.details)
             raise AgentError(403, INVALID_SIGNATURE_MESSAGE, error.details) from None
 
-    def _refused(self, request: IRequest, client: str, reason: str) -> None:
+    def _refused(self, request: RequestLike, client: str, reason: str) -> None:
         # Never log header values: a valid pair is a credential that never expires.
         self.log.debug(
             "Refused {method} {path} from {client}: {reason}",
@@ -95,14 +105,14 @@ class SignatureGuard:
         )
 
 
-def _first_header(request: IRequest, name: bytes) -> bytes | None:
+def _first_header(request: RequestLike, name: bytes) -> bytes | None:
     """The first value of a header, as Go's ``Header.Get`` returns (Twisted's ``getHeader``
     returns the last)."""
     values = request.requestHeaders.getRawHeaders(name)
     return values[0] if values else None
 
 
-def _client_address(request: IRequest) -> str:
+def _client_address(request: RequestLike) -> str:
     address = request.getClientAddress()
     host = getattr(address, "host", None)
     port = getattr(address, "port", None)

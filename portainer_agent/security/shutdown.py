@@ -16,7 +16,6 @@ from typing import Any, Callable, Protocol
 
 from twisted.application.service import Service
 from twisted.internet.defer import maybeDeferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -26,6 +25,17 @@ __all__ = ["SecurityShutdown"]
 class _AssociationState(Protocol):
     @property
     def is_associated(self) -> bool: ...
+
+
+class _DelayedCall(Protocol):
+    def active(self) -> bool: ...
+    def cancel(self) -> None: ...
+
+
+class _Clock(Protocol):
+    """The part of ``IReactorTime`` used here (the reactor, or ``task.Clock``)."""
+
+    def callLater(self, delay: float, callable: Callable[..., Any], *args: Any, **kwargs: Any) -> _DelayedCall: ...
 
 
 class SecurityShutdown(Service):
@@ -41,7 +51,7 @@ class SecurityShutdown(Service):
 
     def __init__(
         self,
-        clock: IReactorTime,
+        clock: _Clock,
         timeout: float,
         notary: _AssociationState,
         close_listener: Callable[[], Any],
@@ -51,7 +61,7 @@ class SecurityShutdown(Service):
         self._timeout = timeout
         self._notary = notary
         self._close_listener = close_listener
-        self._call: IDelayedCall | None = None
+        self._call: _DelayedCall | None = None
         #: True once the listener was closed by this service.
         self.triggered = False
         if log is not None:
@@ -71,7 +81,7 @@ class SecurityShutdown(Service):
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = None
-        return super().stopService()
+        super().stopService()
 
     def _expired(self) -> None:
         self._call = None
