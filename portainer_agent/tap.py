@@ -30,6 +30,8 @@ from portainer_agent.tls.certs import TLSIdentity, load_or_generate
 from portainer_agent.security.guard import SignatureGuard
 from portainer_agent.security.shutdown import SecurityShutdown
 from portainer_agent.tls.server import TLSServerEndpoint, server_options
+from portainer_agent.cluster.service import build_cluster_service
+from portainer_agent.http.agents import AgentsResource
 
 log = Logger()
 
@@ -116,6 +118,11 @@ class AgentService(MultiService):
         self.security_shutdown = SecurityShutdown(reactor, config.secret_timeout, self.guard, self.close_api_for_security)
         self.security_shutdown.setName("security-shutdown")
         self.security_shutdown.setServiceParent(self)
+        # Cluster membership (issue 5): stopped before the API drains, so peers see our leave first.
+        self.cluster = build_cluster_service(config, identity, tls, reactor, self.docker)
+        if self.cluster is not None:
+            self.cluster.setServiceParent(self)
+        self.root.endpoints[b"/agents"] = AgentsResource(self.cluster.view if self.cluster is not None else None)
 
     def close_api_for_security(self) -> "Deferred[None]":
         """Security shutdown (--secret-timeout): refuse requests on connections still
