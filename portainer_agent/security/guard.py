@@ -94,6 +94,20 @@ class SignatureGuard:
             self._refused(request, client, error.details)
             raise AgentError(403, INVALID_SIGNATURE_MESSAGE, error.details) from None
 
+    def authenticates(self, request: RequestLike) -> bool:
+        """Non-raising, quiet form of :meth:`check`, for use before the body is read
+        (see :mod:`portainer_agent.security.body`). The refusal itself is answered and
+        logged later by :meth:`check`; a success is remembered by the notary, so the
+        second check costs a dictionary lookup."""
+        if self._closed_because is not None:
+            return False
+        try:
+            self.notary.verify(_first_header(request, PUBLIC_KEY_HEADER), _first_header(request, SIGNATURE_HEADER),
+                               client=_client_address(request))
+        except (SignatureMissing, SignatureInvalid):
+            return False
+        return True
+
     def _refused(self, request: RequestLike, client: str, reason: str) -> None:
         # Never log header values: a valid pair is a credential that never expires.
         self.log.debug(
