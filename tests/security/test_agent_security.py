@@ -289,8 +289,9 @@ class DefaultModeAgentTests(DockerdFixture, SynchronousTestCase):
         if status == 403:
             self.assertIn(json.loads(body)["message"], (MISSING, INVALID))
         elif genuine and path in ("/v2/host/info", "/v2/agents"):
-            # Past the guard; these agent endpoints belong to other issues and may not exist yet.
-            self.assertLess(status, 500, body[:200])
+            # Past the guard: what these agent endpoints answer (404 until implemented, 503
+            # on a standalone engine...) belongs to other issues.
+            self.assertNotEqual(status, 403, body[:200])
         elif genuine:
             self.assertTrue(200 <= status < 300, (status, body[:200]))
         else:
