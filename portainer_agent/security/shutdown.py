@@ -76,6 +76,11 @@ class SecurityShutdown(Service):
         super().startService()
         if self.enabled:
             self._call = self._clock.callLater(self._timeout, self._expired)
+            self.log.info(
+                "The API closes in {timeout} seconds unless a Portainer instance pairs first"
+                " (--secret-timeout; 0 disables)",
+                timeout=self._timeout,
+            )
 
     def stopService(self) -> None:
         if self._call is not None and self._call.active():
