@@ -233,10 +233,10 @@ class ClusterService(Service):
         if self.node is not None and self.node.running:
             log.info("leaving the cluster")
             yield self.node.leave(timeout=1.0)
-        self.transport.close()
         if self.port is not None:
             port, self.port = self.port, None
             yield port.stopListening()
+        yield self.transport.close()
 
     # ------------------------------------------------------------------ identity
 

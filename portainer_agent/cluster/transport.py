@@ -16,7 +16,7 @@ import hashlib
 from typing import Any, Callable, Sequence
 
 from cryptography.hazmat.primitives import serialization
-from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, DeferredList, fail, inlineCallbacks, succeed
 from twisted.internet.interfaces import IReactorTime, ISSLTransport
 from twisted.logger import Logger
 from twisted.protocols import amp
@@ -98,6 +98,7 @@ class ClusterProtocol(amp.AMP):
         self.local_fingerprint = local_fingerprint
         self.on_lost = on_lost
         self.authenticated = False
+        self.closed: Deferred | None = None
         self.peer_origin = ""
         self._client_nonce = b""
         self._server_nonce = b""
@@ -116,6 +117,8 @@ class ClusterProtocol(amp.AMP):
             self._auth_timer.cancel()
         if self.on_lost is not None:
             self.on_lost(self)
+        if self.closed is not None and not self.closed.called:
+            self.closed.callback(None)
         if self.authenticated and self.peer_origin:
             self.node.peer_connection_lost(self.peer_origin)
 
@@ -262,12 +265,18 @@ class AmpPeerTransport:
         self._connections: dict[str, Deferred] = {}
         self._open: dict[str, ClusterProtocol] = {}
         self._waiters: dict[str, list[Deferred]] = {}
+        self._all: set[ClusterProtocol] = set()
 
     # ------------------------------------------------------------------ connections
 
     def protocol(self, server: bool, local_fingerprint: str = "") -> ClusterProtocol:
+        """A protocol for a new connection, tracked until it is lost (so stop can close it)."""
         assert self.node is not None, "bind the transport to a node first"
-        return ClusterProtocol(self.node, self.key, self.clock, server, local_fingerprint)
+        protocol = ClusterProtocol(self.node, self.key, self.clock, server, local_fingerprint)
+        protocol.closed = Deferred()
+        self._all.add(protocol)
+        protocol.closed.addBoth(lambda _: self._all.discard(protocol))
+        return protocol
 
     def connection(self, peer: PeerAddress) -> Deferred:
         """An authenticated client connection to ``peer`` (shared by concurrent callers)."""
@@ -322,14 +331,30 @@ class AmpPeerTransport:
             if self.node is not None and protocol.authenticated:
                 self.node.peer_connection_lost(key)
 
-    def close(self) -> None:
-        """Drop every client connection (on stop)."""
-        for protocol in list(self._open.values()):
-            protocol.transport.loseConnection()
-        self._open.clear()
+    def close(self, timeout: float = 2.0) -> Deferred:
+        """Close every connection, both directions (on stop); fires once all are gone,
+        aborting the stragglers after ``timeout``."""
         for pending in list(self._connections.values()):
             pending.cancel()
         self._connections.clear()
+        self._open.clear()
+        protocols = [p for p in self._all if p.transport is not None]
+        for protocol in protocols:
+            protocol.transport.loseConnection()
+
+        def abort() -> None:
+            for protocol in protocols:
+                if protocol.transport is not None and hasattr(protocol.transport, "abortConnection"):
+                    protocol.transport.abortConnection()
+
+        timer = self.clock.callLater(timeout, abort)
+        done = DeferredList([p.closed for p in protocols], consumeErrors=True)
+
+        def finished(result: Any) -> None:
+            if timer.active():
+                timer.cancel()
+
+        return done.addBoth(finished)
 
     def _call(self, peer: PeerAddress, command: type[amp.Command], **arguments: Any) -> Deferred:
         d = self.connection(peer)
