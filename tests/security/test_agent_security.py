@@ -318,7 +318,14 @@ class SecretModeAgentTests(DockerdFixture, SynchronousTestCase):
 
 class SecurityShutdownAgentTests(DockerdFixture, SynchronousTestCase):
     def test_unpaired_agent_closes_its_port_and_keeps_running(self) -> None:
-        agent = self.start_agent("--secret-timeout", "2s")
+        agent = self.start_agent("--secret-timeout", "3s")
+        # A keep-alive connection opened before the shutdown...
+        lingering = http.client.HTTPSConnection("127.0.0.1", agent.port, context=client_context(), timeout=15)
+        self.addCleanup(lingering.close)
+        lingering.request("GET", "/ping")
+        response = lingering.getresponse()
+        response.read()
+        self.assertEqual(response.status, 204)
         # A bad signature must not count as a pairing (it does in the reference agent).
         bad = PortainerSigner.generate().headers("not the message")
         self.assertEqual(https_request(agent.port, "/version", bad)[0], 403)
@@ -333,6 +340,12 @@ class SecurityShutdownAgentTests(DockerdFixture, SynchronousTestCase):
         wait_until(refused, 15, "the API port to close")
         self.assertTrue(agent.alive)
         self.assertIn("Shutting down the API server", agent.log())
+        # ...cannot be used to pair the agent afterwards.
+        lingering.request("GET", "/version", headers=PortainerSigner.generate().headers())
+        response = lingering.getresponse()
+        body = json.loads(response.read())
+        self.assertEqual((response.status, body["message"]), (403, INVALID))
+        self.assertIn("security shutdown", body["details"])
 
     def test_paired_agent_keeps_serving_after_the_timeout(self) -> None:
         agent = self.start_agent("--secret-timeout", "1s")
