@@ -420,27 +420,37 @@ class Lab:
     def _acquire_lock(self) -> None:
         if self._lock is not None:
             return
-        handle = open(lock_path(self.prefix), "a+")
+        path = lock_path(self.prefix)
         deadline = time.monotonic() + self.lock_timeout
         while True:
+            handle = open(path, "a+")
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
             except BlockingIOError:
+                handle.seek(0)
+                owner = handle.read().strip() or "another process"
+                handle.close()
                 if time.monotonic() >= deadline:
-                    handle.seek(0)
-                    owner = handle.read().strip() or "another process"
-                    handle.close()
                     raise LabError(f"lab {self.prefix} is in use by {owner}; pick another prefix or wait") from None
                 time.sleep(0.5)
+                continue
+            try:
+                same_file = os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
+            except FileNotFoundError:
+                same_file = False
+            if same_file:  # else the previous owner removed it while we waited: start again
+                break
+            handle.close()
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()} ({' '.join(sys.argv)[:200]})\n")
         handle.flush()
         self._lock = handle
 
-    def _release_lock(self) -> None:
+    def _release_lock(self, remove: bool = False) -> None:
         if self._lock is not None:
+            if remove:
+                lock_path(self.prefix).unlink(missing_ok=True)
             self._lock.close()
             self._lock = None
 
@@ -725,7 +735,7 @@ class Lab:
             _parallel(stop, live)
             return clean(self.prefix)
         finally:
-            self._release_lock()
+            self._release_lock(remove=True)
 
     def _save_quietly(self) -> None:
         if self.root.exists():

@@ -1,0 +1,5 @@
+import sys
+
+from portainer_agent.lab.cli import main
+
+sys.exit(main())
