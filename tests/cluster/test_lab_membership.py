@@ -1,0 +1,173 @@
+"""Membership on the lab: three real agents in network namespaces with real dockerds.
+
+Covers: one cluster forms; a SIGKILLed agent leaves every ``/agents`` within 3 s and comes back
+after a restart; a partitioned node is dropped and rejoins after the heal; a DNS name with
+several records makes an agent contact all of them; an agent started before any peer joins
+them when they appear.
+
+DNS: the agents resolve ``--cluster-addr`` with ``getaddrinfo`` (so /etc/hosts counts, and
+``multi on`` returns every line for a name). Each agent of the DNS tests runs in its own mount
+namespace (``unshare --mount``) with a lab-private hosts file bind-mounted on /etc/hosts, so the
+test controls the name without touching the machine's /etc/hosts or any other process.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import ssl
+import stat
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from portainer_agent.lab.testing import SynchronousLabTestCase
+
+NAMES = {"node1", "node2", "node3"}
+DNS_NAME = "agents.cluster.lab"
+
+
+class LabMembershipTests(SynchronousLabTestCase):
+    lab_prefix = "pacl"
+    lab_subnet = "10.77.70.0/24"
+    lab_nodes, lab_managers = 3, 1
+
+    # ------------------------------------------------------------------ helpers
+
+    def agents(self, node: str, timeout: float = 2.0) -> set[str] | None:
+        """NodeNames in the node agent's ``GET /agents``; None when it does not answer."""
+        assert self.lab is not None
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        ip = self.lab.node(node).ip
+        connection = http.client.HTTPSConnection(ip, self.lab.agent_port, timeout=timeout, context=context)
+        try:
+            connection.request("GET", "/agents", headers=self.lab.signed_headers())
+            response = connection.getresponse()
+            body = response.read()
+            if response.status != 200:
+                return None
+            return {entry["NodeName"] for entry in json.loads(body)}
+        except (OSError, http.client.HTTPException, ValueError):
+            return None
+        finally:
+            connection.close()
+
+    def wait(self, condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.1) -> float:
+        start = time.monotonic()
+        while time.monotonic() - start < timeout:
+            if condition():
+                return time.monotonic() - start
+            time.sleep(interval)
+        self.fail(f"timed out after {timeout}s waiting for {what}; views: "
+                  f"{ {n: self.agents(n) for n in sorted(NAMES)} }")
+
+    def all_see(self, expected: set[str], nodes: set[str] = NAMES) -> bool:
+        return all(self.agents(n, timeout=1.0) == expected for n in nodes)
+
+    def restore(self) -> None:
+        """Every agent running with the lab's default arguments, one cluster."""
+        assert self.lab is not None
+        self.lab.python = self._default_python
+        for name in sorted(NAMES):
+            self.lab.heal(name)
+            node = self.lab.node(name)
+            if node.agent is not None and node.agent.running and node.agent_args:
+                self.lab.stop_agent(name)
+            if node.agent is None or not node.agent.running:
+                self.lab.start_agent(name)
+        self.wait(lambda: self.all_see(NAMES), 30, "the cluster to re-form")
+
+    def setUp(self) -> Any:
+        result = super().setUp()
+        self.require_agents()
+        assert self.lab is not None
+        self._default_python = self.lab.python
+        self.addCleanup(self.restore)
+        return result
+
+    def hosts_wrapper(self, addresses: list[str]) -> str:
+        """An interpreter wrapper that runs the agent with a hosts file where
+        :data:`DNS_NAME` has one line per address."""
+        assert self.lab is not None
+        hosts = Path(self.lab.root) / "cluster-hosts"
+        hosts.write_text("127.0.0.1 localhost\n" + "".join(f"{a} {DNS_NAME}\n" for a in addresses))
+        wrapper = Path(self.lab.root) / "python-with-hosts"
+        wrapper.write_text(
+            "#!/bin/sh\n"
+            f"exec unshare --mount sh -c 'mount --bind \"$0\" /etc/hosts && exec \"$@\"' "
+            f"{hosts} {self._default_python} \"$@\"\n"
+        )
+        wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
+        return str(wrapper)
+
+    def agent_log_lines(self, node: str) -> list[dict[str, Any]]:
+        assert self.lab is not None
+        lines = []
+        for raw in self.lab.node(node).agent_log.read_text(errors="replace").splitlines():
+            try:
+                lines.append(json.loads(raw))
+            except ValueError:
+                continue
+        return lines
+
+    # ------------------------------------------------------------------ tests
+
+    def test_agents_form_one_cluster(self) -> None:
+        self.wait(lambda: self.all_see(NAMES), 30, "one cluster of three")
+
+    def test_sigkill_is_seen_everywhere_within_3s_and_restart_comes_back(self) -> None:
+        assert self.lab is not None
+        self.wait(lambda: self.all_see(NAMES), 30, "one cluster of three")
+        started = time.monotonic()
+        self.lab.kill_agent("node3")
+        self.wait(lambda: self.all_see({"node1", "node2"}, {"node1", "node2"}), 10, "node3 to be dropped")
+        detection = time.monotonic() - started
+        print(f"\nSIGKILL detection on every /agents: {detection:.2f}s")
+        self.assertLessEqual(detection, 3.0)
+        self.lab.start_agent("node3")
+        back = self.wait(lambda: self.all_see(NAMES), 15, "node3 to come back")
+        print(f"restarted agent visible everywhere after {back:.2f}s (from /ping ready)")
+
+    def test_partitioned_node_is_dropped_and_rejoins_after_heal(self) -> None:
+        assert self.lab is not None
+        self.wait(lambda: self.all_see(NAMES), 30, "one cluster of three")
+        self.lab.partition("node3")
+        self.wait(lambda: self.all_see({"node1", "node2"}, {"node1", "node2"}), 15, "node3 to be dropped")
+        self.lab.heal("node3")
+        healed = self.wait(lambda: self.all_see(NAMES), 40, "the partition to heal")
+        print(f"\npartition healed (all three everywhere) {healed:.2f}s after heal")
+
+    def test_dns_name_with_several_records_joins_all(self) -> None:
+        assert self.lab is not None
+        addresses = [self.lab.node(n).ip for n in sorted(NAMES)]
+        for name in sorted(NAMES):
+            self.lab.stop_agent(name)
+        self.lab.python = self.hosts_wrapper(addresses)
+        # node1 and node2 first (each finds the other through the name), then node3, whose
+        # name resolves to all three: it must contact both others and skip itself.
+        for name in ("node1", "node2"):
+            self.lab.start_agent(name, ["--cluster-addr", DNS_NAME])
+        self.wait(lambda: self.all_see({"node1", "node2"}, {"node1", "node2"}), 30, "node1+node2")
+        self.lab.start_agent("node3", ["--cluster-addr", DNS_NAME])
+        self.wait(lambda: self.all_see(NAMES), 30, "all three through the DNS name")
+        joined = [e for e in self.agent_log_lines("node3") if "joined the cluster" in str(e.get("msg", ""))
+                  or e.get("contacted") is not None]
+        self.assertTrue(joined, "node3 did not log its join")
+        self.assertEqual(joined[-1].get("contacted"), 2, joined[-1])
+        skipped = [e for e in self.agent_log_lines("node3") if e.get("own") == self.lab.node("node3").ip]
+        self.assertTrue(skipped, "node3 did not log skipping its own address")
+
+    def test_agent_started_before_its_peers_joins_when_they_appear(self) -> None:
+        assert self.lab is not None
+        for name in sorted(NAMES):
+            self.lab.stop_agent(name)
+        # node1 is the join address of every agent: start node3 and node2 while node1 is absent.
+        self.lab.start_agent("node3")
+        self.lab.start_agent("node2")
+        time.sleep(3)  # let them fail and back off (a fixed pause is the point of the scenario)
+        self.assertEqual(self.agents("node3"), {"node3"})
+        self.lab.start_agent("node1")
+        joined = self.wait(lambda: self.all_see(NAMES), 30, "the early agents to join node1")
+        print(f"\nearly agents joined {joined:.2f}s after node1 was ready")
