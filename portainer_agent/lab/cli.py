@@ -29,7 +29,6 @@ from portainer_agent.lab.harness import (
     Lab,
     LabError,
     check_prefix,
-    clean,
     leftovers,
     state_path,
 )
@@ -180,10 +179,9 @@ def command_status(args: argparse.Namespace) -> int:
 def command_down(args: argparse.Namespace) -> int:
     started = time.monotonic()
     try:
-        if state_path(args.prefix).exists():
-            remaining = Lab.load(args.prefix).down()
-        else:
-            remaining = clean(args.prefix)
+        # Without a record (a crashed up), a fresh Lab object still finds and removes the pieces.
+        lab = Lab.load(args.prefix) if state_path(args.prefix).exists() else Lab(prefix=args.prefix, down_at_exit=False)
+        remaining = lab.down()
     except LabError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_FAILED

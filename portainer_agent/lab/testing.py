@@ -125,7 +125,10 @@ class LabMixin:
         """Leave the node's agent running and reachable (for tearDown after fault tests)."""
         assert self.lab is not None
         self.lab.heal(node)
-        if self.lab.agents and not (self.lab.node(node).agent and self.lab.node(node).agent.running):
+        agent = self.lab.node(node).agent
+        if self.lab.agents and (agent is None or not agent.running):
+            if agent is not None:
+                self.lab.kill_agent(node)
             self.lab.start_agent(node)
 
 
