@@ -384,7 +384,7 @@ class DockerDaemon:
         try:
             daemon.wait_ready(timeout)
         except BaseException:
-            daemon.stop(timeout=10, remove=False)
+            daemon.stop(timeout=10)
             raise
         return daemon
 
