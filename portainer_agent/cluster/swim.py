@@ -201,8 +201,10 @@ class SwimNode:
         if self.running:
             return
         self.running = True
-        self._schedule(self._probe_period(), self._probe_tick)
-        self._schedule(self.settings.gossip_interval, self._gossip_tick)
+        # Random phases: agents started together (a service update) must not probe and gossip
+        # in lockstep.
+        self._schedule(self.rng.uniform(0.5, 1.0) * self._probe_period(), self._probe_tick)
+        self._schedule(self.rng.uniform(0.0, 1.0) * self.settings.gossip_interval, self._gossip_tick)
         self._schedule(self.settings.state_sync_period(self.cluster_size()), self._state_sync_tick)
         self._schedule(self.settings.reconnect_interval, self._reconnect_tick)
         self._schedule(self.settings.tombstone_timeout / 4, self._reap_tick)

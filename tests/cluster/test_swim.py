@@ -62,6 +62,17 @@ def run(clock: Clock, seconds: float, step: float = 0.01) -> None:
         clock.advance(step)
 
 
+def until_ping(clock: Clock, transport: "ScriptedTransport", limit: float = 5.0) -> tuple:
+    """Step until the node sends its next direct probe (first probes have a random phase)."""
+    for _ in range(round(limit / 0.01)):
+        pings = transport.take("ping")
+        if pings:
+            assert len(pings) == 1, pings
+            return pings[0]
+        clock.advance(0.01)
+    raise AssertionError("no probe was sent")
+
+
 def make_node(peers: int, settings: SwimSettings = SwimSettings()) -> tuple[SwimNode, Clock, ScriptedTransport, list[Member]]:
     clock = Clock()
     transport = ScriptedTransport()
@@ -92,20 +103,19 @@ class ProbeTests(SynchronousTestCase):
     def test_acked_probe_keeps_member_alive(self) -> None:
         node, clock, transport, _ = make_node(3)
         node.start()
-        run(clock, 1.0)
-        [(_, key, _, d)] = transport.take("ping")
+        _, key, _, d = until_ping(clock, transport)
         d.callback([])
-        run(clock, 5)
-        for _, _, _, d in transport.take("ping"):
-            d.callback([])
+        for _ in range(500):
+            clock.advance(0.01)
+            for _, _, _, d in transport.take("ping"):
+                d.callback([])
         self.assertIs(node.member(key).state, MemberState.ALIVE)
         node.stop()
 
     def test_silent_member_is_probed_indirectly_then_suspected_then_dead(self) -> None:
         node, clock, transport, _ = make_node(5)
         node.start()
-        run(clock, 1.0)
-        [(_, target, _, _)] = transport.take("ping")
+        _, target, _, _ = until_ping(clock, transport)
         run(clock, 0.5)  # probe timeout: ask k=3 others
         requests = transport.take("ping_request")
         self.assertEqual(len(requests), 3)
@@ -168,8 +178,7 @@ class ProbeTests(SynchronousTestCase):
     def test_refused_connection_skips_the_timeout(self) -> None:
         node, clock, transport, _ = make_node(1)
         node.start()
-        run(clock, 1.0)
-        [(_, target, _, d)] = transport.take("ping")
+        _, target, _, d = until_ping(clock, transport)
         d.errback(ConnectionRefusedError(target))
         self.assertIs(node.member(target).state, MemberState.SUSPECT)
         node.stop()
@@ -189,8 +198,7 @@ class ProbeTests(SynchronousTestCase):
         stall must win, and the local health score must rise."""
         node, clock, transport, _ = make_node(3)
         node.start()
-        run(clock, 1.0)
-        [(_, target, _, d)] = transport.take("ping")
+        _, target, _, d = until_ping(clock, transport)
         clock.advance(0.8)  # one late tick: timeout (due at +0.5) runs 0.3 s late
         self.assertEqual(transport.take("ping_request"), [])
         self.assertGreaterEqual(node.health.score, 1)
@@ -207,8 +215,7 @@ class ProbeTests(SynchronousTestCase):
         node, clock, transport, _ = make_node(3)
         node.health.adjust(+2)
         node.start()
-        run(clock, 3.02)  # interval x3
-        [(_, _, _, d)] = transport.take("ping")
+        until_ping(clock, transport, limit=4.0)  # interval x3
         run(clock, 1.45)
         self.assertEqual(transport.take("ping_request"), [])
         run(clock, 0.1)  # 0.5 x 3 = 1.5 s
