@@ -392,7 +392,7 @@ class Lab:
                 raise LabError(f"lab {self.prefix} has leftovers that could not be removed: {remaining.describe()}")
             self._check_subnet_free()
         except BaseException:
-            self._release_lock()
+            self._release_lock(remove=True)
             raise
         if self.down_at_exit:
             atexit.register(self.down)
