@@ -66,7 +66,7 @@ class Prove(amp.Command):
     """The client's proof; the server accepts member data only after it."""
 
     arguments = [(b"proof", amp.String())]
-    response: list = []
+    response = []  # type: ignore[var-annotated]
     errors = dict(_AUTH_ERRORS)
 
 
@@ -102,7 +102,7 @@ class PushState(amp.Command):
     """One page of the sender's full state (join or anti-entropy); merged as it arrives."""
 
     arguments = [(b"members", amp.AmpList(MEMBER_FIELDS)), (b"join", amp.Boolean())]
-    response: list = []
+    response = []  # type: ignore[var-annotated]
     errors = dict(_AUTH_ERRORS)
 
 
@@ -121,7 +121,7 @@ class Leave(amp.Command):
     """The sender leaves for good (SIGTERM): drop it now instead of suspecting it."""
 
     arguments = [(b"member", amp.AmpList(MEMBER_FIELDS))]
-    response: list = []
+    response = []  # type: ignore[var-annotated]
     errors = dict(_AUTH_ERRORS)
 
 

@@ -9,10 +9,10 @@ rule). On a host install the inspect answers 404 and we fall back to the Swarm n
 from __future__ import annotations
 
 import socket
-from typing import Any
+from typing import Any, Generator
 
 import attrs
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import inlineCallbacks
 from twisted.logger import Logger
 
 log = Logger(namespace="portainer_agent.cluster")
@@ -55,7 +55,7 @@ def choose_advertise_address(configured: str | None, facts: ContainerFacts, node
 
 
 @inlineCallbacks
-def inspect_own_container(docker: Any, hostname: str | None = None) -> "Deferred[ContainerFacts]":
+def inspect_own_container(docker: Any, hostname: str | None = None) -> Generator[Any, Any, ContainerFacts]:
     """Read our container's service label and addresses through the Docker client."""
     hostname = hostname or socket.gethostname()
     response = yield docker.get(f"http://docker/containers/{hostname}/json")
@@ -65,7 +65,8 @@ def inspect_own_container(docker: Any, hostname: str | None = None) -> "Deferred
     container = yield response.json()
     labels = (container.get("Config") or {}).get("Labels") or {}
     networks = ((container.get("NetworkSettings") or {}).get("Networks")) or {}
-    swarm, other = [], []
+    swarm: list[str] = []
+    other: list[str] = []
     for name, settings in sorted(networks.items()):
         address = (settings or {}).get("IPAddress")
         if not address:

@@ -17,15 +17,14 @@ Clock-injected and resolver-injected; no reactor import.
 from __future__ import annotations
 
 import ipaddress
-from typing import Callable, Iterable
+from typing import Any, Callable, Generator, Iterable
 
 import attrs
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from portainer_agent.cluster.member import PeerAddress, format_hostport
-from portainer_agent.cluster.swim import SwimNode
+from portainer_agent.cluster.swim import Clock, DelayedCall, SwimNode
 
 log = Logger(namespace="portainer_agent.cluster")
 
@@ -92,7 +91,7 @@ class Joiner:
         node: SwimNode,
         address: ClusterAddress,
         resolve: Resolver,
-        clock: IReactorTime,
+        clock: Clock,
         own_addresses: Iterable[str] = (),
         initial_backoff: float = 1.0,
         max_backoff: float = 15.0,
@@ -112,7 +111,7 @@ class Joiner:
         self.attempts = 0
         self.joined = False
         self._backoff = initial_backoff
-        self._timer: IDelayedCall | None = None
+        self._timer: DelayedCall | None = None
         self._running = False
         self._logged_self: set[str] = set()
 
@@ -146,7 +145,7 @@ class Joiner:
         self._timer = self.clock.callLater(check, tick)
 
     @inlineCallbacks
-    def _attempt(self) -> "Deferred[None]":
+    def _attempt(self) -> Generator[Any, Any, None]:
         self._timer = None
         self.attempts += 1
         try:

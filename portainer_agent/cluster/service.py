@@ -36,7 +36,7 @@ from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from zope.interface import implementer
+from zope.interface import implementer  # type: ignore[import-untyped]
 
 from portainer_agent.cluster.discovery import (
     ContainerFacts,
@@ -66,9 +66,13 @@ def system_resolver(reactor: Any) -> Resolver:
             pass
         d = deferToThreadPool(reactor, reactor.getThreadPool(), socket.getaddrinfo, host, None, 0,
                               socket.SOCK_STREAM)
-        return d.addCallback(lambda infos: list(dict.fromkeys(info[4][0] for info in infos)))
+        return d.addCallback(_distinct_addresses)
 
     return resolve
+
+
+def _distinct_addresses(infos: Any) -> list[str]:
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
 @implementer(IOpenSSLClientConnectionCreator)
@@ -198,7 +202,7 @@ class ClusterService(Service):
 
     def _listen(self) -> "Deferred[IListeningPort]":
         inner_class = TCP6ServerEndpoint if ":" in self.listen_host else TCP4ServerEndpoint
-        inner = inner_class(self.reactor, self.cluster_port, backlog=64, interface=self.listen_host)
+        inner: Any = inner_class(self.reactor, self.cluster_port, backlog=64, interface=self.listen_host)
         factory = _ServerFactory(lambda: self.transport.protocol(server=True, local_fingerprint=self.fingerprint))
         if self.server_tls is not None:
             from portainer_agent.tls.server import TLSServerEndpoint
@@ -220,7 +224,8 @@ class ClusterService(Service):
         endpoint_class = TCP6ClientEndpoint if ":" in peer.host else TCP4ClientEndpoint
         endpoint: Any = endpoint_class(self.reactor, peer.host, peer.port, timeout=3)
         if self.server_tls is not None:
-            endpoint = wrapClientTLS(_AnyCertificate(), endpoint)
+            creator: Any = _AnyCertificate()
+            endpoint = wrapClientTLS(creator, endpoint)
         return connectProtocol(endpoint, protocol)
 
     @inlineCallbacks
@@ -234,7 +239,8 @@ class ClusterService(Service):
             log.info("leaving the cluster")
             yield self.node.leave(timeout=1.0)
         if self.port is not None:
-            port, self.port = self.port, None
+            port: Any = self.port
+            self.port = None
             yield port.stopListening()
         yield self.transport.close()
 

@@ -58,9 +58,9 @@ class HeapClock:
     def seconds(self) -> float:
         return self._now
 
-    def callLater(self, delay: float, function: Callable[..., object], *args: Any, **kwargs: Any) -> _HeapCall:  # noqa: N802
+    def callLater(self, delay: float, callable: Callable[..., object], *args: Any, **kw: Any) -> _HeapCall:  # noqa: N802
         self._seq += 1
-        call = _HeapCall(self._now + max(0.0, delay), self._seq, function, args, kwargs)
+        call = _HeapCall(self._now + max(0.0, delay), self._seq, callable, args, kw)
         heapq.heappush(self._heap, call)
         return call
 
@@ -121,8 +121,8 @@ class NodeClock:
     def seconds(self) -> float:
         return self.clock.seconds()
 
-    def callLater(self, delay: float, function: Callable[..., object], *args: Any, **kwargs: Any) -> _SimCall:  # noqa: N802
-        return _SimCall(self, self.seconds() + delay, lambda: function(*args, **kwargs))
+    def callLater(self, delay: float, callable: Callable[..., object], *args: Any, **kw: Any) -> _SimCall:  # noqa: N802
+        return _SimCall(self, self.seconds() + delay, lambda: callable(*args, **kw))
 
     def getDelayedCalls(self) -> list:  # noqa: N802
         return []

@@ -26,11 +26,10 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Callable, Iterable, Protocol, Sequence
+from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import attrs
 from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -39,6 +38,25 @@ from portainer_agent.cluster.health import LocalHealth
 from portainer_agent.cluster.member import Member, MemberState, PeerAddress, supersedes
 
 log = Logger(namespace="portainer_agent.cluster")
+
+
+class DelayedCall(Protocol):
+    """The part of ``DelayedCall`` the protocol uses (structural, so mypy needs no zope plugin)."""
+
+    def active(self) -> bool: ...
+
+    def cancel(self) -> None: ...
+
+    def getTime(self) -> float: ...  # noqa: N802
+
+
+class Clock(Protocol):
+    """The part of ``IReactorTime`` the protocol uses: the reactor, ``task.Clock`` or the
+    simulation's per-node clock."""
+
+    def seconds(self) -> float: ...
+
+    def callLater(self, delay: float, callable: Callable[..., object], *args: Any, **kw: Any) -> Any: ...  # noqa: N802
 
 
 @attrs.frozen
@@ -105,7 +123,7 @@ class _Suspicion:
     expected_confirmations: int
     min_timeout: float
     max_timeout: float
-    timer: IDelayedCall | None = None
+    timer: DelayedCall | None = None
 
     def timeout(self) -> float:
         """Lifeguard: max timeout with no confirmation, shrinking logarithmically to the
@@ -128,7 +146,7 @@ class _Probe:
     answers: int = 0
     nacks: int = 0
     pending: list[Deferred] = attrs.field(factory=list)
-    timers: list[IDelayedCall] = attrs.field(factory=list)
+    timers: list[DelayedCall] = attrs.field(factory=list)
 
 
 class SwimNode:
@@ -137,7 +155,7 @@ class SwimNode:
     def __init__(
         self,
         local: Member,
-        clock: IReactorTime,
+        clock: Clock,
         transport: PeerTransport,
         settings: SwimSettings = SwimSettings(),
         rng: random.Random | None = None,
@@ -155,7 +173,7 @@ class SwimNode:
         self._suspicions: dict[str, _Suspicion] = {}
         self._probes: dict[str, _Probe] = {}
         self._round: list[str] = []
-        self._timers: set[IDelayedCall] = set()
+        self._timers: set[DelayedCall] = set()
         self._listeners: list[Listener] = []
         self._last_hint: dict[str, float] = {}
         self.running = False
@@ -235,7 +253,11 @@ class SwimNode:
             return succeed(None)
         sends = [self._detach(self.transport.leave(p.peer, left)) for p in peers]
         done: Deferred[None] = Deferred()
-        timer = self.clock.callLater(timeout, lambda: done.called or done.callback(None))
+        def expire() -> None:
+            if not done.called:
+                done.callback(None)
+
+        timer = self.clock.callLater(timeout, expire)
 
         def finished(_: object) -> None:
             if timer.active():
@@ -325,7 +347,11 @@ class SwimNode:
             self.apply_updates(acks)
             settle(True)
 
-        timer = self._schedule(timeout, lambda: (settle(False), attempt.cancel()), grace=True)
+        def expire() -> None:
+            settle(False)
+            attempt.cancel()
+
+        timer = self._schedule(timeout, expire, grace=True)
         attempt.addCallbacks(acked, lambda _: settle(False))
         return result
 
@@ -676,14 +702,14 @@ class SwimNode:
 
     # ------------------------------------------------------------------ timers
 
-    def _schedule(self, delay: float, function: Callable[[], object], grace: bool = False) -> IDelayedCall:
+    def _schedule(self, delay: float, function: Callable[[], object], grace: bool = False) -> DelayedCall:
         """``callLater`` that notices when it fires late (a stalled reactor).
 
         A late firing raises the local health score; with ``grace`` (timeouts) it also
         postpones the verdict by ``late_grace`` so that I/O queued during the stall is read
         first: a stall is inconclusive, not evidence against the peer."""
         expected = self.clock.seconds() + delay
-        holder: list[IDelayedCall] = []
+        holder: list[DelayedCall] = []
 
         def fire(regraced: bool = False) -> None:
             if holder:
@@ -750,9 +776,9 @@ class _IndexedSet:
 
 
 class _TimerHandle:
-    """An ``IDelayedCall``-like handle that follows a timer through its grace re-arming."""
+    """An ``DelayedCall``-like handle that follows a timer through its grace re-arming."""
 
-    def __init__(self, holder: list[IDelayedCall], registry: set[IDelayedCall]) -> None:
+    def __init__(self, holder: list[DelayedCall], registry: set[DelayedCall]) -> None:
         self._holder = holder
         self._registry = registry
 
@@ -765,7 +791,7 @@ class _TimerHandle:
         if call.active():
             call.cancel()
 
-    def getTime(self) -> float:  # noqa: N802 (IDelayedCall spelling)
+    def getTime(self) -> float:  # noqa: N802 (DelayedCall spelling)
         return self._holder[-1].getTime()
 
 

@@ -13,11 +13,11 @@ TLS key, is the authentication.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Generator, Sequence
 
 from cryptography.hazmat.primitives import serialization
 from twisted.internet.defer import Deferred, DeferredList, fail, inlineCallbacks, succeed
-from twisted.internet.interfaces import IReactorTime, ISSLTransport
+from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
@@ -45,7 +45,7 @@ from portainer_agent.cluster.commands import (
 )
 from portainer_agent.cluster.dissemination import Update
 from portainer_agent.cluster.member import Member, MemberState, PeerAddress
-from portainer_agent.cluster.swim import SwimNode
+from portainer_agent.cluster.swim import Clock, SwimNode
 
 log = Logger(namespace="portainer_agent.cluster")
 
@@ -85,7 +85,7 @@ class ClusterProtocol(amp.AMP):
         self,
         node: SwimNode,
         key: bytes | None,
-        clock: IReactorTime,
+        clock: Clock,
         server: bool,
         local_fingerprint: str = "",
         on_lost: Callable[["ClusterProtocol"], None] | None = None,
@@ -124,7 +124,7 @@ class ClusterProtocol(amp.AMP):
 
     def _auth_timed_out(self) -> None:
         log.warn("dropping a cluster connection that did not authenticate in time")
-        self.transport.loseConnection()
+        self._wire().loseConnection()
 
     def locateResponder(self, name: bytes) -> Any:  # noqa: N802 (AMP API)
         """Gatekeeper: before authentication only the challenge commands are answered, and
@@ -138,15 +138,19 @@ class ClusterProtocol(amp.AMP):
             "refused cluster command {command} on an unauthenticated connection from {peer}",
             command=box.get(b"_command", b"?").decode("latin-1", "replace"), peer=self._peer_description(),
         )
-        self.clock.callLater(0, self.transport.loseConnection)
+        self.clock.callLater(0, self._wire().loseConnection)
         return fail(amp.RemoteAmpError(b"NOT_AUTHENTICATED", "authenticate first"))
 
     def _peer_description(self) -> str:
         try:
-            peer = self.transport.getPeer()
+            peer = self._wire().getPeer()
             return f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
         except Exception:  # noqa: BLE001 - describing a peer must never fail a connection
             return "?"
+
+    def _wire(self) -> Any:
+        """The underlying transport (typed loosely: zope interfaces are opaque to mypy)."""
+        return self.transport
 
     def _server_pin(self) -> str:
         return self.local_fingerprint if ISSLTransport.providedBy(self.transport) else ""
@@ -175,7 +179,7 @@ class ClusterProtocol(amp.AMP):
             self.key, b"client", self._client_nonce, self._server_nonce, self._server_pin(), proof
         ):
             log.warn("cluster peer {peer} failed authentication", peer=self._peer_description())
-            self.clock.callLater(0, self.transport.loseConnection)
+            self.clock.callLater(0, self._wire().loseConnection)
             raise AuthenticationFailed("wrong cluster key")
         self.authenticated = True
         if self._auth_timer is not None and self._auth_timer.active():
@@ -221,7 +225,7 @@ class ClusterProtocol(amp.AMP):
     # ------------------------------------------------------------------ client: challenge
 
     @inlineCallbacks
-    def authenticate(self, peer: PeerAddress) -> Any:
+    def authenticate(self, peer: PeerAddress) -> Generator[Any, Any, "ClusterProtocol"]:
         """Run the challenge as the client; fires with ``self`` once both sides are proven."""
         nonce = auth.new_nonce()
         answer = yield self.callRemote(Hello, nonce=nonce, origin=self.node.local.key, protocol=PROTOCOL_VERSION)
@@ -252,7 +256,7 @@ class AmpPeerTransport:
 
     def __init__(
         self,
-        clock: IReactorTime,
+        clock: Clock,
         connect: Connector,
         key: bytes | None,
         connect_timeout: float = 3.0,
@@ -321,7 +325,7 @@ class AmpPeerTransport:
                     log.debug("cannot reach cluster peer {address}: {error}", address=peer.key,
                               error=result.getErrorMessage())
                 if protocol.transport is not None:
-                    protocol.transport.loseConnection()
+                    protocol._wire().loseConnection()
 
         return attempt.addBoth(done)
 
@@ -340,7 +344,7 @@ class AmpPeerTransport:
         self._open.clear()
         protocols = [p for p in self._all if p.transport is not None]
         for protocol in protocols:
-            protocol.transport.loseConnection()
+            protocol._wire().loseConnection()
 
         def abort() -> None:
             for protocol in protocols:
@@ -348,7 +352,7 @@ class AmpPeerTransport:
                     protocol.transport.abortConnection()
 
         timer = self.clock.callLater(timeout, abort)
-        done = DeferredList([p.closed for p in protocols], consumeErrors=True)
+        done = DeferredList([p.closed for p in protocols if p.closed is not None], consumeErrors=True)
 
         def finished(result: Any) -> None:
             if timer.active():
@@ -378,7 +382,9 @@ class AmpPeerTransport:
         self._call(peer, Gossip, updates=encode_updates(updates)).addErrback(lambda _: None)
 
     @inlineCallbacks
-    def exchange_state(self, peer: PeerAddress, members: Sequence[Member], join: bool) -> Any:
+    def exchange_state(
+        self, peer: PeerAddress, members: Sequence[Member], join: bool
+    ) -> Generator[Any, Any, list[Member]]:
         """Push our state page by page, then pull theirs page by page."""
         protocol = yield self.connection(peer)
         for page in paginate(members):

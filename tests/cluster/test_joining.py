@@ -48,8 +48,9 @@ class FakeNode:
     def cluster_size(self) -> int:
         return 1 + len(self.members)
 
-    def live_members(self) -> list[Any]:
-        return [PeerAddress(*k.split(":")[:1], 9002) for k in self.members]  # .key is what matters
+    def live_members(self) -> list[PeerAddress]:
+        # Anything with a ``key`` will do: the joiner only compares keys.
+        return [PeerAddress(key.rsplit(":", 1)[0], 9002) for key in self.members]
 
     def join(self, peers: list[PeerAddress]) -> Any:
         self.contacted.append([p.host for p in peers])
