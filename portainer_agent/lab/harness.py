@@ -702,6 +702,24 @@ class Lab:
         return (f"DOCKER_CONFIG={self.root / 'docker-config'} docker -H {self.agent_docker_host(node)} "
                 f"--tls node ls")
 
+    # --- logs -----------------------------------------------------------------------
+
+    def log_tail(self, ref: NodeRef, which: str = "agent", lines: int = 40) -> str:
+        """The last ``lines`` of the node's ``agent`` or ``dockerd`` log (for failure messages)."""
+        node = self.node(ref)
+        return _tail(node.agent_log if which == "agent" else node.workdir / "dockerd.log", lines)
+
+    def collect_logs(self, directory: str | os.PathLike[str]) -> Path:
+        """Copy every node's agent and dockerd logs to ``directory/<prefix>/nodeN-*.log``
+        (teardown deletes the work directory; call this first to keep them)."""
+        target = Path(directory) / self.prefix
+        target.mkdir(parents=True, exist_ok=True)
+        for node in self.nodes:
+            for which, source in (("agent", node.agent_log), ("dockerd", node.workdir / "dockerd.log")):
+                if source.exists():
+                    (target / f"{node.name}-{which}.log").write_bytes(source.read_bytes())
+        return target
+
     # --- teardown -------------------------------------------------------------------
 
     def down(self) -> Leftovers:

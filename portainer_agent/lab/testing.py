@@ -16,11 +16,13 @@
 The lab comes up once in ``setUpClass`` (pytest and unittest call it) and goes down in
 ``tearDownClass``; under the plain ``trial`` runner, which does not call them, the first
 ``setUp`` brings it up and process exit tears it down. Without root or dockerd, every test of
-the class is skipped with the reason. Two runs of the same class on one machine wait for each
-other (the lab's lock), they never clean each other's nodes.
+the class is skipped with the reason. Set ``PA_LAB_KEEP_LOGS=<dir>`` to keep the agents'
+and dockerds' logs (teardown deletes the lab's work directory). Two runs of the same class on
+one machine wait for each other (the lab's lock); they never clean each other's nodes.
 
-Prefixes/subnets in use: ``tests/lab`` uses ``palt``/``10.77.50.0/24`` and ``palt2``/
-``10.77.51.0/24``; pick others (``10.77.60-99.0/24``) for new classes.
+Prefixes and subnets already taken: ``tests/lab`` uses ``palt``..``palt7`` on
+``10.77.50-56.0/24``, ``bench/lab_bringup.py`` ``pabench`` on ``10.77.90.0/24`` and the CLI
+``palab`` on ``10.77.0.0/24``. Pick others (e.g. ``10.77.60-89.0/24``) for new classes.
 """
 from __future__ import annotations
 
@@ -74,7 +76,8 @@ class LabMixin:
     lab_options: ClassVar[dict[str, Any]] = {}
     #: How long to wait for another run holding the same prefix.
     lab_lock_timeout: ClassVar[float] = 600
-    lab: ClassVar[Lab | None] = None
+    #: The running lab (set by ``setUpClass``; absent before and after).
+    lab: ClassVar[Lab]
 
     @classmethod
     def make_lab(cls) -> Lab:
@@ -96,16 +99,21 @@ class LabMixin:
 
     @classmethod
     def tearDownClass(cls) -> None:
-        lab, cls.lab = cls.lab, None
+        lab: Lab | None = cls.__dict__.get("lab")
+        if lab is not None:
+            del cls.lab
         try:
             if lab is not None:
+                keep = os.environ.get("PA_LAB_KEEP_LOGS")
+                if keep:
+                    lab.collect_logs(keep)
                 lab.down()
         finally:
             super().tearDownClass()  # type: ignore[misc]
 
     def setUp(self) -> Any:
         cls = type(self)
-        if cls.lab is None:  # the trial runner does not call setUpClass
+        if cls.__dict__.get("lab") is None:  # the trial runner does not call setUpClass
             reason = lab_skip_reason()
             if reason:
                 raise unittest.SkipTest(reason)
@@ -117,13 +125,11 @@ class LabMixin:
 
     def require_agents(self) -> None:
         """Skip the test when the lab runs without agents."""
-        assert self.lab is not None
         if not self.lab.agents:
             raise unittest.SkipTest("the agent program (python -m portainer_agent) is not there yet")
 
     def ensure_agent_running(self, node: NodeRef) -> None:
         """Leave the node's agent running and reachable (for tearDown after fault tests)."""
-        assert self.lab is not None
         self.lab.heal(node)
         agent = self.lab.node(node).agent
         if self.lab.agents and (agent is None or not agent.running):

@@ -71,12 +71,10 @@ class SwarmLabTests(SynchronousLabTestCase):
     lab_managers = 2
 
     def tearDown(self) -> None:
-        assert self.lab is not None
         for node in self.lab.nodes:
             self.ensure_agent_running(node)
 
     def test_every_manager_sees_three_ready_nodes(self) -> None:
-        assert self.lab is not None
         managers = self.lab.manager_nodes
         self.assertEqual([n.name for n in managers], ["node1", "node2"])
         for manager in managers:
@@ -86,19 +84,16 @@ class SwarmLabTests(SynchronousLabTestCase):
             self.assertEqual(sorted(line.split()[0] for line in manager_lines), ["node1", "node2"])
 
     def test_every_node_has_its_own_name_address_and_socket(self) -> None:
-        assert self.lab is not None
         for node in self.lab.nodes:
             info = self.lab.docker(node, "info", "--format", "{{.Name}} {{.Swarm.NodeAddr}} {{.Swarm.LocalNodeState}}")
             self.assertEqual(info.stdout.split(), [node.name, node.ip, "active"])
         self.assertEqual(len({node.socket_path for node in self.lab.nodes}), 3)
 
     def test_busybox_is_on_every_node(self) -> None:
-        assert self.lab is not None
         for node in self.lab.nodes:
             self.lab.docker(node, "image", "inspect", "busybox:local")
 
     def test_global_service_runs_a_task_on_every_node(self) -> None:
-        assert self.lab is not None
         name = f"global-{uuid.uuid4().hex[:8]}"
         self.lab.docker(1, "service", "create", "--detach", "--no-resolve-image", "--mode", "global",
                         "--name", name, "busybox:local", "sleep", "3600")
@@ -116,7 +111,6 @@ class SwarmLabTests(SynchronousLabTestCase):
             self.assertEqual(len(ids.split()), 1, node.name)
 
     def test_partition_cuts_a_node_off_and_heal_restores_it(self) -> None:
-        assert self.lab is not None
         node = self.lab.node(3)
         port = self.lab.agent_port if self.lab.agents else 7946  # swarm gossip listens on every node
         self.assertTrue(tcp_reachable(node.ip, port))
@@ -131,14 +125,12 @@ class SwarmLabTests(SynchronousLabTestCase):
 
     def test_every_agent_answers_ping_on_the_same_port(self) -> None:
         self.require_agents()
-        assert self.lab is not None
         for node in self.lab.nodes:
             self.assertEqual(self.lab.agent_status(node), 204, node.name)
             self.assertEqual(self.lab.agent_url(node), f"https://{node.ip}:9001")
 
     def test_kill_agent_makes_it_unreachable_until_started_again(self) -> None:
         self.require_agents()
-        assert self.lab is not None
         old = self.lab.node(3).agent
         assert old is not None
         self.lab.kill_agent(3)
@@ -152,7 +144,6 @@ class SwarmLabTests(SynchronousLabTestCase):
 
     def test_stop_agent_lets_it_exit_by_itself(self) -> None:
         self.require_agents()
-        assert self.lab is not None
         old = self.lab.node(2).agent
         assert old is not None
         self.assertTrue(self.lab.stop_agent(2), "the agent needed SIGKILL after SIGTERM")
@@ -163,7 +154,6 @@ class SwarmLabTests(SynchronousLabTestCase):
 
     def test_restart_agent_gives_a_new_process_that_answers(self) -> None:
         self.require_agents()
-        assert self.lab is not None
         old = self.lab.node(1).agent
         assert old is not None
         new = self.lab.restart_agent(1)
@@ -173,7 +163,6 @@ class SwarmLabTests(SynchronousLabTestCase):
 
     def test_partition_cuts_the_agent_off_without_stopping_it(self) -> None:
         self.require_agents()
-        assert self.lab is not None
         self.lab.partition(2)
         self.addCleanup(self.lab.heal, 2)
         self.assertIsNone(self.lab.agent_status(2, timeout=1))
@@ -185,7 +174,6 @@ class SwarmLabTests(SynchronousLabTestCase):
 
     def test_real_docker_cli_and_docker_py_through_an_agent(self) -> None:
         self.require_agents()
-        assert self.lab is not None
         listing = self.lab.agent_docker(2, "node", "ls", "--format", "{{.Hostname}}").stdout
         self.assertEqual(sorted(listing.split()), ["node1", "node2", "node3"])
         config = self.lab.write_docker_config()
@@ -196,7 +184,6 @@ class SwarmLabTests(SynchronousLabTestCase):
         self.assertEqual(client.info()["Name"], "node3")
 
     def test_state_record_matches_the_running_lab(self) -> None:
-        assert self.lab is not None
         loaded = Lab.load(self.lab.prefix)
         for mine, theirs in zip(self.lab.nodes, loaded.nodes):
             self.assertEqual(theirs.name, mine.name)
@@ -324,7 +311,7 @@ class CommandLineLabTests(SynchronousTestCase):
             [sys.executable, "-m", "portainer_agent.lab", "--prefix", self.prefix, "up", "--nodes", "2",
              "--subnet", "10.77.56.0/24", "--no-agents"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd="/")
-        self.addCleanup(lambda: process.poll() is None and process.kill())
+        self.addCleanup(lambda: None if process.poll() is not None else process.kill())
         deadline = time.monotonic() + 60
         while not leftovers(self.prefix).processes:  # some dockerd is starting
             self.assertIsNone(process.poll(), "up finished before it could be interrupted")
