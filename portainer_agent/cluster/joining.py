@@ -162,9 +162,10 @@ class Joiner:
         if fresh:
             answered = yield self.node.join(fresh)
         if answered or self.node.cluster_size() > 1:
-            if not self.joined or fresh:
+            if not self.joined or answered:
                 log.info(
-                    "joined the cluster through {address}: {answered} of {contacted} contacted, {members} members",
+                    "in a cluster of {members} members (through {address}: {answered} of {contacted} "
+                    "contacted addresses answered)",
                     address=str(self.address), answered=answered, contacted=len(fresh),
                     members=self.node.cluster_size(),
                 )
@@ -174,7 +175,9 @@ class Joiner:
             self._watch()
             return
         self.joined = False
-        log.info(
+        # Info on the first failures, then quieter: a lone seed agent retries for its whole life.
+        emit = log.info if self._backoff < self.max_backoff or self.attempts % 20 == 0 else log.debug
+        emit(
             "no agent answered at {address} ({count} addresses); retrying in {delay}s",
             address=str(self.address), count=len(peers), delay=self._backoff,
         )

@@ -91,6 +91,8 @@ class _AnyCertificate:
 
 
 class _ServerFactory(Factory):
+    noisy = False
+
     def __init__(self, build: Callable[[], ClusterProtocol]) -> None:
         self._build = build
 

@@ -517,7 +517,7 @@ class SwimNode:
         self._store(dead)
         self.broadcasts.enqueue(Update(dead, self._local_key))
         self._count("declared_dead")
-        log.info(
+        log.debug(
             "member {address} ({node}) declared dead after {seconds:.2f}s of suspicion",
             address=key, node=member.node_name, seconds=self.clock.seconds() - suspicion.started,
         )
@@ -528,7 +528,7 @@ class SwimNode:
             return
         suspect = current.with_state(MemberState.SUSPECT)
         self._count("suspected")
-        log.info("member {address} ({node}) suspected", address=member.key, node=member.node_name)
+        log.debug("member {address} ({node}) suspected by us", address=member.key, node=member.node_name)
         self._apply(Update(suspect, self._local_key))
 
     # ------------------------------------------------------------------ probing

@@ -34,7 +34,7 @@ class LabMembershipTests(SynchronousLabTestCase):
 
     # ------------------------------------------------------------------ helpers
 
-    def agents(self, node: str, timeout: float = 2.0) -> set[str] | None:
+    def agents(self, node: str, timeout: float = 2.0, path: str = "/agents") -> set[str] | None:
         """NodeNames in the node agent's ``GET /agents``; None when it does not answer."""
         assert self.lab is not None
         context = ssl.create_default_context()
@@ -43,7 +43,7 @@ class LabMembershipTests(SynchronousLabTestCase):
         ip = self.lab.node(node).ip
         connection = http.client.HTTPSConnection(ip, self.lab.agent_port, timeout=timeout, context=context)
         try:
-            connection.request("GET", "/agents", headers=self.lab.signed_headers())
+            connection.request("GET", path, headers=self.lab.signed_headers())
             response = connection.getresponse()
             body = response.read()
             if response.status != 200:
@@ -66,9 +66,21 @@ class LabMembershipTests(SynchronousLabTestCase):
     def all_see(self, expected: set[str], nodes: set[str] = NAMES) -> bool:
         return all(self.agents(n, timeout=1.0) == expected for n in nodes)
 
+    def assert_clean_logs(self) -> None:
+        """No unhandled Deferred error or traceback from the cluster code in any agent log."""
+        assert self.lab is not None
+        for name in sorted(NAMES):
+            for event in self.agent_log_lines(name):
+                text = json.dumps(event)
+                if "Unhandled error in Deferred" in text or (
+                    "Traceback" in text and "cluster" in text
+                ):
+                    self.fail(f"{name}: {text[:2000]}")
+
     def restore(self) -> None:
         """Every agent running with the lab's default arguments, one cluster."""
         assert self.lab is not None
+        self.assert_clean_logs()
         self.lab.python = self._default_python
         for name in sorted(NAMES):
             self.lab.heal(name)
@@ -116,6 +128,8 @@ class LabMembershipTests(SynchronousLabTestCase):
 
     def test_agents_form_one_cluster(self) -> None:
         self.wait(lambda: self.all_see(NAMES), 30, "one cluster of three")
+        for path in ("/v1/agents", "/v2/agents"):
+            self.assertEqual(self.agents("node2", path=path), NAMES, path)
 
     def test_sigkill_is_seen_everywhere_within_3s_and_restart_comes_back(self) -> None:
         assert self.lab is not None
@@ -152,7 +166,7 @@ class LabMembershipTests(SynchronousLabTestCase):
         self.wait(lambda: self.all_see({"node1", "node2"}, {"node1", "node2"}), 30, "node1+node2")
         self.lab.start_agent("node3", ["--cluster-addr", DNS_NAME])
         self.wait(lambda: self.all_see(NAMES), 30, "all three through the DNS name")
-        joined = [e for e in self.agent_log_lines("node3") if "joined the cluster" in str(e.get("msg", ""))
+        joined = [e for e in self.agent_log_lines("node3") if "in a cluster of" in str(e.get("msg", ""))
                   or e.get("contacted") is not None]
         self.assertTrue(joined, "node3 did not log its join")
         self.assertEqual(joined[-1].get("contacted"), 2, joined[-1])
