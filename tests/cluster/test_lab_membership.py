@@ -54,6 +54,24 @@ class LabMembershipTests(SynchronousLabTestCase):
         finally:
             connection.close()
 
+    def entries(self, node: str) -> dict[str, dict[str, Any]]:
+        """``/agents`` entries by NodeName ({} when the agent does not answer)."""
+        assert self.lab is not None
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        connection = http.client.HTTPSConnection(self.lab.node(node).ip, self.lab.agent_port, timeout=2,
+                                                 context=context)
+        try:
+            connection.request("GET", "/agents", headers=self.lab.signed_headers())
+            response = connection.getresponse()
+            body = response.read()
+            return {e["NodeName"]: e for e in json.loads(body)} if response.status == 200 else {}
+        except (OSError, http.client.HTTPException, ValueError):
+            return {}
+        finally:
+            connection.close()
+
     def wait(self, condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.1) -> float:
         start = time.monotonic()
         while time.monotonic() - start < timeout:
@@ -130,6 +148,20 @@ class LabMembershipTests(SynchronousLabTestCase):
         self.wait(lambda: self.all_see(NAMES), 30, "one cluster of three")
         for path in ("/v1/agents", "/v2/agents"):
             self.assertEqual(self.agents("node2", path=path), NAMES, path)
+
+    def test_promotion_spreads_within_seconds(self) -> None:
+        assert self.lab is not None
+        self.wait(lambda: self.all_see(NAMES), 30, "one cluster of three")
+        self.assertEqual(self.entries("node2")["node1"]["NodeRole"], "manager")
+        self.assertTrue(self.entries("node2")["node1"]["Leader"])
+        self.lab.docker("node1", "node", "promote", "node3")
+        self.addCleanup(self.lab.docker, "node1", "node", "demote", "node3", check=False)
+        took = self.wait(lambda: all(self.entries(n).get("node3", {}).get("NodeRole") == "manager" for n in NAMES),
+                         20, "node3's promotion to show everywhere")
+        print(f"\npromotion visible on every /agents after {took:.2f}s")
+        self.lab.docker("node1", "node", "demote", "node3")
+        self.wait(lambda: all(self.entries(n).get("node3", {}).get("NodeRole") == "worker" for n in NAMES),
+                  20, "node3's demotion to show everywhere")
 
     def test_sigkill_is_seen_everywhere_within_3s_and_restart_comes_back(self) -> None:
         assert self.lab is not None
