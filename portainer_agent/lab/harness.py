@@ -109,9 +109,12 @@ def _parallel(function: Callable[..., _T], items: Sequence[Any]) -> list[_T]:
     """Call ``function`` on every item in threads; re-raise the first failure after all ended."""
     if not items:
         return []
-    with ThreadPoolExecutor(max_workers=len(items)) as pool:
-        futures = [pool.submit(function, item) for item in items]
-        errors = [future.exception() for future in futures]
+    try:
+        with ThreadPoolExecutor(max_workers=len(items)) as pool:
+            futures = [pool.submit(function, item) for item in items]
+            errors = [future.exception() for future in futures]
+    except RuntimeError:  # at interpreter exit (an atexit teardown) threads are refused
+        return [function(item) for item in items]
     for error in errors:
         if error is not None:
             raise error
