@@ -259,22 +259,41 @@ class Node:
 NodeRef = Union[Node, str, int]
 
 
-def https_status(host: str, port: int, path: str = "/ping", timeout: float = 2.0,
-                 headers: Mapping[str, str] | None = None) -> int | None:
-    """Status of ``GET https://host:port/path`` (TLS, no verification), None when unreachable."""
+@attrs.frozen
+class AgentResponse:
+    """What an agent answered to :meth:`Lab.agent_request`."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def https_request(host: str, port: int, method: str = "GET", path: str = "/ping", timeout: float = 2.0,
+                  headers: Mapping[str, str] | None = None, body: bytes | None = None) -> AgentResponse | None:
+    """One HTTPS request (TLS without verification, no proxies); None when unreachable."""
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     connection = http.client.HTTPSConnection(host, port, timeout=timeout, context=context)
     try:
-        connection.request("GET", path, headers=dict(headers or {}))
+        connection.request(method, path, body=body, headers=dict(headers or {}))
         response = connection.getresponse()
-        response.read()
-        return response.status
+        data = response.read()
+        return AgentResponse(response.status, {k.lower(): v for k, v in response.getheaders()}, data)
     except (OSError, http.client.HTTPException):
         return None
     finally:
         connection.close()
+
+
+def https_status(host: str, port: int, path: str = "/ping", timeout: float = 2.0,
+                 headers: Mapping[str, str] | None = None) -> int | None:
+    """Status of ``GET https://host:port/path`` (TLS, no verification), None when unreachable."""
+    response = https_request(host, port, "GET", path, timeout=timeout, headers=headers)
+    return response.status if response is not None else None
 
 
 def placeholder_ca_pem() -> bytes:
@@ -599,6 +618,15 @@ class Lab:
         """Status of the node agent's ``GET /ping`` from the root namespace; None if unreachable."""
         node = self.node(ref)
         return https_status(node.ip, self.agent_port, "/ping", timeout=timeout)
+
+    def agent_request(self, ref: NodeRef, path: str, method: str = "GET", signed: bool = True,
+                      headers: Mapping[str, str] | None = None, body: bytes | None = None,
+                      timeout: float = 5.0) -> AgentResponse | None:
+        """One HTTPS request to the node's agent, signed with the lab's key unless ``signed``
+        is False; None when the agent does not answer (down, killed, partitioned)."""
+        all_headers = {**(self.signed_headers() if signed else {}), **(headers or {})}
+        return https_request(self.node(ref).ip, self.agent_port, method, path, timeout=timeout,
+                             headers=all_headers, body=body)
 
     def agent_reachable(self, ref: NodeRef, timeout: float = 1.0) -> bool:
         return self.agent_status(ref, timeout) == 204

@@ -178,6 +178,11 @@ class SwarmLabTests(SynchronousLabTestCase):
         self.assertEqual(sorted(listing.split()), ["node1", "node2", "node3"])
         config = self.lab.write_docker_config()
         self.assertIn("X-PortainerAgent-Signature", (config / "config.json").read_text())
+        version = self.lab.agent_request(1, "/version")
+        assert version is not None
+        self.assertEqual((version.status, version.json()["ApiVersion"]), (200, "1.41"))
+        unsigned = self.lab.agent_request(1, "/version", signed=False)
+        self.assertTrue(unsigned is not None and unsigned.status == 403, unsigned)
         client = self.lab.signed_client(3)
         self.addCleanup(client.close)
         self.assertTrue(client.ping())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -108,7 +109,8 @@ class StateTests(SynchronousTestCase):
         lab = Lab(prefix="pax", subnet="10.77.42.0/24", managers=2, secret="s", cluster_addr="10.77.42.12")
         lab.nodes[0].agent = harness.Agent(pid=4242, log_path=lab.nodes[0].agent_log)
         lab.nodes[0].agent_args = ("--keep-cert", "1")
-        path = Path(self.mktemp()) / "lab.json"
+        path = Path(tempfile.mkdtemp(prefix="pa-unit-")) / "lab.json"
+        self.addCleanup(shutil.rmtree, path.parent, True)
         self.patch(harness, "state_path", lambda prefix: path)
         lab.save()
         self.assertEqual(oct(path.stat().st_mode & 0o777), "0o600")
@@ -119,7 +121,7 @@ class StateTests(SynchronousTestCase):
         self.assertFalse(loaded.down_at_exit)
 
     def test_loading_a_missing_lab_says_so(self) -> None:
-        self.patch(harness, "state_path", lambda prefix: Path(self.mktemp()) / "lab.json")
+        self.patch(harness, "state_path", lambda prefix: Path("/nonexistent/pa-unit/lab.json"))
         self.assertRaises(LabError, Lab.load, "pax")
 
     def test_leftovers_describe_themselves(self) -> None:
