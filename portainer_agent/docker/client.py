@@ -11,7 +11,7 @@ from typing import Any
 import treq
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.iweb import IAgent, IAgentEndpointFactory
 from zope.interface import implementer
 
@@ -28,8 +28,15 @@ class DockerSocketEndpointFactory:
         return UNIXClientEndpoint(self._reactor, self.socket_path, timeout=10)
 
 
+class _QuietClientFactory(_HTTP11ClientFactory):
+    """No "Starting factory" log line for every new upstream connection."""
+
+    noisy = False
+
+
 def make_pool(reactor: Any, max_per_host: int = 16) -> HTTPConnectionPool:
     pool = HTTPConnectionPool(reactor, persistent=True)
+    pool._factory = _QuietClientFactory
     pool.maxPersistentPerHost = max_per_host
     pool.cachedConnectionTimeout = 120
     return pool

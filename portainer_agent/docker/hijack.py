@@ -84,6 +84,7 @@ class SpliceEnd(Protocol):
         transport = self.transport
         if transport is None:
             return
+        _unregister(transport)
         loseWrite = getattr(transport, "loseWriteConnection", None)
         if loseWrite is not None and self.prefersHalfClose:
             loseWrite()
@@ -99,10 +100,21 @@ class SpliceEnd(Protocol):
         if self._closed:
             return
         self._closed = True
+        if self.transport is not None:
+            _unregister(self.transport)
         if self.peer is not None and self.peer.transport is not None:
+            # A registered producer keeps a TLS transport from shutting down.
+            _unregister(self.peer.transport)
             self.peer.transport.loseConnection()
         if self.onClose is not None:
             self.onClose()
+
+
+def _unregister(transport: Any) -> None:
+    try:
+        transport.unregisterProducer()
+    except Exception:
+        pass
 
 
 class DockerUpgradeClient(SpliceEnd):

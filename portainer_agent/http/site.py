@@ -8,11 +8,14 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 from twisted.web.server import Request, Site
 
+from portainer_agent.security.body import DiscardUnauthenticatedBody
+
 log = Logger(namespace="portainer_agent.access")
 
 
-class AgentRequest(Request):
-    """Never parses form bodies into memory: the proxy streams them as they are."""
+class AgentRequest(DiscardUnauthenticatedBody, Request):
+    """Never parses form bodies into memory (the proxy streams them as they are), and
+    drops the body of a request without valid signature headers instead of spooling it."""
 
     def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
         kwargs["parsePOSTFormSubmission"] = False
@@ -26,6 +29,7 @@ class AgentSite(Site):
     and hijacked streams are still running, for a graceful stop."""
 
     requestFactory = AgentRequest
+    noisy = False
 
     def __init__(self, resource: Any, access_log: bool = False, **kwargs: Any) -> None:
         super().__init__(resource, requestFactory=AgentRequest, **kwargs)

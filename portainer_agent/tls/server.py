@@ -70,7 +70,9 @@ class HalfCloseTLSProtocol(BufferingTLSTransport):
                 break
             except ZeroReturnError:
                 halfCloseable = self._wrappedHalfCloseable()
-                if halfCloseable is None:
+                if halfCloseable is None or self.disconnecting:
+                    # Not a hijacked stream, or the peer answers our own close_notify:
+                    # the normal TLS shutdown.
                     self._shutdownTLS()
                     self._tlsShutdownFinished(None)
                     continue
@@ -91,7 +93,7 @@ class HalfCloseTLSProtocol(BufferingTLSTransport):
         """TCP FIN from the peer (no close_notify): half-close for a hijacked stream,
         a normal close otherwise."""
         halfCloseable = self._wrappedHalfCloseable()
-        if halfCloseable is not None:
+        if halfCloseable is not None and not self.disconnecting:
             if not self._peerFinishedSending:
                 self._peerFinishedSending = True
                 halfCloseable.readConnectionLost()
