@@ -248,6 +248,15 @@ class Node:
         return f"unix://{self.socket_path}"
 
     @property
+    def data_root(self) -> Path:
+        """The node dockerd's ``--data-root`` (volumes live in ``volumes/NAME/_data``)."""
+        return self.workdir / "data"
+
+    def volume_path(self, name: str) -> Path:
+        """Where the node keeps the data of its local volume ``name``."""
+        return self.data_root / "volumes" / name / "_data"
+
+    @property
     def is_manager(self) -> bool:
         return self.role == "manager"
 
@@ -526,8 +535,21 @@ class Lab:
                   for role in ("manager", "worker")}
 
         def join(node: Node) -> None:
-            self.docker(node, "swarm", "join", "--advertise-addr", node.ip, "--listen-addr", f"{node.ip}:2377",
-                        "--token", tokens[node.role], f"{first.ip}:2377", timeout=60)
+            # A join can fail transiently on a busy machine; retry a few times unless the node
+            # made it in after all.
+            for attempt in range(3):
+                result = self.docker(node, "swarm", "join", "--advertise-addr", node.ip,
+                                     "--listen-addr", f"{node.ip}:2377", "--token", tokens[node.role],
+                                     f"{first.ip}:2377", timeout=60, check=False)
+                if result.returncode == 0 or self.swarm_state(node) == "active":
+                    return
+                if attempt == 2:
+                    raise LabError(f"{node.name} could not join the swarm: {result.stderr.strip()}")
+                if self.swarm_state(node) == "pending":
+                    self.wait_for(lambda: self.swarm_state(node) != "pending", timeout=30,
+                                  what=f"{node.name}'s pending join")
+                    if self.swarm_state(node) == "active":
+                        return
 
         # Managers one at a time (each one changes the raft membership), then workers together.
         for node in self.manager_nodes[1:]:
@@ -535,6 +557,11 @@ class Lab:
         _parallel(join, [node for node in self.nodes if not node.is_manager])
         self.wait_for(lambda: self.ready_nodes(first) == {n.name for n in self.nodes}, timeout=60,
                       what=f"all {len(self.nodes)} nodes Ready in the swarm")
+
+    def swarm_state(self, ref: NodeRef) -> str:
+        """The node's ``LocalNodeState``: inactive, pending, active, error or locked."""
+        result = self.docker(ref, "info", "--format", "{{.Swarm.LocalNodeState}}", check=False, timeout=30)
+        return result.stdout.strip() or "unknown"
 
     def ready_nodes(self, manager: NodeRef | None = None) -> set[str]:
         """Hostnames of the nodes a manager sees as Ready."""

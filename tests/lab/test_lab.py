@@ -93,6 +93,15 @@ class SwarmLabTests(SynchronousLabTestCase):
         for node in self.lab.nodes:
             self.lab.docker(node, "image", "inspect", "busybox:local")
 
+    def test_volume_data_is_where_the_node_says(self) -> None:
+        name = f"vol-{uuid.uuid4().hex[:8]}"
+        node = self.lab.node(2)
+        self.lab.docker(node, "volume", "create", name)
+        self.addCleanup(self.lab.docker, node, "volume", "rm", "-f", name, check=False)
+        self.lab.docker(node, "run", "--rm", "-v", f"{name}:/data", "busybox:local", "sh", "-c",
+                        "echo written > /data/file")
+        self.assertEqual((node.volume_path(name) / "file").read_text(), "written\n")
+
     def test_global_service_runs_a_task_on_every_node(self) -> None:
         name = f"global-{uuid.uuid4().hex[:8]}"
         self.lab.docker(1, "service", "create", "--detach", "--no-resolve-image", "--mode", "global",
