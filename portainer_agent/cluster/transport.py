@@ -17,6 +17,7 @@ from typing import Any, Callable, Generator, Sequence
 
 from cryptography.hazmat.primitives import serialization
 from twisted.internet.defer import Deferred, DeferredList, fail, inlineCallbacks, succeed
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger
 from twisted.protocols import amp
@@ -99,6 +100,7 @@ class ClusterProtocol(amp.AMP):
         self.on_lost = on_lost
         self.authenticated = False
         self.closed: Deferred | None = None
+        self.closing = False
         self.peer_origin = ""
         self._client_nonce = b""
         self._server_nonce = b""
@@ -119,8 +121,20 @@ class ClusterProtocol(amp.AMP):
             self.on_lost(self)
         if self.closed is not None and not self.closed.called:
             self.closed.callback(None)
-        if self.authenticated and self.peer_origin:
+        # A hint to probe the peer now, unless the close was orderly: we closed it, or the peer
+        # said goodbye (TLS close_notify / clean FIN). A killed agent cannot say goodbye.
+        if self.authenticated and self.peer_origin and not self.closing and not reason.check(ConnectionDone):
             self.node.peer_connection_lost(self.peer_origin)
+
+    def busy(self) -> bool:
+        """Requests of ours still awaiting an answer (AMP keeps them by tag)."""
+        return bool(getattr(self, "_outstandingRequests", None))
+
+    def close_quietly(self) -> None:
+        """Close without hinting that the peer failed (connection reaping, shutdown)."""
+        self.closing = True
+        if self.transport is not None:
+            self._wire().loseConnection()
 
     def _auth_timed_out(self) -> None:
         log.warn("dropping a cluster connection that did not authenticate in time")
@@ -260,11 +274,13 @@ class AmpPeerTransport:
         connect: Connector,
         key: bytes | None,
         connect_timeout: float = 3.0,
+        max_connections: int = 64,
     ) -> None:
         self.clock = clock
         self._connect = connect
         self.key = key
         self.connect_timeout = connect_timeout
+        self.max_connections = max_connections
         self.node: SwimNode | None = None
         self._connections: dict[str, Deferred] = {}
         self._open: dict[str, ClusterProtocol] = {}
@@ -284,8 +300,9 @@ class AmpPeerTransport:
 
     def connection(self, peer: PeerAddress) -> Deferred:
         """An authenticated client connection to ``peer`` (shared by concurrent callers)."""
-        opened = self._open.get(peer.key)
+        opened = self._open.pop(peer.key, None)
         if opened is not None:
+            self._open[peer.key] = opened  # most recently used last
             return succeed(opened)
         waiter: Deferred = Deferred()
         waiters = self._waiters.get(peer.key)
@@ -310,6 +327,7 @@ class AmpPeerTransport:
             waiters = self._waiters.pop(peer.key, [])
             if not isinstance(result, Failure):
                 self._open[peer.key] = result
+                self._reap_connections()
             for waiter in waiters:
                 if isinstance(result, Failure):
                     waiter.errback(result)
@@ -332,8 +350,20 @@ class AmpPeerTransport:
     def _forget(self, key: str, protocol: ClusterProtocol) -> None:
         if self._open.get(key) is protocol:
             del self._open[key]
-            if self.node is not None and protocol.authenticated:
-                self.node.peer_connection_lost(key)
+
+    def _reap_connections(self) -> None:
+        """Keep at most ``max_connections`` client connections: in a large cluster each node
+        probes everyone in turn, and one idle TLS connection per member would exhaust file
+        descriptors. The least recently used goes (re-dialled on its next probe)."""
+        excess = len(self._open) - self.max_connections
+        for key, protocol in list(self._open.items()):
+            if excess <= 0:
+                break
+            if protocol.busy():
+                continue  # a state exchange or probe is in flight on it
+            del self._open[key]
+            protocol.close_quietly()
+            excess -= 1
 
     def close(self, timeout: float = 2.0) -> Deferred:
         """Close every connection, both directions (on stop); fires once all are gone,
@@ -344,7 +374,7 @@ class AmpPeerTransport:
         self._open.clear()
         protocols = [p for p in self._all if p.transport is not None]
         for protocol in protocols:
-            protocol._wire().loseConnection()
+            protocol.close_quietly()
 
         def abort() -> None:
             for protocol in protocols:

@@ -192,6 +192,21 @@ class TransportTests(SynchronousTestCase):
         self.assertIs(a.member(b.local.key).state, MemberState.LEFT)
         a.stop()
 
+    def test_client_connections_are_capped_without_false_hints(self) -> None:
+        net = AmpNetwork()
+        a = net.add(1)
+        others = [net.add(i) for i in range(2, 6)]
+        transport = net.transports[a.local.key]
+        transport.max_connections = 2
+        self.successResultOf(_flushed(net, a.join([o.local.peer for o in others])))
+        for other in others:
+            d = transport.ping(other.local.peer, [])
+            net.flush()
+            self.successResultOf(d)
+        self.assertEqual(len(transport._open), 2)
+        for node in [a, *others]:
+            self.assertEqual(node.counters.get("hinted_probe", 0), 0)
+
     def test_ping_wire_format(self) -> None:
         client = amp.AMP()
         transport = StringTransport()
