@@ -108,6 +108,21 @@ class SmallClusterTests(SynchronousTestCase):
         )
         self.assertIsNotNone(healed, "the partition never healed")
 
+    def test_clusters_formed_apart_merge_after_one_exchange(self) -> None:
+        net = SimNetwork(seed=4, loss=0.02)
+        left = [net.add(net.make_member(i)) for i in range(20)]
+        right = [net.add(net.make_member(i)) for i in range(20, 40)]
+        for group in (left, right):
+            for swim in group:
+                swim.merge_state([s.local for s in group])
+                swim.broadcasts.clear()
+        net.run(2)
+        self.assertEqual(left[0].cluster_size(), 20)
+        left[5].join([right[7].local.peer])  # what a periodic re-resolution does
+        merged = net.run_until(lambda: all(n.swim.cluster_size() == 40 for n in net.running_nodes()), 10)
+        self.assertIsNotNone(merged)
+        self.assertLessEqual(merged, 5.0)
+
     def test_restarted_agent_rejoins_over_its_tombstone(self) -> None:
         net = SimNetwork(seed=9)
         swims = net.build(3)
