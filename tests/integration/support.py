@@ -1,0 +1,180 @@
+"""Real things for end-to-end tests: one dockerd for the test session and agent
+processes started from the real entry point (``python -m portainer_agent``).
+
+Blocking helpers (subprocess, http.client): the agent runs in its own process, so
+tests drive it like any client would.
+"""
+from __future__ import annotations
+
+import atexit
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from portainer_agent.testing.signing import PortainerSigner, write_docker_config
+
+_daemon: Any = None
+
+
+def skip_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root to run a real dockerd"
+    for tool in ("dockerd", "docker", "unshare"):
+        if shutil.which(tool) is None:
+            return f"{tool} not installed (apt-get install docker.io busybox-static)"
+    return None
+
+
+def shared_daemon() -> Any:
+    """One real dockerd (own network namespace) with busybox:local, for the session."""
+    global _daemon
+    if _daemon is None:
+        from portainer_agent.lab.dockerd import DockerDaemon, make_workdir
+
+        _daemon = DockerDaemon.start(make_workdir("it"), "itnode")
+        _daemon.import_busybox()
+        atexit.register(_stop_daemon)
+    return _daemon
+
+
+def _stop_daemon() -> None:
+    global _daemon
+    if _daemon is not None:
+        try:
+            _daemon.stop()
+        finally:
+            _daemon = None
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def unverified_tls() -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+class AgentProcess:
+    """A real agent process on 127.0.0.1 with its own data dir and log file."""
+
+    def __init__(self, proc: subprocess.Popen, port: int, workdir: Path, signer: PortainerSigner) -> None:
+        self.proc = proc
+        self.port = port
+        self.workdir = workdir
+        self.signer = signer
+        self.headers = signer.headers()
+        self.docker_config = workdir / "docker-config"
+        write_docker_config(self.docker_config, self.headers)
+        from portainer_agent.lab.harness import placeholder_ca_pem
+
+        (self.docker_config / "ca.pem").write_bytes(placeholder_ca_pem())
+
+    @classmethod
+    def start(cls, socket_path: str, args: Sequence[str] = (), env: Mapping[str, str] | None = None,
+              wait: bool = True, timeout: float = 20) -> "AgentProcess":
+        port = free_port()
+        workdir = Path(tempfile.mkdtemp(prefix="pa-agent-"))
+        command = [sys.executable, "-m", "portainer_agent", "--docker-host", f"unix://{socket_path}",
+                   "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(workdir / "data"),
+                   "--log-level", "DEBUG", *args]
+        environ = {k: v for k, v in os.environ.items() if not k.startswith(("AGENT_", "DOCKER_"))}
+        environ.update(env or {})
+        log = open(workdir / "agent.log", "wb")
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environ)
+        log.close()
+        agent = cls(proc, port, workdir, PortainerSigner.generate())
+        if wait:
+            agent.wait_ready(timeout)
+        return agent
+
+    @property
+    def log_text(self) -> str:
+        return (self.workdir / "agent.log").read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"agent exited {self.proc.returncode}:\n{self.log_text}")
+            try:
+                status, _, _ = self.request("GET", "/ping", signed=False, timeout=2)
+                if status == 204:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"agent not ready after {timeout}s:\n{self.log_text}")
+
+    def connection(self, timeout: float = 30) -> http.client.HTTPSConnection:
+        return http.client.HTTPSConnection("127.0.0.1", self.port, timeout=timeout, context=unverified_tls())
+
+    def request(self, method: str, path: str, body: bytes | None = None, headers: Mapping[str, str] | None = None,
+                signed: bool = True, timeout: float = 30) -> tuple[int, http.client.HTTPMessage, bytes]:
+        conn = self.connection(timeout)
+        try:
+            all_headers = dict(self.headers) if signed else {}
+            all_headers.update(headers or {})
+            conn.request(method, path, body=body, headers=all_headers)
+            response = conn.getresponse()
+            return response.status, response.headers, response.read()
+        finally:
+            conn.close()
+
+    def json(self, method: str, path: str, **kwargs: Any) -> Any:
+        status, _, body = self.request(method, path, **kwargs)
+        assert 200 <= status < 300, (status, body)
+        return json.loads(body)
+
+    def docker_env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DOCKER_")}
+        env.update(DOCKER_HOST=f"tcp://127.0.0.1:{self.port}", DOCKER_TLS="1",
+                   DOCKER_CONFIG=str(self.docker_config), DOCKER_CERT_PATH=str(self.docker_config))
+        return env
+
+    def docker(self, *args: str, input: bytes | str | None = None, check: bool = True, timeout: float = 60,
+               env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess:
+        """The real docker CLI through this agent (TLS, signed headers from config.json)."""
+        environ = self.docker_env()
+        environ.update(env or {})
+        text = not isinstance(input, bytes)
+        result = subprocess.run(["docker", "--tls", *args], input=input, capture_output=True, text=text,
+                                env=environ, timeout=timeout)
+        if check and result.returncode != 0:
+            raise AssertionError(f"docker {' '.join(args)} exited {result.returncode}: {result.stderr}")
+        return result
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return self.proc.returncode
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
