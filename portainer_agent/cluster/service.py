@@ -180,7 +180,7 @@ class ClusterService(Service):
         local = self._local_member(advertise)
         self.node = SwimNode(local, self.reactor, self.transport, self.settings)
         self.transport.node = self.node
-        self.node.add_listener(_log_transitions)
+        self.node.add_listener(self._member_changed)
         yield self._listen()
         if not self.running:
             return
@@ -285,6 +285,12 @@ class ClusterService(Service):
                      before_role=before.role, role=after.role, before_leader=before.is_leader,
                      leader=after.is_leader)
         self.identity = identity
+
+
+    def _member_changed(self, old: Member | None, new: Member) -> None:
+        _log_transitions(old, new)
+        if new.is_live and (old is None or not old.is_live):
+            self.view.conflicts()  # logs a warning for each new duplicate node name
 
 
 def _log_transitions(old: Member | None, new: Member) -> None:

@@ -253,6 +253,7 @@ class SwimNode:
             return succeed(None)
         sends = [self._detach(self.transport.leave(p.peer, left)) for p in peers]
         done: Deferred[None] = Deferred()
+
         def expire() -> None:
             if not done.called:
                 done.callback(None)
@@ -419,11 +420,18 @@ class SwimNode:
         if local.state is MemberState.LEFT:
             return False
         if member.boot > local.boot:
-            log.warn(
-                "another agent claims our cluster address {address} with a newer generation",
-                address=member.key,
-            )
-            return False
+            if member.is_live:
+                log.warn(
+                    "another live agent claims our cluster address {address} with a newer generation",
+                    address=member.key,
+                )
+                return False
+            # A tombstone from a predecessor whose clock ran ahead of ours (a task rescheduled on
+            # another host with the same overlay address): start a generation after it.
+            reborn = attrs.evolve(local, boot=member.boot + 1, incarnation=0, state=MemberState.ALIVE)
+            self._store(reborn)
+            self.broadcasts.enqueue(Update(reborn, self._local_key))
+            return True
         if member.boot < local.boot or (member.incarnation < local.incarnation):
             return False
         if member.state is MemberState.ALIVE and member.incarnation == local.incarnation:

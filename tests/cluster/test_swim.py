@@ -160,6 +160,14 @@ class ProbeTests(SynchronousTestCase):
         self.assertIn(node.local, [u.member for u in node.broadcasts.pending()])
         self.assertEqual(node.health.score, 1)
 
+    def test_tombstone_from_a_clock_ahead_starts_a_later_generation(self) -> None:
+        node, _, _, others = make_node(2)
+        ghost = attrs.evolve(node.local, boot=node.local.boot + 10_000, incarnation=4, state=MemberState.DEAD)
+        node.apply_updates([Update(ghost, others[0].key)])
+        self.assertIs(node.local.state, MemberState.ALIVE)
+        self.assertEqual(node.local.boot, ghost.boot + 1)
+        self.assertTrue(supersedes(node.local, ghost))
+
     def test_suspicion_timeout_grows_with_log_n(self) -> None:
         def timeout_for(n: int) -> float:
             node, clock, _, others = make_node(n - 1, SwimSettings(indirect_checks=0))
