@@ -348,6 +348,7 @@ class Lab:
     python: str = sys.executable
     dockerd_timeout: float = 60
     agent_timeout: float = 30
+    dockerd_stop_grace: float = 3
     down_at_exit: bool = True
     lock_timeout: float = 0
     nodes: list[Node] = attrs.field(factory=list)
@@ -803,8 +804,10 @@ class Lab:
                 self.docker(first, "service", "rm", *services, check=False, timeout=30)
 
         def stop(node: Node) -> None:
+            # A manager that loses raft quorum while stopping lingers for seconds; the lab is
+            # thrown away, so after a short grace SIGKILL it and clean up what it left.
             assert node.daemon is not None
-            node.daemon.stop(timeout=30, remove=False)
+            node.daemon.stop(timeout=self.dockerd_stop_grace, remove=False)
             node.daemon = None
 
         try:
