@@ -28,7 +28,6 @@ from twisted.internet.endpoints import (
     TCP4ServerEndpoint,
     TCP6ClientEndpoint,
     TCP6ServerEndpoint,
-    connectProtocol,
     wrapClientTLS,
 )
 from twisted.internet.interfaces import IListeningPort, IOpenSSLClientConnectionCreator
@@ -98,6 +97,18 @@ class _ServerFactory(Factory):
 
     def buildProtocol(self, addr: Any) -> ClusterProtocol:  # noqa: N802
         return self._build()
+
+
+class _ClientFactory(Factory):
+    """One connection, one given protocol (``connectProtocol`` without its log lines)."""
+
+    noisy = False
+
+    def __init__(self, protocol: ClusterProtocol) -> None:
+        self._protocol = protocol
+
+    def buildProtocol(self, addr: Any) -> ClusterProtocol:  # noqa: N802
+        return self._protocol
 
 
 class ClusterService(Service):
@@ -228,7 +239,7 @@ class ClusterService(Service):
         if self.server_tls is not None:
             creator: Any = _AnyCertificate()
             endpoint = wrapClientTLS(creator, endpoint)
-        return connectProtocol(endpoint, protocol)
+        return endpoint.connect(_ClientFactory(protocol)).addCallback(lambda _: protocol)
 
     @inlineCallbacks
     def stopService(self) -> Any:  # noqa: N802
@@ -288,6 +299,8 @@ class ClusterService(Service):
 
 
     def _member_changed(self, old: Member | None, new: Member) -> None:
+        if self.node is not None and new.key == self.node.local.key:
+            return
         _log_transitions(old, new)
         if new.is_live and (old is None or not old.is_live):
             self.view.conflicts()  # logs a warning for each new duplicate node name

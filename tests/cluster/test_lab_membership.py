@@ -17,10 +17,12 @@ import json
 import os
 import ssl
 import stat
+import subprocess
 import time
 from pathlib import Path
 from typing import Any, Callable
 
+from portainer_agent.lab.dockerd import terminate
 from portainer_agent.lab.testing import SynchronousLabTestCase
 
 NAMES = {"node1", "node2", "node3"}
@@ -162,6 +164,36 @@ class LabMembershipTests(SynchronousLabTestCase):
         self.lab.docker("node1", "node", "demote", "node3")
         self.wait(lambda: all(self.entries(n).get("node3", {}).get("NodeRole") == "worker" for n in NAMES),
                   20, "node3's demotion to show everywhere")
+
+    def test_second_agent_on_a_node_shadows_the_first(self) -> None:
+        """An old and a new agent on one node (a task being replaced): only the newest is
+        routed to, the conflict is listed, and the old one is back alone once the new leaves."""
+        assert self.lab is not None
+        self.wait(lambda: self.all_see(NAMES), 30, "one cluster of three")
+        node = self.lab.node("node2")
+        old_key = f"{node.ip}:{self.lab.cluster_port}"
+        seed = f"{self.lab.node('node1').ip}:{self.lab.cluster_port}"
+        command = self.lab.agent_command(node, ["--port", "9011", "--cluster-port", "9012", "--cluster-addr", seed,
+                                                "--data-dir", str(node.workdir / "agent-second")])
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]),
+                                                          env.get("PYTHONPATH")]))
+        with open(node.workdir / "agent-second.log", "ab") as log:
+            second = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                      env=env, start_new_session=True)
+        self.addCleanup(terminate, second.pid, 10, second)
+
+        def routed_to_second(observer: str) -> bool:
+            entry = self.entries(observer).get("node2", {})
+            return entry.get("Port") == "9011" and entry.get("Conflicts") == [old_key]
+
+        took = self.wait(lambda: all(routed_to_second(n) for n in NAMES), 30, "the newer agent to be routed to")
+        print(f"\nnewer agent on node2 routed to everywhere after {took:.2f}s")
+        self.assertEqual(set(self.entries("node1")), NAMES)  # still one entry per node
+        terminate(second.pid, 10, second)
+        self.wait(lambda: all(self.entries(n).get("node2", {}).get("Port") == "9001"
+                              and self.entries(n)["node2"].get("Conflicts") == [] for n in NAMES),
+                  10, "the first agent to be routed to again")
 
     def test_sigkill_is_seen_everywhere_within_3s_and_restart_comes_back(self) -> None:
         assert self.lab is not None
