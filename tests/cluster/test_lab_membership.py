@@ -249,3 +249,54 @@ class LabMembershipTests(SynchronousLabTestCase):
         self.lab.start_agent("node1")
         joined = self.wait(lambda: self.all_see(NAMES), 30, "the early agents to join node1")
         print(f"\nearly agents joined {joined:.2f}s after node1 was ready")
+
+
+class LabAuthenticatedMembershipTests(SynchronousLabTestCase):
+    """With AGENT_SECRET the cluster key is derived from it: agents with another secret, or
+    none, cannot join or inject themselves."""
+
+    lab_prefix = "pacla"
+    lab_subnet = "10.77.72.0/24"
+    lab_nodes, lab_managers = 3, 1
+    lab_options = {"secret": "lab-cluster-secret"}
+
+    entries = LabMembershipTests.entries
+    agents = LabMembershipTests.agents
+    wait = LabMembershipTests.wait
+    all_see = LabMembershipTests.all_see
+
+    def start_impostor(self, node_name: str, port: int, secret: str | None) -> subprocess.Popen:
+        assert self.lab is not None
+        node = self.lab.node(node_name)
+        seed = f"{self.lab.node('node1').ip}:{self.lab.cluster_port}"
+        saved, self.lab.secret = self.lab.secret, secret
+        try:
+            command = self.lab.agent_command(node, ["--port", str(port), "--cluster-port", str(port + 1),
+                                                    "--cluster-addr", seed,
+                                                    "--data-dir", str(node.workdir / f"impostor-{port}")])
+        finally:
+            self.lab.secret = saved
+        env = dict(os.environ)
+        env.pop("AGENT_SECRET", None)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]),
+                                                          env.get("PYTHONPATH")]))
+        log = open(node.workdir / f"impostor-{port}.log", "ab")
+        self.addCleanup(log.close)
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                   env=env, start_new_session=True)
+        self.addCleanup(terminate, process.pid, 10, process)
+        return process
+
+    def test_impostors_cannot_join(self) -> None:
+        self.require_agents()
+        assert self.lab is not None
+        self.wait(lambda: self.all_see(NAMES), 30, "one authenticated cluster of three")
+        self.start_impostor("node3", 9021, "another-secret")
+        self.start_impostor("node2", 9031, None)
+        time.sleep(8)  # several join attempts and probe rounds (the point is that nothing happens)
+        for observer in sorted(NAMES):
+            ports = {entry["Port"] for entry in self.entries(observer).values()}
+            self.assertEqual(ports, {"9001"}, observer)
+            self.assertEqual(set(self.entries(observer)), NAMES)
+        log = (self.lab.node("node3").workdir / "impostor-9021.log").read_text(errors="replace")
+        self.assertIn("does not know the cluster key", log)
