@@ -68,7 +68,9 @@ class DockerProxy:
         pending = self._agent.request(
             request.method, url, upstream_headers(request), request_body_producer(request, self._cooperator)
         )
-        request.notifyFinish().addErrback(lambda _: pending.cancel())
+        # A client that leaves before Docker answers cancels the upstream request;
+        # once the response streams, the relay stops the upstream itself.
+        request.notifyFinish().addErrback(lambda _: None if pending.called else pending.cancel())
         pending.addCallbacks(self._relay, self._failed, callbackArgs=(request,), errbackArgs=(request,))
         pending.addErrback(self._bug, request)
         return NOT_DONE_YET
@@ -90,6 +92,8 @@ class DockerProxy:
         finish_with_error(request, bad_gateway_docker(self._socket_path, reason))
 
     def _bug(self, failure: Failure, request: Request) -> None:
+        if failure.check(CancelledError) or request._disconnected:
+            return
         log.failure("proxying to Docker failed", failure)
         from portainer_agent.errors import AgentError
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+import weakref
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, DeferredList
@@ -35,10 +36,12 @@ class AgentSite(Site):
         super().__init__(resource, requestFactory=AgentRequest, **kwargs)
         self._accessLog = access_log
         self.inflight: set[Request] = set()
+        self.channels: "weakref.WeakSet[Any]" = weakref.WeakSet()
         self.streams: set[Any] = set()
 
     def getResourceFor(self, request: Request) -> Any:
         self.inflight.add(request)
+        self.channels.add(request.channel)
         request.notifyFinish().addBoth(lambda _: self.inflight.discard(request))
         return super().getResourceFor(request)
 
@@ -87,4 +90,30 @@ class AgentSite(Site):
 
         if pending:
             DeferredList(pending, consumeErrors=True).addBoth(finished)
+        return done.addCallback(lambda _: self._closeConnections(clock))
+
+    def _closeConnections(self, clock: Any, timeout: float = 1.0) -> "Deferred[None]":
+        """Close kept-alive client connections cleanly (flushing buffered TLS data,
+        e.g. the end of the last response) and wait, briefly, until they are gone."""
+        open_channels = [c for c in list(self.channels) if c.transport is not None]
+        for channel in open_channels:
+            channel.transport.loseConnection()
+        done: Deferred[None] = Deferred()
+        deadline = clock.seconds() + timeout
+
+        def poll() -> None:
+            if all(_closed(c) for c in open_channels) or clock.seconds() >= deadline:
+                done.callback(None)
+            else:
+                clock.callLater(0.02, poll)
+
+        poll()
         return done
+
+
+def _closed(channel: Any) -> bool:
+    transport = channel.transport
+    if transport is None:
+        return True
+    # TLS wrapper: set in connectionLost; TCP transport: ``disconnected``.
+    return bool(getattr(transport, "_lostTLSConnection", False) or getattr(transport, "disconnected", False))

@@ -65,10 +65,11 @@ class _BodyRelay(Protocol):
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         request = self._request
-        try:
-            request.unregisterProducer()
-        except RuntimeError:
-            pass
+        if request.channel is not None:
+            try:
+                request.unregisterProducer()
+            except RuntimeError:
+                pass
         if not self._clientGone and not request._disconnected:
             if reason is None or reason.check(ResponseDone, PotentialDataLoss):
                 request.finish()

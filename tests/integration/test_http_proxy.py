@@ -1,0 +1,282 @@
+"""Raw HTTP through a running agent: headers, prefixes, errors, streaming limits."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
+
+from tests.integration.support import AgentProcess, rss_kib, shared_daemon, skip_reason
+
+AGENT_HEADERS = ("Portainer-Agent", "Portainer-Agent-Api-Version", "Portainer-Agent-Platform")
+
+
+class AgentHTTPTests(SynchronousTestCase):
+    @classmethod
+    def setUpClass(cls) -> None:
+        reason = skip_reason()
+        if reason:
+            raise SkipTest(reason)
+        cls.daemon = shared_daemon()
+        cls.agent = AgentProcess.start(cls.daemon.socket_path)
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        if getattr(cls, "agent", None) is not None:
+            cls.agent.cleanup()
+
+    def assertAgentHeadersOnce(self, headers) -> None:
+        for name in AGENT_HEADERS:
+            self.assertEqual(len(headers.get_all(name) or []), 1, f"{name}: {headers.get_all(name)}")
+        self.assertEqual(headers["Portainer-Agent-Api-Version"], "2")
+        self.assertEqual(headers["Portainer-Agent-Platform"], "1")
+
+    def test_ping_is_public_204(self) -> None:
+        for path in ("/ping", "/v2/ping"):
+            status, headers, body = self.agent.request("GET", path, signed=False)
+            self.assertEqual((status, body), (204, b""), path)
+            self.assertAgentHeadersOnce(headers)
+
+    def test_v1_ping_is_not_the_agent_ping(self) -> None:
+        status, _, body = self.agent.request("GET", "/v1/ping", signed=False)
+        self.assertEqual(status, 403)
+        self.assertIn(b"Missing request signature headers", body)
+
+    def test_agent_headers_exactly_once_everywhere(self) -> None:
+        cases = [("GET", "/_ping", True, 200), ("GET", "/v1.41/version", True, 200),
+                 ("GET", "/containers/does-not-exist/json", True, 404), ("GET", "/host/nothing", True, 404),
+                 ("GET", "/version", False, 403)]
+        for method, path, signed, expected in cases:
+            status, headers, _ = self.agent.request(method, path, signed=signed)
+            self.assertEqual(status, expected, path)
+            self.assertAgentHeadersOnce(headers)
+
+    def test_agent_errors_are_docker_style_json(self) -> None:
+        status, headers, body = self.agent.request("GET", "/v2/host/nothing")
+        self.assertEqual(status, 404)
+        self.assertEqual(headers["Content-Type"], "application/json")
+        self.assertIn("message", json.loads(body))
+
+    def test_docker_receives_the_client_version_prefix(self) -> None:
+        # Docker refuses API versions older than its minimum: only possible if it saw /v1.11.
+        status, _, body = self.agent.request("GET", "/v1.11/version")
+        self.assertEqual(status, 400, body)
+        self.assertIn(b"too old", body)
+        status, headers, _ = self.agent.request("GET", "/v1.41/version")
+        self.assertEqual((status, headers["Api-Version"]), (200, "1.41"))
+
+    def test_version_like_segment_inside_a_path_is_kept(self) -> None:
+        status, _, body = self.agent.request("POST", "/v1.41/volumes/create", body=b'{"Name": "v1.5data"}',
+                                             headers={"Content-Type": "application/json"})
+        self.assertEqual(status, 201, body)
+        try:
+            volume = self.agent.json("GET", "/v1.41/volumes/v1.5data")
+            self.assertEqual(volume["Name"], "v1.5data")
+        finally:
+            self.agent.request("DELETE", "/volumes/v1.5data")
+
+    def test_query_string_reaches_docker(self) -> None:
+        filters = json.dumps({"name": ["no-such-container-xyz"]})
+        from urllib.parse import quote
+
+        self.assertEqual(self.agent.json("GET", f"/containers/json?all=1&filters={quote(filters)}"), [])
+
+    def test_content_length_is_kept_not_rechunked(self) -> None:
+        conn = self.agent.connection()
+        try:
+            conn.request("GET", "/_ping", headers=self.agent.headers)
+            response = conn.getresponse()
+            self.assertEqual(response.read(), b"OK")
+            self.assertEqual(response.headers["Content-Length"], "2")
+            self.assertIsNone(response.headers["Transfer-Encoding"])
+            # keep-alive: the same connection serves a second request
+            conn.request("GET", "/_ping", headers=self.agent.headers)
+            self.assertEqual(conn.getresponse().read(), b"OK")
+        finally:
+            conn.close()
+
+    def test_upgrade_error_status_is_relayed(self) -> None:
+        status, headers, body = self.agent.request(
+            "POST", "/exec/0123456789abcdef/start", body=b'{"Detach": false, "Tty": false}',
+            headers={"Content-Type": "application/json", "Connection": "Upgrade", "Upgrade": "tcp"})
+        self.assertEqual(status, 404, body)
+        self.assertIn("message", json.loads(body))
+        self.assertAgentHeadersOnce(headers)
+
+    def test_large_upload_streams_to_docker(self) -> None:
+        container = self.agent.json("POST", "/containers/create", body=b'{"Image": "busybox:local", "Cmd": ["true"]}',
+                                    headers={"Content-Type": "application/json"})["Id"]
+        try:
+            import io
+            import tarfile
+
+            payload = os.urandom(20 * 1024 * 1024)
+            buffer = io.BytesIO()
+            with tarfile.open(fileobj=buffer, mode="w") as tar:
+                info = tarfile.TarInfo("big.bin")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+            status, _, body = self.agent.request("PUT", f"/containers/{container}/archive?path=/",
+                                                 body=buffer.getvalue(), headers={"Content-Type": "application/x-tar"})
+            self.assertEqual(status, 200, body)
+            status, headers, body = self.agent.request("GET", f"/containers/{container}/archive?path=/big.bin")
+            self.assertEqual(status, 200)
+            with tarfile.open(fileobj=io.BytesIO(body)) as tar:
+                self.assertEqual(tar.extractfile("big.bin").read(), payload)
+        finally:
+            self.agent.request("DELETE", f"/containers/{container}?force=1")
+
+    def test_slow_client_download_keeps_agent_memory_flat(self) -> None:
+        """Backpressure: a client reading a 120 MB export slowly does not make the
+        agent buffer it."""
+        run = self.agent.docker("run", "-d", "busybox:local", "sh", "-c",
+                                "dd if=/dev/urandom of=/big bs=1M count=120 2>/dev/null; sleep 3600")
+        container = run.stdout.strip()
+        try:
+            self.agent.docker("exec", container, "sh", "-c", "while [ $(stat -c %s /big) -lt 125829120 ]; do sleep 0.2; done",
+                              timeout=120)
+            before = rss_kib(self.agent.proc.pid)
+            conn = self.agent.connection(timeout=60)
+            conn.request("GET", f"/containers/{container}/export", headers=self.agent.headers)
+            response = conn.getresponse()
+            self.assertEqual(response.status, 200)
+            peak = before
+            received = 0
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline:
+                received += len(response.read(64 * 1024))
+                time.sleep(0.05)
+                peak = max(peak, rss_kib(self.agent.proc.pid))
+            conn.close()
+            self.assertLess(received, 40 * 1024 * 1024)  # the client really was slow
+            self.assertLess(peak - before, 30 * 1024, f"RSS grew {peak - before} KiB")
+        finally:
+            self.agent.docker("rm", "-f", container, check=False)
+
+
+class AgentProcessTests(SynchronousTestCase):
+    """Start-up, failure and shutdown behaviour of the agent process."""
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        reason = skip_reason()
+        if reason:
+            raise SkipTest(reason)
+        cls.daemon = shared_daemon()
+
+    def start(self, *args, **kwargs) -> AgentProcess:
+        agent = AgentProcess.start(*args, **kwargs)
+        self.addCleanup(agent.cleanup)
+        return agent
+
+    def test_bad_option_is_one_line_and_exit_2(self) -> None:
+        agent = self.start(self.daemon.socket_path, args=["--log-level", "verbose"], wait=False)
+        self.assertEqual(agent.proc.wait(20), 2)
+        lines = [line for line in agent.log_text.splitlines() if line.strip()]
+        self.assertIn("invalid --log-level", lines[0])
+        self.assertNotIn("Traceback", agent.log_text)
+
+    def test_bad_env_value_names_the_variable(self) -> None:
+        agent = self.start(self.daemon.socket_path, env={"AGENT_SECRET_TIMEOUT": "soon"}, wait=False)
+        self.assertEqual(agent.proc.wait(20), 2)
+        self.assertIn("AGENT_SECRET_TIMEOUT", agent.log_text)
+
+    def test_docker_unreachable_at_start(self) -> None:
+        agent = self.start("/tmp/pa-no-such-docker.sock", wait=False)
+        self.assertEqual(agent.proc.wait(20), 1)
+        self.assertIn("/tmp/pa-no-such-docker.sock", agent.log_text)
+        self.assertNotIn("Traceback", agent.log_text)
+
+    def test_docker_lost_mid_run_gives_502_then_recovers(self) -> None:
+        from tests.integration.support import UnixRelay
+
+        link = str(Path(tempfile.mkdtemp(prefix="pa-relay-")) / "docker.sock")
+        relay = UnixRelay(self.daemon.socket_path, link)
+        relay.start()
+        self.addCleanup(relay.stop)
+        agent = self.start(link)
+        self.assertEqual(agent.request("GET", "/_ping")[0], 200)
+        relay.stop()
+        for _ in range(2):  # the pooled connection is gone too, and dialing fails
+            status, headers, body = agent.request("GET", "/_ping")
+            self.assertEqual(status, 502, body)
+            self.assertIn(link, json.loads(body)["message"])
+            self.assertEqual(headers.get_all("Portainer-Agent"), ["1.2.1"])
+        relay.start()
+        self.assertEqual(agent.request("GET", "/_ping")[0], 200)
+        self.assertEqual(agent.proc.poll(), None)
+
+    def test_sigterm_lets_a_short_request_finish_and_exits_0(self) -> None:
+        agent = self.start(self.daemon.socket_path)
+        container = agent.docker("run", "-d", "busybox:local", "sleep", "1").stdout.strip()
+        result = {}
+
+        def wait() -> None:
+            result["response"] = agent.request("POST", f"/containers/{container}/wait", timeout=30)
+
+        thread = threading.Thread(target=wait)
+        thread.start()
+        time.sleep(0.3)
+        agent.proc.send_signal(signal.SIGTERM)
+        thread.join(30)
+        self.assertEqual(agent.proc.wait(20), 0)
+        status, _, body = result["response"]
+        self.assertEqual(status, 200)
+        self.assertEqual(json.loads(body)["StatusCode"], 0)
+        # and it no longer accepts connections
+        with socket.socket() as sock:
+            self.assertNotEqual(sock.connect_ex(("127.0.0.1", agent.port)), 0)
+        self.daemon.docker("rm", "-f", container, check=False)
+
+    def test_json_logs_and_access_lines_hide_secrets(self) -> None:
+        agent = self.start(self.daemon.socket_path, args=["--log-format", "json"])
+        agent.request("GET", "/containers/json?all=1&filters=secret-query")
+        agent.request("GET", "/_ping", headers={"X-PortainerAgent-Target": "node-secret-target"})
+        agent.stop()
+        records = [json.loads(line) for line in agent.log_text.splitlines() if line.strip()]
+        self.assertTrue(records)
+        access = [r for r in records if r.get("ns") == "portainer_agent.access"]
+        self.assertIn("/containers/json", [r.get("path") for r in access])
+        text = agent.log_text
+        for secret in ("secret-query", "node-secret-target", agent.headers["X-PortainerAgent-Signature"],
+                       agent.headers["X-PortainerAgent-PublicKey"]):
+            self.assertNotIn(secret, text)
+
+    def test_twistd_plugin_serves(self) -> None:
+        import subprocess
+        import sys
+
+        from tests.integration.support import free_port
+
+        twistd = str(Path(sys.executable).with_name("twistd"))
+        listing = subprocess.run([twistd, "--help"], capture_output=True, text=True, timeout=60, cwd="/")
+        self.assertIn("portainer-agent", listing.stdout)
+        port = free_port()
+        workdir = tempfile.mkdtemp(prefix="pa-twistd-")
+        proc = subprocess.Popen([twistd, "-n", "--pidfile=", "portainer-agent",
+                                 "--docker-host", f"unix://{self.daemon.socket_path}", "--host", "127.0.0.1",
+                                 "--port", str(port), "--data-dir", workdir], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, cwd=workdir)
+        try:
+            fake = AgentProcess.__new__(AgentProcess)
+            fake.port, fake.proc, fake.workdir = port, proc, Path(workdir)
+            fake.headers = {}
+            deadline = time.monotonic() + 30
+            status = None
+            while time.monotonic() < deadline and proc.poll() is None:
+                try:
+                    status = fake.request("GET", "/ping", signed=False, timeout=2)[0]
+                    break
+                except OSError:
+                    time.sleep(0.2)
+            self.assertEqual(status, 204)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            # twistd re-raises the signal that stopped it once shut down cleanly.
+            self.assertIn(proc.wait(30), (0, -signal.SIGTERM))
