@@ -208,6 +208,16 @@ class LabMembershipTests(SynchronousLabTestCase):
         back = self.wait(lambda: self.all_see(NAMES), 15, "node3 to come back")
         print(f"restarted agent visible everywhere after {back:.2f}s (from /ping ready)")
 
+    def test_sigterm_leave_is_seen_at_once(self) -> None:
+        assert self.lab is not None
+        self.wait(lambda: self.all_see(NAMES), 30, "one cluster of three")
+        started = time.monotonic()
+        self.lab.stop_agent("node3")  # SIGTERM, waits for the exit
+        self.wait(lambda: self.all_see({"node1", "node2"}, {"node1", "node2"}), 5, "node3's leave")
+        took = time.monotonic() - started
+        print(f"\nSIGTERM (graceful leave) gone from every /agents after {took:.2f}s, exit included")
+        self.assertLess(took, 3.0)
+
     def test_partitioned_node_is_dropped_and_rejoins_after_heal(self) -> None:
         assert self.lab is not None
         self.wait(lambda: self.all_see(NAMES), 30, "one cluster of three")
