@@ -1,0 +1,154 @@
+"""In-memory HTTP for the unit tests: a fake Docker, the agent root in front of it,
+and a raw-wire client for assertions that need the exact bytes on the wire.
+
+Nothing here opens a socket or needs a running reactor: the client side is
+``treq.testing.StubTreq`` (or a ``StringTransport``), the proxy's upstream is
+``RequestTraversalAgent(fake Docker)``, and request bodies are produced by a
+``Cooperator`` driven by a ``task.Clock``.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import attrs
+from treq.testing import RequestTraversalAgent, StubTreq
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock, Cooperator
+from twisted.internet.testing import StringTransport
+from twisted.web.http_headers import Headers
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+
+from portainer_agent.docker.proxy import DockerProxy
+from portainer_agent.http.root import AgentRoot
+
+SOCKET = "/fake.sock"
+
+
+@attrs.frozen
+class Seen:
+    """A request as the fake Docker received it."""
+
+    method: bytes
+    uri: bytes
+    headers: Headers
+    body: bytes
+
+    def header(self, name: bytes) -> list[bytes] | None:
+        return self.headers.getRawHeaders(name)
+
+
+def json_answer(request: Request) -> bytes:
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"api-version", b"1.41")
+    return b'[{"Id":"abc"}]'
+
+
+class FakeDocker(Resource):
+    """Records every request; answers with ``handler(request)`` (bytes or NOT_DONE_YET)."""
+
+    isLeaf = True
+
+    def __init__(self, handler: Callable[[Request], Any] = json_answer) -> None:
+        super().__init__()
+        self.handler = handler
+        self.seen: list[Seen] = []
+        self.pending: list[Request] = []
+
+    def render(self, request: Request) -> Any:
+        content = request.content
+        body = content.read() if content is not None else b""
+        self.seen.append(Seen(request.method, request.uri, request.requestHeaders.copy(), body))
+        result = self.handler(request)
+        if result is NOT_DONE_YET:
+            self.pending.append(request)
+        return result
+
+
+class RecordingHandler:
+    """Stands in for the hijack proxy or an agent endpoint."""
+
+    def __init__(self, body: bytes = b"handled") -> None:
+        self.requests: list[Request] = []
+        self._body = body
+
+    def render(self, request: Request) -> bytes:
+        self.requests.append(request)
+        return self._body
+
+
+class Memory:
+    """The agent root over a fake Docker, all in memory."""
+
+    def __init__(self, docker: Resource | None = None, upstream: Any = None, guard: Any = None,
+                 hijack: Any = None, endpoints: dict[bytes, Any] | None = None) -> None:
+        self.clock = Clock()
+        self.cooperator = Cooperator(scheduler=lambda work: self.clock.callLater(0, work), started=True)
+        self.docker = docker if docker is not None else FakeDocker()
+        self.upstream = upstream if upstream is not None else RequestTraversalAgent(self.docker)
+        self.hijack = hijack if hijack is not None else RecordingHandler(b"hijacked")
+        self.root = AgentRoot(
+            docker=DockerProxy(self.upstream, SOCKET, cooperator=self.cooperator),
+            hijack=self.hijack,
+            guard=guard,
+            endpoints=endpoints,
+        )
+        self.client = StubTreq(self.root)
+
+    def stop(self) -> None:
+        self.cooperator.stop()
+
+    def pump(self, rounds: int = 30) -> None:
+        """Move bytes client <-> agent <-> fake Docker and run body producers until quiet."""
+        for _ in range(rounds):
+            self.client.flush()
+            self.clock.advance(0)
+            flush = getattr(self.upstream, "flush", None)
+            if flush is not None:
+                flush()
+        self.client.flush()
+
+    def raw(self, request: bytes) -> "Wire":
+        """Send raw request bytes to the agent's Site; return what reached the wire."""
+        site = Site(self.root, reactor=Clock())
+        protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(request)
+        self.pump()
+        return Wire(transport)
+
+
+@attrs.define
+class Wire:
+    transport: StringTransport
+
+    @property
+    def bytes(self) -> bytes:
+        return self.transport.value()
+
+    def head(self) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+        head, _, _ = self.bytes.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        headers = []
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            headers.append((name.strip().lower(), value.strip()))
+        return lines[0], headers
+
+    def status(self) -> bytes:
+        return self.head()[0]
+
+    def values(self, name: bytes) -> list[bytes]:
+        return [value for key, value in self.head()[1] if key == name.lower()]
+
+    def body(self) -> bytes:
+        return self.bytes.partition(b"\r\n\r\n")[2]
+
+
+def raw_request(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]] = (), body: bytes = b"") -> bytes:
+    lines = [b"%s %s HTTP/1.1" % (method, target), b"Host: agent"]
+    lines += [name + b": " + value for name, value in headers]
+    if body or method in (b"POST", b"PUT"):
+        lines.append(b"Content-Length: %d" % len(body))
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
