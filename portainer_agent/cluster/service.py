@@ -43,7 +43,13 @@ from portainer_agent.cluster.discovery import (
     default_cluster_address,
     inspect_own_container,
 )
-from portainer_agent.cluster.joining import ClusterAddress, Joiner, Resolver, parse_cluster_address
+from portainer_agent.cluster.joining import (
+    ClusterAddress,
+    InvalidClusterAddress,
+    Joiner,
+    Resolver,
+    parse_cluster_address,
+)
 from portainer_agent.cluster.member import Member, PeerAddress
 from portainer_agent.cluster.membership import MembershipView
 from portainer_agent.cluster.swim import SwimNode, SwimSettings
@@ -172,7 +178,11 @@ class ClusterService(Service):
     def startService(self) -> None:  # noqa: N802
         super().startService()
         self._started = self._start()
-        self._started.addErrback(lambda f: log.failure("cluster membership failed to start", f))
+        self._started.addErrback(self._start_failed)
+
+    def _start_failed(self, failure: Any) -> None:
+        log.error("cluster membership failed to start, this agent stays alone: {error}",
+                  error=failure.getErrorMessage())
 
     @inlineCallbacks
     def _start(self) -> Any:
@@ -185,6 +195,15 @@ class ClusterService(Service):
                 log.info("cannot inspect our own container: {error}", error=str(error))
         advertise = choose_advertise_address(self.configured_advertise_addr, facts, self.identity.node_addr)
         cluster_text = default_cluster_address(self.configured_cluster_addr, facts)
+        address: ClusterAddress | None = None
+        if cluster_text:
+            try:
+                address = parse_cluster_address(cluster_text, self.cluster_port)
+            except InvalidClusterAddress as error:
+                log.error("invalid cluster address {address!r}: {error}; this agent runs alone",
+                          address=cluster_text, error=str(error))
+        if not self.running:
+            return
         if self.key is None:
             log.warn("no cluster key (set AGENT_SECRET or --cluster-key): cluster membership is unauthenticated; "
                      "anyone reaching port {port} can join", port=self.cluster_port)
@@ -193,11 +212,14 @@ class ClusterService(Service):
         self.transport.node = self.node
         self.node.add_listener(self._member_changed)
         yield self._listen()
-        if not self.running:
+        if not self.running:  # stopped while we were starting
+            listening: Any = self.port
+            self.port = None
+            if listening is not None:
+                yield listening.stopListening()
             return
         self.node.start()
-        if cluster_text:
-            address: ClusterAddress = parse_cluster_address(cluster_text, self.cluster_port)
+        if address is not None:
             self.joiner = Joiner(self.node, address, self.resolve, self.reactor,
                                  own_addresses={advertise, self.listen_host})
             self.joiner.start()

@@ -99,3 +99,24 @@ class ServiceTests(TestCase):
             lambda: services[0].view.member_by_name("node2") is not None
             and services[0].view.member_by_name("node2").is_leader, 10)
         self.assertTrue(spread)
+
+
+class ServiceEdgeTests(TestCase):
+    timeout = 30
+
+    @inlineCallbacks
+    def test_invalid_cluster_address_runs_alone(self) -> Any:
+        service = make_service(1, join="bad:host:name")
+        service.startService()
+        self.addCleanup(service.stopService)
+        yield wait_for(lambda: service.node is not None and service.node.running, 5)
+        self.assertIsNone(service.joiner)
+        self.assertEqual(names(service), {"node1"})
+
+    @inlineCallbacks
+    def test_stop_right_after_start_leaves_nothing_listening(self) -> Any:
+        service = make_service(1)
+        service.startService()
+        yield service.stopService()
+        yield deferLater(reactor, 0.2, lambda: None)
+        self.assertIsNone(service.port)
