@@ -29,7 +29,7 @@ class ParseGoDurationTests(SynchronousTestCase):
     def test_sum_of_parts(self, parts: list[tuple[int, str]]) -> None:
         text = "".join(f"{amount}{unit}" for amount, unit in parts)
         expected = sum(amount * UNITS[unit] for amount, unit in parts)
-        self.assertAlmostEqual(parse_go_duration(text), expected, delta=1e-9 * max(1.0, expected))
+        self.assertApproximates(parse_go_duration(text), expected, 1e-9 * max(1.0, expected))
 
     @settings(max_examples=200, deadline=None)
     @given(st.text(max_size=12))

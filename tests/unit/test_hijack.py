@@ -1,0 +1,282 @@
+"""Hijacked Docker connections: the upgrade head, the status parser, and the proxy
+driven in memory (client on a StringTransport, Docker socket on a MemoryReactor)."""
+from __future__ import annotations
+
+import json
+
+from hypothesis import given, settings, strategies as st
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectError, ConnectionDone
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.server import Site
+from twisted.web.test.requesthelper import DummyRequest
+
+from portainer_agent import __version__
+from portainer_agent.docker.hijack import MAX_HIJACK_REQUEST_BODY, HijackProxy, build_upgrade_head, parse_response_head
+from portainer_agent.http.root import AgentRoot
+
+from .memory import SOCKET, RecordingHandler, raw_request
+
+
+def dummy(method: bytes, uri: bytes, headers: list[tuple[bytes, bytes]]) -> DummyRequest:
+    request = DummyRequest([])
+    request.method, request.uri = method, uri
+    for name, value in headers:
+        request.requestHeaders.addRawHeader(name, value)
+    return request
+
+
+def head_lines(head: bytes) -> tuple[list[bytes], bytes]:
+    top, _, body = head.partition(b"\r\n\r\n")
+    return top.split(b"\r\n"), body
+
+
+class BuildUpgradeHeadTests(SynchronousTestCase):
+    def test_exec_start_head(self) -> None:
+        body = b'{"Detach":false,"Tty":false}'
+        request = dummy(b"POST", b"/v1.41/exec/4f1c/start?x=1", [
+            (b"Host", b"agent:9001"),
+            (b"Connection", b"Upgrade, X-Hop"),
+            (b"Upgrade", b"tcp"),
+            (b"Content-Length", b"999"),
+            (b"Content-Type", b"application/json"),
+            (b"User-Agent", b"Docker-Client/28.2.2 (linux)"),
+            (b"X-PortainerAgent-Target", b"node-1"),
+            (b"X-Hop", b"secret"),
+            (b"Keep-Alive", b"timeout=5"),
+            (b"Proxy-Authorization", b"Basic x"),
+            (b"Expect", b"100-continue"),
+            (b"Accept", b"a"),
+            (b"Accept", b"b"),
+        ])
+        lines, sent_body = head_lines(build_upgrade_head(request, body))
+        self.assertEqual(lines[0], b"POST /v1.41/exec/4f1c/start?x=1 HTTP/1.1")
+        self.assertEqual(sent_body, body)
+        names = [line.partition(b":")[0].lower() for line in lines[1:]]
+        for name in (b"host", b"connection", b"upgrade", b"content-length"):
+            self.assertEqual(names.count(name), 1, name)
+        for name in (b"x-hop", b"keep-alive", b"proxy-authorization", b"expect"):
+            self.assertNotIn(name, names)
+        self.assertIn(b"Host: docker", lines)
+        self.assertIn(b"Connection: Upgrade", lines)
+        self.assertIn(b"Upgrade: tcp", lines)
+        self.assertIn(b"Content-Length: %d" % len(body), lines)
+        lower = [line.lower() for line in lines]
+        self.assertIn(b"x-portaineragent-target: node-1", lower)
+        self.assertIn(b"content-type: application/json", lower)
+        self.assertEqual([line for line in lower if line.startswith(b"accept:")], [b"accept: a", b"accept: b"])
+
+    def test_upgrade_protocol_is_kept(self) -> None:
+        request = dummy(b"POST", b"/session", [(b"Connection", b"Upgrade"), (b"Upgrade", b"h2c")])
+        lines, _ = head_lines(build_upgrade_head(request, b""))
+        self.assertIn(b"Upgrade: h2c", lines)
+        self.assertIn(b"Content-Length: 0", lines)
+
+
+class ParseResponseHeadTests(SynchronousTestCase):
+    def test_docker_101(self) -> None:
+        head = (b"HTTP/1.1 101 UPGRADED\r\nContent-Type: application/vnd.docker.raw-stream\r\nConnection: Upgrade\r\n"
+                b"Upgrade: tcp\r\nApi-Version: 1.41\r\nDate: Wed, 25 Nov 2026 18:00:00 GMT")
+        code, phrase, headers = parse_response_head(head)
+        self.assertEqual((code, phrase), (101, b"UPGRADED"))
+        self.assertEqual(headers[0], (b"Content-Type", b"application/vnd.docker.raw-stream"))
+        self.assertEqual(headers[-1], (b"Date", b"Wed, 25 Nov 2026 18:00:00 GMT"))
+
+    def test_phrase_with_spaces_and_missing_phrase(self) -> None:
+        self.assertEqual(parse_response_head(b"HTTP/1.1 404 Not Found")[:2], (404, b"Not Found"))
+        self.assertEqual(parse_response_head(b"HTTP/1.1 200")[:2], (200, b""))
+
+    def test_bad_status_lines(self) -> None:
+        for head in (b"", b"garbage", b"HTTP/1.1", b"HTTP/1.1 abc OK", b"ICY 200 OK", b"\r\nHTTP/1.1 200 OK"):
+            self.assertRaises(ValueError, parse_response_head, head)
+
+    @settings(max_examples=200, deadline=None)
+    @given(
+        st.integers(100, 599),
+        st.from_regex(rb"\A[A-Za-z][A-Za-z ]{0,20}\Z"),
+        st.lists(st.tuples(st.from_regex(rb"\A[A-Za-z][A-Za-z0-9-]{0,15}\Z"),
+                           st.from_regex(rb"\A[!-~]([ -~]{0,30}[!-~])?\Z")), max_size=8),
+    )
+    def test_round_trip(self, code: int, phrase: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        head = b"HTTP/1.1 %d %s" % (code, phrase) + b"".join(b"\r\n" + n + b": " + v for n, v in headers)
+        self.assertEqual(parse_response_head(head), (code, phrase, headers))
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.binary(max_size=80))
+    def test_arbitrary_bytes_parse_or_raise_value_error(self, head: bytes) -> None:
+        try:
+            code, _, headers = parse_response_head(head)
+        except ValueError:
+            return
+        self.assertIsInstance(code, int)
+        self.assertIsInstance(headers, list)
+
+
+class HalfCloseTransport(StringTransport):
+    write_closed = False
+
+    def loseWriteConnection(self) -> None:
+        self.write_closed = True
+
+
+class HijackInMemory:
+    """A client connection to the agent, and the Docker socket connection it makes."""
+
+    def __init__(self, request: bytes) -> None:
+        self.reactor = MemoryReactor()
+        self.docker_handler = RecordingHandler()
+        self.root = AgentRoot(docker=self.docker_handler, hijack=HijackProxy(self.reactor, SOCKET), guard=None)
+        self.client = HalfCloseTransport()
+        self.channel = Site(self.root, reactor=Clock()).buildProtocol(IPv4Address("TCP", "127.0.0.1", 40001))
+        self.channel.makeConnection(self.client)
+        self.channel.dataReceived(request)
+        self.upstream = HalfCloseTransport()
+        self.docker = None
+
+    def connect_docker(self) -> bytes:
+        """Let the socket connection succeed; return what the proxy sent Docker."""
+        address, factory, _, _ = self.reactor.unixClients[-1]
+        self.address = address
+        self.docker = factory.buildProtocol(None)
+        self.docker.makeConnection(self.upstream)
+        return self.upstream.value()
+
+    def refuse(self, reason: str) -> None:
+        _, factory, _, _ = self.reactor.unixClients[-1]
+        factory.clientConnectionFailed(None, Failure(ConnectError(string=reason)))
+
+    def docker_sends(self, data: bytes) -> None:
+        self.docker.dataReceived(data)
+
+    def response(self) -> tuple[bytes, list[tuple[bytes, bytes]], bytes]:
+        head, _, body = self.client.value().partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        headers = [(n.strip().lower(), v.strip()) for n, _, v in (line.partition(b":") for line in lines[1:])]
+        return lines[0], headers, body
+
+
+ATTACH = raw_request(b"POST", b"/v1.41/containers/abc/attach?stream=1&stdin=1&stdout=1",
+                     [(b"Connection", b"Upgrade"), (b"Upgrade", b"tcp"), (b"Content-Type", b"text/plain")])
+
+
+class HijackProxyTests(SynchronousTestCase):
+    def values(self, headers: list[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
+        return [v for n, v in headers if n == name]
+
+    def test_head_goes_to_the_docker_socket(self) -> None:
+        hijack = HijackInMemory(ATTACH)
+        sent = hijack.connect_docker()
+        self.assertEqual(hijack.address, SOCKET)
+        lines, body = head_lines(sent)
+        self.assertEqual(lines[0], b"POST /v1.41/containers/abc/attach?stream=1&stdin=1&stdout=1 HTTP/1.1")
+        self.assertIn(b"Upgrade: tcp", lines)
+        self.assertEqual(body, b"")
+        self.assertEqual(hijack.docker_handler.requests, [])
+
+    def test_exec_start_body_is_sent(self) -> None:
+        body = b'{"Detach":false,"Tty":true}'
+        hijack = HijackInMemory(raw_request(b"POST", b"/exec/e1/start",
+                                            [(b"Connection", b"Upgrade"), (b"Upgrade", b"tcp")], body))
+        lines, sent = head_lines(hijack.connect_docker())
+        self.assertEqual(sent, body)
+        self.assertIn(b"Content-Length: %d" % len(body), lines)
+
+    def test_101_is_spliced_with_agent_headers_once(self) -> None:
+        hijack = HijackInMemory(ATTACH)
+        hijack.connect_docker()
+        hijack.docker_sends(b"HTTP/1.1 101 UPGRADED\r\nContent-Type: application/vnd.docker.raw-stream\r\n"
+                            b"Connection: Upgrade\r\nUpgrade: tcp\r\nPortainer-Agent: 0.0.1\r\n\r\n"
+                            b"\x01\x00\x00\x00\x00\x00\x00\x06hello\n")
+        status, headers, rest = hijack.response()
+        self.assertEqual(status, b"HTTP/1.1 101 UPGRADED")
+        self.assertEqual(self.values(headers, b"portainer-agent"), [__version__.encode()])
+        self.assertEqual(len(self.values(headers, b"portainer-agent-api-version")), 1)
+        self.assertEqual(self.values(headers, b"upgrade"), [b"tcp"])
+        self.assertEqual(rest, b"\x01\x00\x00\x00\x00\x00\x00\x06hello\n")
+
+        # Both ways, byte for byte, half-close passed on.
+        hijack.upstream.clear()
+        hijack.client.protocol.dataReceived(b"stdin bytes")
+        self.assertEqual(hijack.upstream.value(), b"stdin bytes")
+        hijack.docker_sends(b"\x02\x00\x00\x00\x00\x00\x00\x04err\n")
+        self.assertTrue(hijack.client.value().endswith(b"\x02\x00\x00\x00\x00\x00\x00\x04err\n"))
+        hijack.client.protocol.readConnectionLost()
+        self.assertTrue(hijack.upstream.write_closed)
+        self.assertFalse(hijack.upstream.disconnecting)
+        hijack.docker_sends(b"\x01\x00\x00\x00\x00\x00\x00\x05late\n")
+        self.assertTrue(hijack.client.value().endswith(b"late\n"))
+        # Docker ends the stream: the client connection closes.
+        hijack.docker.connectionLost(Failure(ConnectionDone()))
+        self.assertTrue(hijack.client.disconnecting)
+
+    def test_non_101_answer_with_length_is_relayed(self) -> None:
+        hijack = HijackInMemory(ATTACH)
+        hijack.connect_docker()
+        body = b'{"message":"No such container: abc"}\n'
+        hijack.docker_sends(b"HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nApi-Version: 1.41\r\n"
+                            b"Portainer-Agent: 0.0.1\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:10])
+        self.assertEqual(hijack.client.value(), b"")  # not before the whole body is in
+        hijack.docker_sends(body[10:])
+        status, headers, sent = hijack.response()
+        self.assertEqual(status, b"HTTP/1.1 404 Not Found")
+        self.assertEqual(sent, body)
+        self.assertEqual(self.values(headers, b"content-length"), [b"%d" % len(body)])
+        self.assertEqual(self.values(headers, b"content-type"), [b"application/json"])
+        self.assertEqual(self.values(headers, b"api-version"), [b"1.41"])
+        self.assertEqual(self.values(headers, b"portainer-agent"), [__version__.encode()])
+        self.assertEqual(self.values(headers, b"transfer-encoding"), [])
+        self.assertTrue(hijack.upstream.disconnecting)
+
+    def test_non_101_chunked_answer_is_decoded(self) -> None:
+        hijack = HijackInMemory(ATTACH)
+        hijack.connect_docker()
+        hijack.docker_sends(b"HTTP/1.1 409 Conflict\r\nContent-Type: application/json\r\n"
+                            b"Transfer-Encoding: chunked\r\n\r\n5\r\n{\"mes")
+        hijack.docker_sends(b"\r\n1a\r\nsage\":\"container stopped\"}\r\n0\r\n\r\n")
+        status, headers, sent = hijack.response()
+        self.assertEqual(status, b"HTTP/1.1 409 Conflict")
+        self.assertEqual(json.loads(sent), {"message": "container stopped"})
+        self.assertEqual(self.values(headers, b"content-length"), [b"%d" % len(sent)])
+
+    def test_non_101_answer_ended_by_close(self) -> None:
+        hijack = HijackInMemory(ATTACH)
+        hijack.connect_docker()
+        hijack.docker_sends(b"HTTP/1.1 200 OK\r\nContent-Type: application/vnd.docker.raw-stream\r\n\r\nraw output")
+        hijack.docker.connectionLost(Failure(ConnectionDone()))
+        status, _, sent = hijack.response()
+        self.assertEqual((status, sent), (b"HTTP/1.1 200 OK", b"raw output"))
+
+    def test_socket_failure_is_a_502_naming_the_socket(self) -> None:
+        hijack = HijackInMemory(ATTACH)
+        hijack.refuse("No such file or directory")
+        status, headers, body = hijack.response()
+        self.assertTrue(status.startswith(b"HTTP/1.1 502"), status)
+        error = json.loads(body)
+        self.assertIn(SOCKET, error["message"])
+        self.assertEqual(self.values(headers, b"portainer-agent"), [__version__.encode()])
+        self.flushLoggedErrors(ConnectError)
+
+    def test_garbage_status_line_is_a_502(self) -> None:
+        hijack = HijackInMemory(ATTACH)
+        hijack.connect_docker()
+        hijack.docker_sends(b"SSH-2.0-OpenSSH\r\n\r\n")
+        status, _, body = hijack.response()
+        self.assertTrue(status.startswith(b"HTTP/1.1 502"), status)
+        self.assertIn(SOCKET, json.loads(body)["message"])
+
+    def test_oversized_body_is_refused_before_connecting(self) -> None:
+        hijack = HijackInMemory(raw_request(b"POST", b"/exec/e1/start",
+                                            [(b"Connection", b"Upgrade"), (b"Upgrade", b"tcp")],
+                                            b"x" * (MAX_HIJACK_REQUEST_BODY + 1)))
+        status, _, _ = hijack.response()
+        self.assertTrue(status.startswith(b"HTTP/1.1 413"), status)
+        self.assertEqual(hijack.reactor.unixClients, [])
+
+    def test_client_gone_before_docker_answers_aborts_the_socket(self) -> None:
+        hijack = HijackInMemory(ATTACH)
+        hijack.connect_docker()
+        hijack.channel.connectionLost(Failure(ConnectionDone()))
+        self.assertTrue(hijack.upstream.disconnecting)
