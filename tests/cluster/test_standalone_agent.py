@@ -1,0 +1,36 @@
+"""A real agent on a standalone engine (no Swarm): membership is off, ``/agents`` is 503."""
+from __future__ import annotations
+
+import json
+
+from twisted.trial.unittest import SynchronousTestCase
+
+try:
+    from tests.integration.support import AgentProcess, shared_daemon, skip_reason
+except ImportError:  # run outside the repository root
+    AgentProcess = None  # type: ignore[assignment,misc]
+
+
+class StandaloneAgentTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        if AgentProcess is None:
+            self.skipTest("run from the repository root (tests.integration.support)")
+        reason = skip_reason()
+        if reason:
+            self.skipTest(reason)
+        self.agent = AgentProcess.start(shared_daemon().socket_path)
+        self.addCleanup(self.agent.cleanup)
+
+    def test_agents_is_503_with_the_original_message(self) -> None:
+        for path in ("/agents", "/v1/agents", "/v2/agents"):
+            status, _, body = self.agent.request("GET", path)
+            self.assertEqual(status, 503, path)
+            self.assertEqual(json.loads(body), {
+                "message": "Agent management is not available when running the agent on a standalone engine",
+                "details": "Agent management is disabled",
+            })
+        self.assertIn("cluster membership is off", self.agent.log_text)
+
+    def test_agents_requires_a_signature(self) -> None:
+        status, _, _ = self.agent.request("GET", "/agents", signed=False)
+        self.assertEqual(status, 403)
