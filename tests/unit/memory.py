@@ -116,12 +116,14 @@ class Memory:
         protocol.makeConnection(transport)
         protocol.dataReceived(request)
         self.pump()
-        return Wire(transport)
+        return Wire(transport, protocol)
 
 
 @attrs.define
 class Wire:
     transport: StringTransport
+    #: The agent's HTTP channel on this connection (the transport's protocol).
+    protocol: Any = None
 
     @property
     def bytes(self) -> bytes:
