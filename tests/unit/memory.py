@@ -8,7 +8,7 @@ Nothing here opens a socket or needs a running reactor: the client side is
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence, cast
 
 import attrs
 from treq.testing import RequestTraversalAgent, StubTreq
@@ -35,7 +35,8 @@ class Seen:
     body: bytes
 
     def header(self, name: bytes) -> list[bytes] | None:
-        return self.headers.getRawHeaders(name)
+        values = self.headers.getRawHeaders(name)
+        return None if values is None else list(values)
 
 
 def json_answer(request: Request) -> bytes:
@@ -80,20 +81,20 @@ class RecordingHandler:
 class Memory:
     """The agent root over a fake Docker, all in memory."""
 
-    def __init__(self, docker: Resource | None = None, upstream: Any = None, guard: Any = None,
+    def __init__(self, docker: FakeDocker | None = None, upstream: Any = None, guard: Any = None,
                  hijack: Any = None, endpoints: dict[bytes, Any] | None = None) -> None:
         self.clock = Clock()
         self.cooperator = Cooperator(scheduler=lambda work: self.clock.callLater(0, work), started=True)
         self.docker = docker if docker is not None else FakeDocker()
-        self.upstream = upstream if upstream is not None else RequestTraversalAgent(self.docker)
-        self.hijack = hijack if hijack is not None else RecordingHandler(b"hijacked")
+        self.upstream: Any = upstream if upstream is not None else RequestTraversalAgent(self.docker)
+        self.hijack: Any = hijack if hijack is not None else RecordingHandler(b"hijacked")
         self.root = AgentRoot(
-            docker=DockerProxy(self.upstream, SOCKET, cooperator=self.cooperator),
+            docker=DockerProxy(cast(Any, self.upstream), SOCKET, cooperator=self.cooperator),
             hijack=self.hijack,
             guard=guard,
             endpoints=endpoints,
         )
-        self.client = StubTreq(self.root)
+        self.client: Any = StubTreq(self.root)
 
     def stop(self) -> None:
         self.cooperator.stop()
@@ -121,16 +122,18 @@ class Memory:
 
 @attrs.define
 class Wire:
-    transport: StringTransport
+    transport: Any  # a StringTransport
     #: The agent's HTTP channel on this connection (the transport's protocol).
     protocol: Any = None
 
     @property
-    def bytes(self) -> bytes:
-        return self.transport.value()
+    def data(self) -> bytes:
+        """Everything the agent wrote to the client connection."""
+        value: bytes = self.transport.value()
+        return value
 
     def head(self) -> tuple[bytes, list[tuple[bytes, bytes]]]:
-        head, _, _ = self.bytes.partition(b"\r\n\r\n")
+        head, _, _ = self.data.partition(b"\r\n\r\n")
         lines = head.split(b"\r\n")
         headers = []
         for line in lines[1:]:
@@ -145,10 +148,10 @@ class Wire:
         return [value for key, value in self.head()[1] if key == name.lower()]
 
     def body(self) -> bytes:
-        return self.bytes.partition(b"\r\n\r\n")[2]
+        return self.data.partition(b"\r\n\r\n")[2]
 
 
-def raw_request(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]] = (), body: bytes = b"") -> bytes:
+def raw_request(method: bytes, target: bytes, headers: Sequence[tuple[bytes, bytes]] = (), body: bytes = b"") -> bytes:
     lines = [b"%s %s HTTP/1.1" % (method, target), b"Host: agent"]
     lines += [name + b": " + value for name, value in headers]
     if body or method in (b"POST", b"PUT"):

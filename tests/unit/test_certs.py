@@ -66,8 +66,9 @@ class GenerateTests(SynchronousTestCase):
     def test_server_certificate_shape(self) -> None:
         identity = generate_self_signed(["node-1"], days=30)
         cert = certificate(identity)
-        self.assertIsInstance(cert.public_key(), ec.EllipticCurvePublicKey)
-        self.assertEqual(cert.public_key().curve.name, "secp256r1")
+        public_key = cert.public_key()
+        assert isinstance(public_key, ec.EllipticCurvePublicKey)
+        self.assertEqual(public_key.curve.name, "secp256r1")
         self.assertFalse(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
         usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
         self.assertIn(ExtendedKeyUsageOID.SERVER_AUTH, list(usages))

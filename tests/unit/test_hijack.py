@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from typing import Any, cast
+
 from hypothesis import given, settings, strategies as st
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectError, ConnectionDone
@@ -11,7 +13,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.server import Site
+from twisted.web.server import Request, Site
 from twisted.web.test.requesthelper import DummyRequest
 
 from portainer_agent import __version__
@@ -21,12 +23,12 @@ from portainer_agent.http.root import AgentRoot
 from .memory import SOCKET, RecordingHandler, raw_request
 
 
-def dummy(method: bytes, uri: bytes, headers: list[tuple[bytes, bytes]]) -> DummyRequest:
+def dummy(method: bytes, uri: bytes, headers: list[tuple[bytes, bytes]]) -> Request:
     request = DummyRequest([])
     request.method, request.uri = method, uri
     for name, value in headers:
         request.requestHeaders.addRawHeader(name, value)
-    return request
+    return cast(Request, request)
 
 
 def head_lines(head: bytes) -> tuple[list[bytes], bytes]:
@@ -129,12 +131,13 @@ class HijackInMemory:
         self.reactor = MemoryReactor()
         self.docker_handler = RecordingHandler()
         self.root = AgentRoot(docker=self.docker_handler, hijack=HijackProxy(self.reactor, SOCKET), guard=None)
-        self.client = HalfCloseTransport()
+        self.client: Any = HalfCloseTransport()
         self.channel = Site(self.root, reactor=Clock()).buildProtocol(IPv4Address("TCP", "127.0.0.1", 40001))
         self.channel.makeConnection(self.client)
         self.channel.dataReceived(request)
         self.upstream = HalfCloseTransport()
-        self.docker = None
+        self.docker: Any = None
+        self.address = ""
 
     def connect_docker(self) -> bytes:
         """Let the socket connection succeed; return what the proxy sent Docker."""

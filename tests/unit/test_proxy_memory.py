@@ -82,7 +82,7 @@ class AgentHeaderTests(MemoryTestCase):
     def test_ping_204_has_no_content_length(self) -> None:
         # RFC 9110 §8.6: a server MUST NOT send Content-Length in a 204.
         wire = self.memory().raw(raw_request(b"GET", b"/ping"))
-        self.assertTrue(wire.status().startswith(b"HTTP/1.1 204"), wire.bytes)
+        self.assertTrue(wire.status().startswith(b"HTTP/1.1 204"), wire.data)
         self.assertEqual(wire.values(b"content-length"), [])
         self.assertEqual(wire.values(b"transfer-encoding"), [])
         self.assertAgentHeadersOnceOnWire(wire)
@@ -308,12 +308,12 @@ class ResponseRelayTests(MemoryTestCase):
         self.assertEqual((response.code, body), (204, b""))
         self.assertAgentHeadersOnce(response.headers)
         wire = memory.raw(raw_request(b"DELETE", b"/containers/abc") + raw_request(b"GET", b"/_ping"))
-        self.assertTrue(wire.bytes.startswith(b"HTTP/1.1 204 "), wire.bytes)
+        self.assertTrue(wire.data.startswith(b"HTTP/1.1 204 "), wire.data)
         self.assertEqual(wire.values(b"content-length"), [])
         self.assertEqual(wire.values(b"transfer-encoding"), [])
         # The 204 ends at its blank line: the next response on the connection follows at once.
-        self.assertTrue(wire.body().startswith(b"HTTP/1.1 200 OK\r\n"), wire.bytes)
-        self.assertTrue(wire.body().endswith(b"\r\n\r\nOK"), wire.bytes)
+        self.assertTrue(wire.body().startswith(b"HTTP/1.1 200 OK\r\n"), wire.data)
+        self.assertTrue(wire.body().endswith(b"\r\n\r\nOK"), wire.data)
 
     def test_answer_before_the_body_is_read_leaves_no_error(self) -> None:
         # Go clients send ``Content-Length: 0`` on POSTs without a body (start, stop,
@@ -384,7 +384,7 @@ class StreamingTests(MemoryTestCase):
         docker = self.streaming_docker()
         memory = self.memory(docker=docker)
         wire = memory.raw(raw_request(b"POST", b"/v1.41/containers/abc/wait?condition=next-exit"))
-        self.assertTrue(wire.status().startswith(b"HTTP/1.1 200"), wire.bytes)
+        self.assertTrue(wire.status().startswith(b"HTTP/1.1 200"), wire.data)
         self.assertEqual(wire.body(), b"")
         docker.pending[0].write(b'{"StatusCode":0}\n')
         docker.pending[0].finish()

@@ -80,7 +80,7 @@ class RelayTests(SynchronousTestCase):
     def test_slow_client_pauses_the_upstream(self) -> None:
         response = ScriptedResponse()
         wire = self.memory(ScriptedAgent(response)).raw(raw_request(b"GET", b"/containers/abc/logs?follow=1"))
-        self.assertTrue(wire.status().startswith(b"HTTP/1.1 200"), wire.bytes)
+        self.assertTrue(wire.status().startswith(b"HTTP/1.1 200"), wire.data)
         # The client's socket buffer is full: twisted.web pauses its channel's producers.
         wire.transport.producer.pauseProducing()
         self.assertEqual(response.transport.events, ["pause"])
@@ -88,7 +88,7 @@ class RelayTests(SynchronousTestCase):
         self.assertEqual(response.transport.events, ["pause", "resume"])
         response.protocol.dataReceived(b"line\n")
         response.protocol.connectionLost(Failure(ResponseDone()))
-        self.assertTrue(wire.bytes.endswith(b"5\r\nline\n\r\n0\r\n\r\n"), wire.bytes)
+        self.assertTrue(wire.data.endswith(b"5\r\nline\n\r\n0\r\n\r\n"), wire.data)
         self.assertFalse(wire.transport.disconnecting)
 
     def test_client_gone_stops_an_endless_upstream(self) -> None:
@@ -100,7 +100,7 @@ class RelayTests(SynchronousTestCase):
         # Late data and the end of the upstream are harmless.
         response.protocol.dataReceived(b'{"status":"die"}\n')
         response.protocol.connectionLost(Failure(ResponseDone()))
-        self.assertNotIn(b"die", wire.bytes)
+        self.assertNotIn(b"die", wire.data)
         self.assertEqual(self.flushLoggedErrors(), [])
 
     def test_client_gone_before_docker_answers_cancels_the_request(self) -> None:
@@ -126,12 +126,12 @@ class RelayTests(SynchronousTestCase):
         response.protocol.dataReceived(b"tar bytes")
         response.protocol.connectionLost(Failure(ResponseFailed([Failure(ConnectionLost("docker died"))])))
         self.assertTrue(wire.transport.disconnecting)
-        self.assertFalse(wire.bytes.endswith(b"0\r\n\r\n"), wire.bytes)
+        self.assertFalse(wire.data.endswith(b"0\r\n\r\n"), wire.data)
 
     def test_close_delimited_upstream_body_ends_normally(self) -> None:
         response = ScriptedResponse()
         wire = self.memory(ScriptedAgent(response)).raw(raw_request(b"GET", b"/version"))
         response.protocol.dataReceived(b"{}")
         response.protocol.connectionLost(Failure(PotentialDataLoss()))
-        self.assertTrue(wire.bytes.endswith(b"2\r\n{}\r\n0\r\n\r\n"), wire.bytes)
+        self.assertTrue(wire.data.endswith(b"2\r\n{}\r\n0\r\n\r\n"), wire.data)
         self.assertFalse(wire.transport.disconnecting)
