@@ -24,6 +24,8 @@ from portainer_agent.tls.certs import (
     spki_fingerprint,
 )
 
+from .tempdirs import temp_dir
+
 
 def certificate(identity: TLSIdentity) -> x509.Certificate:
     return x509.load_pem_x509_certificate(identity.cert_pem)
@@ -106,7 +108,7 @@ class FingerprintTests(SynchronousTestCase):
 
 class LoadOrGenerateTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.data = Path(self.mktemp()) / "state"
+        self.data = temp_dir(self) / "state"
 
     def test_writes_key_and_certificate_private(self) -> None:
         identity = load_or_generate(self.data, ["10.0.0.5"])
@@ -177,8 +179,7 @@ class LoadOrGenerateTests(SynchronousTestCase):
         self.assertTrue((self.data / KEY_FILE).exists())
 
     def test_user_certificate_and_key_are_used_as_given(self) -> None:
-        own = Path(self.mktemp())
-        own.mkdir()
+        own = temp_dir(self)
         mine = generate_self_signed(["my.host"])
         (own / "c.pem").write_bytes(mine.cert_pem)
         (own / "k.pem").write_bytes(mine.key_pem)

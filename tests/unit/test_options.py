@@ -9,6 +9,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from portainer_agent.config import Config
 from portainer_agent.options import OPTIONS, AgentOptions, build_config, derive_cluster_key
 
+from .tempdirs import temp_dir
+
 #: For every option: a value its parser refuses.
 BAD_VALUES = {
     "host": "not-an-ip",
@@ -109,8 +111,7 @@ class BuildConfigTests(SynchronousTestCase):
 
 class TLSPairingTests(SynchronousTestCase):
     def setUp(self) -> None:
-        directory = Path(self.mktemp())
-        directory.mkdir()
+        directory = temp_dir(self)
         self.cert, self.key = directory / "cert.pem", directory / "key.pem"
         self.cert.write_bytes(b"cert")
         self.key.write_bytes(b"key")

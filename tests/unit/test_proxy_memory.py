@@ -128,6 +128,21 @@ class AgentHeaderTests(MemoryTestCase):
         self.assertEqual(guard.calls, [b"/containers/json", b"/v2/agents"])
         self.assertEqual(memory.docker.seen, [])
 
+    def test_only_the_public_pings_skip_the_guard(self) -> None:
+        class Refuse:
+            def check(self, request: Request) -> None:
+                raise AgentError(403, "Unauthorized", "bad signature")
+
+        memory = self.memory(guard=Refuse())
+        for method, url in (("GET", "http://agent/v1/ping"), ("POST", "http://agent/ping"),
+                            ("GET", "http://agent/_ping"), ("GET", "http://agent/v2/ping/x")):
+            response, _ = self.fetch(memory, method, url)
+            self.assertEqual(response.code, 403, (method, url))
+        for method, url in (("GET", "http://agent/ping"), ("HEAD", "http://agent/v2/ping")):
+            response, _ = self.fetch(memory, method, url)
+            self.assertEqual(response.code, 204, (method, url))
+        self.assertEqual(memory.docker.seen, [])
+
     def test_upstream_error_status_is_relayed_with_agent_headers(self) -> None:
         def answer(request: Request) -> bytes:
             request.setResponseCode(404)
@@ -245,6 +260,21 @@ class RequestForwardingTests(MemoryTestCase):
         self.assertIsNone(seen.header(b"expect"))
         self.assertEqual(seen.header(b"host"), [b"docker"])
         self.assertEqual((seen.body, seen.header(b"content-length")), (b"tar", [b"3"]))
+
+    def test_chunked_upload_reaches_docker_with_a_length(self) -> None:
+        # ``docker build`` streams its context chunked; twisted.web spools it, the proxy
+        # sends it on with a Content-Length and without the client's Transfer-Encoding.
+        memory = self.memory()
+        chunks = [b"a" * 70_000, b"b" * 50_000, b"c"]
+        body = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for chunk in chunks) + b"0\r\n\r\n"
+        request = (b"POST /v1.41/build?t=x HTTP/1.1\r\nHost: agent\r\nTransfer-Encoding: chunked\r\n"
+                   b"Content-Type: application/x-tar\r\n\r\n" + body)
+        wire = memory.raw(request)
+        self.assertTrue(wire.status().startswith(b"HTTP/1.1 200"), wire.data)
+        [seen] = memory.docker.seen
+        self.assertEqual(seen.body, b"".join(chunks))
+        self.assertEqual(seen.header(b"content-length"), [b"%d" % len(b"".join(chunks))])
+        self.assertIsNone(seen.header(b"transfer-encoding"))
 
     def test_upgrade_request_goes_to_the_hijack_handler(self) -> None:
         memory = self.memory()
