@@ -8,6 +8,7 @@ API version.
 """
 from __future__ import annotations
 
+import io
 import os
 from typing import Any
 
@@ -41,7 +42,15 @@ def request_body_producer(request: Request, cooperator: Any = task) -> FileBodyP
     )
     if size == 0 and not has_body_header:
         return None
-    return FileBodyProducer(content, cooperator=cooperator)
+    # The producer gets its own file object: twisted.web closes ``request.content``
+    # when the client request finishes, which can happen before the upload is read
+    # (Docker answering early, e.g. with an error).
+    if size < 100_000 or not hasattr(content, "fileno"):
+        own: Any = io.BytesIO(content.read())
+    else:
+        own = os.fdopen(os.dup(content.fileno()), "rb")
+        own.seek(0)
+    return FileBodyProducer(own, cooperator=cooperator)
 
 
 def upstream_headers(request: Request, extra: dict[bytes, bytes] | None = None) -> Headers:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from typing import Iterable
 
-_VERSION_PREFIX = re.compile(rb"^/v(\d+\.\d+)(?=/|$)")
+_VERSION_PREFIX = re.compile(rb"\A/v(\d+\.\d+)(?=/|\Z)")
 
 HOP_BY_HOP = frozenset(
     {

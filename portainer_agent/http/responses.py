@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from twisted.web.server import Request
+from twisted.web.server import NOT_DONE_YET, Request
 
 from portainer_agent.errors import AgentError
 
@@ -41,6 +41,10 @@ def finish_with_error(request: Request, error: AgentError) -> None:
     request.finish()
 
 
-def write_empty(request: Request, status: int = 204) -> bytes:
+def write_empty(request: Request, status: int = 204) -> Any:
+    """An empty answer. Finished here rather than by returning ``b""``, because
+    twisted.web would add ``Content-Length: 0``, which a 204 must not carry."""
     request.setResponseCode(status)
-    return b""
+    request.write(b"")
+    request.finish()
+    return NOT_DONE_YET
