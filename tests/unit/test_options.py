@@ -1,8 +1,6 @@
 """Flags and environment variables -> Config: precedence, validation, derived values."""
 from __future__ import annotations
 
-from pathlib import Path
-
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 

@@ -10,11 +10,10 @@ from typing import Any
 
 import treq
 from twisted.internet.defer import fail
-from twisted.internet.error import ConnectError
+from twisted.internet.error import ConnectError, ConnectionLost
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.internet.error import ConnectionLost
-from twisted.web._newclient import ResponseNeverReceived
+from twisted.web.client import ResponseNeverReceived
 from twisted.web.iweb import UNKNOWN_LENGTH
 from twisted.web.server import NOT_DONE_YET, Request
 
@@ -319,6 +318,29 @@ class ResponseRelayTests(MemoryTestCase):
         self.assertEqual(wire.values(b"content-length"), [b"%d" % len(b'[{"Id":"abc"}]')])
         self.assertEqual(wire.body(), b"")
         self.assertAgentHeadersOnceOnWire(wire)
+
+    def test_docker_ping_headers_reach_the_cli(self) -> None:
+        # The CLI negotiates its API version from ``HEAD /_ping`` (GET as fallback).
+        def answer(request: Request) -> bytes:
+            request.setHeader(b"api-version", b"1.41")
+            request.setHeader(b"ostype", b"linux")
+            request.setHeader(b"docker-experimental", b"false")
+            request.setHeader(b"server", b"Docker/20.10.24 (linux)")
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return b"OK"
+
+        memory = self.memory(docker=FakeDocker(answer))
+        for method in (b"HEAD", b"GET"):
+            wire = memory.raw(raw_request(method, b"/_ping"))
+            self.assertTrue(wire.status().startswith(b"HTTP/1.1 200"), wire.data)
+            self.assertEqual(wire.values(b"api-version"), [b"1.41"])
+            self.assertEqual(wire.values(b"ostype"), [b"linux"])
+            self.assertEqual(wire.values(b"docker-experimental"), [b"false"])
+            self.assertEqual(wire.values(b"server"), [b"Docker/20.10.24 (linux)"])
+            self.assertEqual(len(wire.values(b"date")), 1)
+            self.assertEqual(wire.values(b"content-length"), [b"2"])
+            self.assertEqual(wire.body(), b"" if method == b"HEAD" else b"OK")
+            self.assertAgentHeadersOnceOnWire(wire)
 
     def test_head_ping_is_public_and_empty(self) -> None:
         memory = self.memory()
