@@ -57,8 +57,10 @@ class ScriptedAgent:
         self.response = response
         self.pending: list[Deferred[Any]] = []
         self.cancelled = 0
+        self.body_producers: list[Any] = []
 
     def request(self, method: bytes, uri: bytes, headers: Any = None, bodyProducer: Any = None) -> Deferred[Any]:
+        self.body_producers.append(bodyProducer)
         if self.response is not None:
             return succeed(self.response)
 
@@ -134,3 +136,30 @@ class RelayTests(SynchronousTestCase):
         response.protocol.connectionLost(Failure(PotentialDataLoss()))
         self.assertTrue(wire.data.endswith(b"2\r\n{}\r\n0\r\n\r\n"), wire.data)
         self.assertFalse(wire.transport.disconnecting)
+
+    def upload_after_an_early_answer(self, size: int) -> None:
+        """Docker answers (and the client request finishes) before the upload is read."""
+        response = ScriptedResponse(length=2)
+        upstream = ScriptedAgent(response)
+        memory = self.memory(upstream)
+        body = bytes(range(256)) * (size // 256) + b"!" * (size % 256)
+        wire = memory.raw(raw_request(b"PUT", b"/containers/missing/archive?path=/", [], body))
+        response.protocol.dataReceived(b"{}")
+        response.protocol.connectionLost(Failure(ResponseDone()))
+        self.assertTrue(wire.data.endswith(b"\r\n\r\n{}"), wire.data)
+        # Only now does the upstream connection ask for the body.
+        [producer] = upstream.body_producers
+        received: list[bytes] = []
+        consumer = type("Consumer", (), {"write": lambda self, data: received.append(data)})()
+        done = producer.startProducing(consumer)
+        for _ in range(size // 65536 + 3):
+            memory.clock.advance(0)
+        self.successResultOf(done)
+        self.assertEqual(b"".join(received), body)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_small_upload_outlives_an_early_answer(self) -> None:
+        self.upload_after_an_early_answer(1000)
+
+    def test_spooled_upload_outlives_an_early_answer(self) -> None:
+        self.upload_after_an_early_answer(300_000)
