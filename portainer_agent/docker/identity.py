@@ -13,7 +13,7 @@ import socket
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred, inlineCallbacks, returnValue
+from twisted.internet.defer import Deferred, inlineCallbacks
 
 
 class DockerUnavailable(Exception):
@@ -115,4 +115,4 @@ def fetch_identity(docker: Any) -> "Deferred[NodeIdentity]":
             node = yield node_response.json()
         else:
             yield node_response.content()
-    returnValue(identity_from_info(info, node))
+    return identity_from_info(info, node)
