@@ -15,7 +15,7 @@ def write_json(request: Request, value: Any, status: int = 200) -> bytes:
     request.setResponseCode(status)
     request.setHeader(b"content-type", b"application/json")
     request.setHeader(b"content-length", b"%d" % len(body))
-    return body
+    return b"" if request.method == b"HEAD" else body
 
 
 def write_error(request: Request, error: AgentError) -> bytes:
@@ -24,7 +24,8 @@ def write_error(request: Request, error: AgentError) -> bytes:
     request.setResponseCode(error.status)
     request.setHeader(b"content-type", b"application/json")
     request.setHeader(b"content-length", b"%d" % len(body))
-    return body
+    # HEAD: the length of the body a GET would get, and no body.
+    return b"" if request.method == b"HEAD" else body
 
 
 def finish_with_error(request: Request, error: AgentError) -> None:
@@ -37,7 +38,8 @@ def finish_with_error(request: Request, error: AgentError) -> None:
         if transport is not None:
             transport.abortConnection()
         return
-    request.write(write_error(request, error))
+    body = write_error(request, error)
+    request.write(body)
     request.finish()
 
 
