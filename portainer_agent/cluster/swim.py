@@ -176,6 +176,7 @@ class SwimNode:
         self._timers: set[DelayedCall] = set()
         self._listeners: list[Listener] = []
         self._last_hint: dict[str, float] = {}
+        self._last_late = -math.inf
         self.running = False
         self.counters: dict[str, int] = {}
 
@@ -724,7 +725,12 @@ class SwimNode:
                 self._timers.discard(holder[-1])
             late = self.clock.seconds() - expected
             if not regraced and late > self.settings.late_tolerance:
-                self.health.late_timer()
+                # One stall makes every pending timer late at once: count it once per interval,
+                # or a single hiccup would slow this node's probing for tens of seconds.
+                now = self.clock.seconds()
+                if now - self._last_late >= self.settings.probe_interval:
+                    self._last_late = now
+                    self.health.late_timer()
                 self._count("late_timers")
                 if grace:
                     holder.append(self.clock.callLater(self.settings.late_grace, fire, True))
