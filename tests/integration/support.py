@@ -240,3 +240,30 @@ class UnixRelay:
         self._conns = []
         if os.path.exists(self.path):
             os.unlink(self.path)
+
+
+class RealDockerTestCase:
+    """Mixin for trial test cases needing the session's real dockerd (``cls.daemon``)
+    and, when ``start_agent`` is true, one agent process shared by the class
+    (``cls.agent``). Skips with the reason when the machine cannot run dockerd."""
+
+    start_agent = True
+    daemon: Any
+    agent: "AgentProcess | None" = None
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        from twisted.trial.unittest import SkipTest
+
+        reason = skip_reason()
+        if reason:
+            raise SkipTest(reason)
+        cls.daemon = shared_daemon()
+        if cls.start_agent:
+            cls.agent = AgentProcess.start(cls.daemon.socket_path)
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        if cls.agent is not None:
+            cls.agent.cleanup()
+            cls.agent = None

@@ -9,40 +9,25 @@ import tempfile
 import time
 from pathlib import Path
 
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase
 
 from portainer_agent.testing.signing import docker_client
-from tests.integration.support import AgentProcess, shared_daemon, skip_reason
+from tests.integration.support import RealDockerTestCase
 
 
-def wait_for(predicate, timeout: float = 20, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s")
-
-
-class DockerCLIThroughAgentTests(SynchronousTestCase):
+class DockerCLIThroughAgentTests(RealDockerTestCase, SynchronousTestCase):
     @classmethod
     def setUpClass(cls) -> None:
-        reason = skip_reason()
-        if reason:
-            raise SkipTest(reason)
-        cls.daemon = shared_daemon()
-        cls.agent = AgentProcess.start(cls.daemon.socket_path)
+        super().setUpClass()
         cls.ticker = cls.agent.docker(
             "run", "-d", "busybox:local", "sh", "-c", "i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.2; done"
         ).stdout.strip()
 
     @classmethod
     def tearDownClass(cls) -> None:
-        agent = getattr(cls, "agent", None)
-        if agent is not None:
-            agent.docker("rm", "-f", cls.ticker, check=False)
-            agent.cleanup()
+        if cls.agent is not None:
+            cls.agent.docker("rm", "-f", cls.ticker, check=False)
+        super().tearDownClass()
 
     def test_ps_lists_containers(self) -> None:
         out = self.agent.docker("ps", "--no-trunc", "--format", "{{.ID}}").stdout.split()

@@ -10,26 +10,14 @@ import threading
 import time
 from pathlib import Path
 
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase
 
-from tests.integration.support import AgentProcess, rss_kib, shared_daemon, skip_reason
+from tests.integration.support import AgentProcess, RealDockerTestCase, rss_kib
 
 AGENT_HEADERS = ("Portainer-Agent", "Portainer-Agent-Api-Version", "Portainer-Agent-Platform")
 
 
-class AgentHTTPTests(SynchronousTestCase):
-    @classmethod
-    def setUpClass(cls) -> None:
-        reason = skip_reason()
-        if reason:
-            raise SkipTest(reason)
-        cls.daemon = shared_daemon()
-        cls.agent = AgentProcess.start(cls.daemon.socket_path)
-
-    @classmethod
-    def tearDownClass(cls) -> None:
-        if getattr(cls, "agent", None) is not None:
-            cls.agent.cleanup()
+class AgentHTTPTests(RealDockerTestCase, SynchronousTestCase):
 
     def assertAgentHeadersOnce(self, headers) -> None:
         for name in AGENT_HEADERS:
@@ -160,15 +148,10 @@ class AgentHTTPTests(SynchronousTestCase):
             self.agent.docker("rm", "-f", container, check=False)
 
 
-class AgentProcessTests(SynchronousTestCase):
+class AgentProcessTests(RealDockerTestCase, SynchronousTestCase):
     """Start-up, failure and shutdown behaviour of the agent process."""
 
-    @classmethod
-    def setUpClass(cls) -> None:
-        reason = skip_reason()
-        if reason:
-            raise SkipTest(reason)
-        cls.daemon = shared_daemon()
+    start_agent = False
 
     def start(self, *args, **kwargs) -> AgentProcess:
         agent = AgentProcess.start(*args, **kwargs)
