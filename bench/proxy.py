@@ -650,17 +650,21 @@ def build_rows(runs: list[dict[str, Any]], args: argparse.Namespace) -> list[dic
     rows: list[dict[str, Any]] = []
 
     def row(metric: str, unit: str, direct: float | None, agent: float | None, target: str = "",
-            digits: int = 2, agent_text: str | None = None) -> None:
+            digits: int = 2, agent_text: str | None = None, met: bool | None = None) -> None:
         ratio = agent / direct if direct and agent is not None else None
         rows.append({"metric": metric, "unit": unit, "direct": direct, "agent": agent, "ratio": ratio,
-                     "target": target, "digits": digits, "agent_text": agent_text})
+                     "target": target, "met": met, "digits": digits, "agent_text": agent_text})
+
+    def below(value: float | None, limit: float) -> bool | None:
+        return None if value is None else value <= limit
 
     n = args.containers
-    row(f"GET /containers/json?all=1 ({n} containers), p50", "ms", med("list", "direct", "p50_ms"),
-        med("list", "agent", "p50_ms"), "agent ≤ 1.15× direct")
+    list_direct, list_agent = med("list", "direct", "p50_ms"), med("list", "agent", "p50_ms")
+    row(f"GET /containers/json?all=1 ({n} containers), p50", "ms", list_direct, list_agent, "agent ≤ 1.15× direct",
+        met=below(list_agent / list_direct if list_agent and list_direct else None, 1.15))
     row(f"GET /containers/json?all=1 ({n} containers), p99", "ms", med("list", "direct", "p99_ms"),
         med("list", "agent", "p99_ms"))
-    row("  agent CPU per /containers/json request", "µs", None, med("list", "agent", "agent_cpu_us_per_request"),
+    row("  agent CPU per /containers/json request (sequential)", "µs", None, med("list", "agent", "agent_cpu_us_per_request"),
         digits=0)
     for c in (1, 16):
         row(f"GET /_ping, concurrency {c}", "req/s", med("ping", f"c{c}", "direct", "rps"),
@@ -675,16 +679,18 @@ def build_rows(runs: list[dict[str, Any]], args: argparse.Namespace) -> list[dic
         med("logs", "agent", "p95_ms"))
     overhead, overhead_max = med("logs", "overhead", "p50_ms"), worst("logs", "overhead", "max_ms")
     row("logs?follow=1 agent overhead per line (agent − direct receive), p50 / max", "ms", None, overhead,
-        "≤ 5 ms", agent_text=f"{fmt(overhead)} / {fmt(overhead_max)}")
+        "p50 ≤ 5 ms", agent_text=f"{fmt(overhead)} / {fmt(overhead_max)}", met=below(overhead, 5))
     row(f"GET /containers/{{id}}/export (~{args.export_mb} MB) throughput", "MB/s",
         med("export", "direct", "mb_per_s"), med("export", "agent", "mb_per_s"), digits=0)
     row("  agent CPU per GB exported", "s", None, med("export", "agent", "agent_cpu_s_per_gb"))
-    row("agent RSS growth during the export (worst run)", "MB", None, worst("export", "agent", "rss_growth_mb"),
-        "≤ 20 MB", digits=1)
+    growth = worst("export", "agent", "rss_growth_mb")
+    row("agent RSS growth during the export (worst run)", "MB", None, growth, "≤ 20 MB", digits=1,
+        met=below(growth, 20))
     slow_mb = med("export_slow", "bytes")
     row(f"agent RSS growth, slow reader at {fmt(args.slow_rate, 1)} MB/s for {fmt(args.slow_seconds, 0)} s "
         f"(read {fmt((slow_mb or 0) / MB, 0)} MB, then drop; worst run)", "MB", None,
-        worst("export_slow", "rss_growth_mb"), "flat", digits=1)
+        worst("export_slow", "rss_growth_mb"), "flat (≤ 2 MB)", digits=1,
+        met=below(worst("export_slow", "rss_growth_mb"), 2))
     return rows
 
 
@@ -697,7 +703,10 @@ def markdown(rows: list[dict[str, Any]], runs: int) -> str:
         direct = fmt(row["direct"], digits) if row["direct"] is not None else "—"
         agent = row["agent_text"] or fmt(row["agent"], digits)
         ratio = f"{row['ratio']:.2f}×" if row["ratio"] is not None else "—"
-        lines.append(f"| {row['metric']} | {row['unit']} | {direct} | {agent} | {ratio} | {row['target']} |")
+        target = row["target"]
+        if row["met"] is not None:
+            target += ": met" if row["met"] else ": **not met**"
+        lines.append(f"| {row['metric']} | {row['unit']} | {direct} | {agent} | {ratio} | {target} |")
     return "\n".join(lines)
 
 
@@ -805,13 +814,16 @@ def main() -> int:
                     if "[WARN" in line or "[ERROR" in line or "[CRITICAL" in line or "Traceback" in line]
         for line in problems[:10]:
             print(f"agent log: {line}", file=sys.stderr)
+        load_after = os.getloadavg()
+        table += (f"\n\n{os.cpu_count()} CPUs; 1-min load average {load_before[0]:.1f} before, {load_after[0]:.1f} after; "
+                  f"{len(runs)} run(s), {time.time() - started:.0f} s in all.")
         print(table)
         if args.json:
             args.json.write_text(json.dumps(_json_safe({
                 "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
                 "seconds": round(time.time() - started, 1),
                 "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                "machine": {"cpus": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
+                "machine": {"cpus": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": load_after},
                 "agent_log_problems": problems[:50],
                 "table": [{k: v for k, v in row.items() if k not in ("digits", "agent_text")} for row in rows],
                 "markdown": table,
