@@ -9,11 +9,11 @@ Any other status is parsed and answered as a normal HTTP response.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
-from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.interfaces import IConsumer, IHalfCloseableProtocol, ITCPTransport
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -67,6 +67,9 @@ def parse_response_head(head: bytes) -> tuple[int, bytes, list[tuple[bytes, byte
 class SpliceEnd(Protocol):
     """One end of a spliced byte stream; its peer is the other connection."""
 
+    # Both ends are stream connections (the Docker UNIX socket, the client's TCP or
+    # TLS connection): narrower than Protocol's ITransport.
+    transport: ITCPTransport | None
     peer: "SpliceEnd | None" = None
     onClose: Callable[[], None] | None = None
     _closed = False
@@ -128,6 +131,7 @@ class DockerUpgradeClient(SpliceEnd):
         self._bodyMode: Callable[[bytes], None] | None = None
 
     def connectionMade(self) -> None:
+        assert self.transport is not None  # set by makeConnection
         self.transport.write(self._head)
 
     def dataReceived(self, data: bytes) -> None:
@@ -141,6 +145,7 @@ class DockerUpgradeClient(SpliceEnd):
         end = self._buffer.find(b"\r\n\r\n")
         if end < 0:
             if len(self._buffer) > MAX_RESPONSE_HEAD:
+                assert self.transport is not None  # connected: data is arriving
                 self.transport.abortConnection()
             return
         self._headDone = True
@@ -150,12 +155,14 @@ class DockerUpgradeClient(SpliceEnd):
             code, phrase, headers = parse_response_head(rawHead[:-4])
         except ValueError as error:
             self.status.errback(Failure(error))
+            assert self.transport is not None  # connected: data is arriving
             self.transport.abortConnection()
             return
         self.status.callback((code, phrase, headers, rawHead, rest))
 
     def readConnectionLost(self) -> None:
         if self._bodyMode is not None:
+            assert self.transport is not None  # set by makeConnection
             self.transport.loseConnection()
             return
         SpliceEnd.readConnectionLost(self)
@@ -179,7 +186,9 @@ def take_over_transport(request: Request, protocol: Protocol) -> Any:
     pass on. Returns the transport.
     """
     channel = request.channel
-    transport = channel.transport
+    # The concrete connection (TLS wrapper or TCP): its protocol attribute is swapped,
+    # which no transport interface declares.
+    transport: Any = channel.transport
     buffered = b"".join(getattr(channel, "_dataBuffer", []))
     channel._dataBuffer = []
     channel.setTimeout(None)
@@ -221,8 +230,13 @@ class HijackProxy:
         connecting = connectProtocol(endpoint, upstream)
         connecting.addErrback(self._connectFailed, request, upstream)
         upstream.status.addCallbacks(self._gotStatus, self._statusFailed, callbackArgs=(request, upstream), errbackArgs=(request,))
-        request.notifyFinish().addErrback(lambda _: upstream.transport and upstream.transport.abortConnection())
+        request.notifyFinish().addErrback(self._clientLost, upstream)
         return NOT_DONE_YET
+
+    def _clientLost(self, failure: Failure, upstream: DockerUpgradeClient) -> None:
+        """The client went away: drop the Docker connection too."""
+        if upstream.transport is not None:
+            upstream.transport.abortConnection()
 
     def _connectFailed(self, failure: Failure, request: Request, upstream: DockerUpgradeClient) -> None:
         if not upstream.status.called:
@@ -237,6 +251,7 @@ class HijackProxy:
     def _gotStatus(self, result: tuple[int, bytes, list[tuple[bytes, bytes]], bytes, bytes], request: Request, upstream: DockerUpgradeClient) -> None:
         code, phrase, headers, rawHead, rest = result
         if request._disconnected:
+            assert upstream.transport is not None  # connected: Docker just answered
             upstream.transport.abortConnection()
             return
         if code == 101:
@@ -263,7 +278,8 @@ class HijackProxy:
         clientTransport = take_over_transport(request, downstream)
         clientTransport.write(head + rest)
         clientTransport.registerProducer(upstream.transport, True)
-        upstream.transport.registerProducer(clientTransport, True)
+        # A Twisted stream connection is also a consumer, which ITCPTransport does not declare.
+        cast(IConsumer, upstream.transport).registerProducer(clientTransport, True)
 
     def _answer(self, request: Request, upstream: DockerUpgradeClient, code: int, phrase: bytes,
                 headers: list[tuple[bytes, bytes]], rest: bytes) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
-from typing import Any
+from typing import Any, Generator
 
 import attrs
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -103,7 +103,7 @@ def fetch_identity_blocking(socket_path: str, timeout: float = 10.0) -> NodeIden
 
 
 @inlineCallbacks
-def fetch_identity(docker: Any) -> "Deferred[NodeIdentity]":
+def fetch_identity(docker: Any) -> Generator[Deferred[Any], Any, NodeIdentity]:
     """Read the identity through a treq-like client bound to the Docker socket."""
     response = yield docker.get("http://docker/info")
     info = yield response.json()

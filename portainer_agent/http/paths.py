@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from typing import Iterable, Sequence, TypeVar
+
+# Header values as given: lists, or the sequences of ``Headers.getAllRawHeaders``.
+_Values = TypeVar("_Values", bound=Sequence[bytes])
 
 _VERSION_PREFIX = re.compile(rb"\A/v(\d+\.\d+)(?=/|\Z)")
 
@@ -54,16 +57,16 @@ def connection_tokens(values: Iterable[bytes]) -> set[bytes]:
 
 
 def forwardable_request_headers(
-    headers: Iterable[tuple[bytes, list[bytes]]], connection: Iterable[bytes] = ()
-) -> list[tuple[bytes, list[bytes]]]:
+    headers: Iterable[tuple[bytes, _Values]], connection: Iterable[bytes] = ()
+) -> list[tuple[bytes, _Values]]:
     """Request headers to send upstream: hop-by-hop and recomputed ones removed."""
     drop = HOP_BY_HOP | RECOMPUTED_REQUEST | connection_tokens(connection)
     return [(name, values) for name, values in headers if name.lower() not in drop]
 
 
 def forwardable_response_headers(
-    headers: Iterable[tuple[bytes, list[bytes]]], connection: Iterable[bytes] = ()
-) -> list[tuple[bytes, list[bytes]]]:
+    headers: Iterable[tuple[bytes, _Values]], connection: Iterable[bytes] = ()
+) -> list[tuple[bytes, _Values]]:
     """Response headers to give the client: hop-by-hop, length and agent headers removed
     (the length is set from the upstream's, agent headers by this agent)."""
     drop = HOP_BY_HOP | AGENT_RESPONSE_HEADERS | {b"content-length"} | connection_tokens(connection)

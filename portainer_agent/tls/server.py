@@ -103,6 +103,7 @@ class HalfCloseTLSProtocol(BufferingTLSTransport):
         # leak the connection until the HTTP timeout. Send what we can, then close TCP,
         # as stock TLSMemoryBIOProtocol does on a FIN.
         self.loseConnection()
+        assert self.transport is not None  # the TCP connection that just reported the FIN
         self.transport.loseConnection()
 
     def writeConnectionLost(self) -> None:
