@@ -754,6 +754,26 @@ def one_run(index: int, args: argparse.Namespace, direct: Target, agent: Target,
     return run
 
 
+def merge(args: argparse.Namespace) -> int:
+    """One table (medians over all runs) from several ``--json`` outputs of the same settings."""
+    runs: list[dict[str, Any]] = []
+    loads: list[float] = []
+    for path in args.merge:
+        data = json.loads(path.read_text())
+        runs += data["runs"]
+        loads += [data["machine"]["loadavg_before"][0], data["machine"]["loadavg_after"][0]]
+        for key in ("containers", "export_mb", "slow_rate", "slow_seconds"):
+            setattr(args, key, data["config"][key])
+    table = markdown(build_rows(runs, args), len(runs))
+    table += (f"\n\n{len(args.merge)} invocations, {len(runs)} runs; 1-min load average "
+              f"{min(loads):.1f}–{max(loads):.1f} at their starts and ends.")
+    print(table)
+    if args.json:
+        args.json.write_text(json.dumps(_json_safe({"merged": [str(p) for p in args.merge], "markdown": table,
+                                                    "table": build_rows(runs, args)}), indent=2))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3, help="repeat every measurement N times (median shown)")
@@ -767,7 +787,11 @@ def main() -> int:
     parser.add_argument("--no-wrk", action="store_true", help="skip the wrk cross-check even if wrk is installed")
     parser.add_argument("--json", type=Path, help="also write the table and raw runs as JSON here")
     parser.add_argument("--quick", action="store_true", help="1 run, fewer requests, 20 MB export (smoke test)")
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
+                        help="measure nothing: print one table over every run in these --json files")
     args = parser.parse_args()
+    if args.merge:
+        return merge(args)
     if args.quick:
         args.runs, args.requests, args.ping_seconds, args.log_seconds = 1, 50, 1.0, 2.0
         args.export_mb, args.slow_seconds, args.containers = 20, 2.0, 10
@@ -784,6 +808,7 @@ def main() -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
     daemon: DockerDaemon | None = None
     agent_process: subprocess.Popen | None = None
     scratch = Path(tempfile.mkdtemp(prefix="pa-bench-agent-"))
