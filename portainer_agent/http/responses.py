@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, cast
 
+from twisted.internet.interfaces import ITCPTransport
 from twisted.web.server import NOT_DONE_YET, Request
 
 from portainer_agent.errors import AgentError
@@ -34,13 +35,20 @@ def finish_with_error(request: Request, error: AgentError) -> None:
         return
     if request.startedWriting:
         # Headers already went out: all we can do is cut the response short.
-        transport = request.channel.transport if request.channel else None
-        if transport is not None:
-            transport.abortConnection()
+        abort_client(request)
         return
     body = write_error(request, error)
     request.write(body)
     request.finish()
+
+
+def abort_client(request: Request) -> None:
+    """Cut the client's connection at once (no clean end for a response under way)."""
+    transport = request.channel.transport if request.channel else None
+    if transport is not None:
+        # The API is served over TCP (TLS or not): the channel's transport is an
+        # ITCPTransport, though HTTPChannel declares only ITransport.
+        cast(ITCPTransport, transport).abortConnection()
 
 
 def write_empty(request: Request, status: int = 204) -> Any:

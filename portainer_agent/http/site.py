@@ -7,8 +7,10 @@ from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
+from twisted.web import http
 from twisted.web.server import Request, Site
 
+from portainer_agent.http.responses import abort_client
 from portainer_agent.security.body import DiscardUnauthenticatedBody
 
 log = Logger(namespace="portainer_agent.access")
@@ -50,7 +52,7 @@ class AgentSite(Site):
         self.streams.add(stream)
         return lambda: self.streams.discard(stream)
 
-    def log(self, request: Request) -> None:
+    def log(self, request: http.Request) -> None:
         if not self._accessLog:
             return
         log.debug(
@@ -72,9 +74,7 @@ class AgentSite(Site):
 
         def cut() -> None:
             for req in list(self.inflight):
-                transport = req.channel.transport if req.channel else None
-                if transport is not None:
-                    transport.abortConnection()
+                abort_client(req)
             for stream in list(self.streams):
                 if stream.transport is not None:
                     stream.transport.abortConnection()

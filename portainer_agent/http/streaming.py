@@ -7,9 +7,10 @@ client pauses the upstream read instead of growing our memory.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -19,6 +20,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from twisted.web.server import Request
 
 from portainer_agent.http.paths import forwardable_response_headers
+from portainer_agent.http.responses import abort_client
 
 log = Logger()
 
@@ -57,7 +59,8 @@ class _BodyRelay(Protocol):
     def _clientLost(self, reason: Failure) -> None:
         self._clientGone = True
         # Stop the upstream (e.g. an endless /events or logs?follow) at once.
-        self.transport.stopProducing()
+        # deliverBody's transport is a push producer, not the ITransport Protocol declares.
+        cast(IPushProducer, self.transport).stopProducing()
 
     def dataReceived(self, data: bytes) -> None:
         if not self._clientGone:
@@ -79,9 +82,7 @@ class _BodyRelay(Protocol):
                 log.warn("upstream body broken for {method} {path}: {error}",
                          method=request.method.decode("latin-1"), path=request.path.decode("latin-1"),
                          error=reason.getErrorMessage())
-                transport = request.channel.transport if request.channel else None
-                if transport is not None:
-                    transport.abortConnection()
+                abort_client(request)
         self._done.callback(None)
 
 
