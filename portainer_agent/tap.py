@@ -8,7 +8,7 @@ makes the TLS identity, and returns one ``MultiService`` holding the API listene
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
@@ -75,7 +75,9 @@ class ApiListenerService(Service):
         port, self.port = self.port, None
         if port is None:
             return maybeDeferred(lambda: None)
-        return maybeDeferred(port.stopListening)
+        # maybeDeferred unwraps the Deferred that stopListening may return; its overloads
+        # cannot say so for a ``Deferred[None] | None`` result.
+        return cast("Deferred[None]", maybeDeferred(port.stopListening))
 
     @inlineCallbacks
     def stopService(self) -> Any:
