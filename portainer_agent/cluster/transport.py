@@ -13,7 +13,7 @@ TLS key, is the authentication.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Callable, Generator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Generator, Sequence, cast
 
 from cryptography.hazmat.primitives import serialization
 from twisted.internet.defer import Deferred, DeferredList, fail, inlineCallbacks, succeed
@@ -48,6 +48,9 @@ from portainer_agent.cluster.dissemination import Update
 from portainer_agent.cluster.member import Member, MemberState, PeerAddress
 from portainer_agent.cluster.swim import Clock, SwimNode
 
+if TYPE_CHECKING:
+    from OpenSSL.crypto import X509
+
 log = Logger(namespace="portainer_agent.cluster")
 
 #: A connection must authenticate within this time or it is dropped.
@@ -67,7 +70,8 @@ def peer_spki_fingerprint(transport: Any) -> str:
     """SPKI SHA-256 (hex) of the certificate the TLS peer presented, '' without TLS."""
     if not ISSLTransport.providedBy(transport):
         return ""
-    certificate = transport.getPeerCertificate()
+    # ISSLTransport declares an ``object``; Twisted's TLS gives pyOpenSSL's X509 or None.
+    certificate = cast("X509 | None", transport.getPeerCertificate())
     if certificate is None:
         return ""
     spki = certificate.to_cryptography().public_key().public_bytes(
