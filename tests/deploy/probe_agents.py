@@ -1,0 +1,62 @@
+"""Runs inside a container on the agents' overlay network (stdlib only: python3 of the agent image).
+
+    docker run --rm -i --network agent_network --entrypoint python3 \
+        -e PROBE_HEADERS='{"X-PortainerAgent-PublicKey": ..., "X-PortainerAgent-Signature": ...}' \
+        portainer-agent:py - < tests/deploy/probe_agents.py
+
+Resolves tasks.agent (env PROBE_NAME), then for every address: GET /ping (unsigned) and a
+signed GET /agents. Prints one JSON document on stdout.
+"""
+import http.client
+import json
+import os
+import socket
+import ssl
+import time
+
+name = os.environ.get("PROBE_NAME", "tasks.agent")
+port = int(os.environ.get("PROBE_PORT", "9001"))
+headers = json.loads(os.environ.get("PROBE_HEADERS", "{}"))
+context = ssl._create_unverified_context()
+
+
+def request(host, path, signed):
+    started = time.monotonic()
+    connection = http.client.HTTPSConnection(host, port, timeout=10, context=context)
+    try:
+        connection.request("GET", path, headers=headers if signed else {})
+        response = connection.getresponse()
+        body = response.read()
+        try:
+            body = json.loads(body) if body else None
+        except ValueError:
+            body = body.decode("utf-8", "replace")[:500]
+        return {"status": response.status, "body": body, "seconds": round(time.monotonic() - started, 3),
+                "agent_headers": {k: v for k, v in response.getheaders() if k.lower().startswith("portainer")}}
+    except (OSError, http.client.HTTPException) as error:
+        return {"error": repr(error), "seconds": round(time.monotonic() - started, 3)}
+    finally:
+        connection.close()
+
+
+result = {"name": name, "hostname": socket.gethostname()}
+started = time.monotonic()
+try:
+    addresses = sorted({info[4][0] for info in socket.getaddrinfo(name, port, socket.AF_INET, socket.SOCK_STREAM)})
+except OSError as error:
+    addresses = []
+    result["resolve_error"] = repr(error)
+result["resolve_seconds"] = round(time.monotonic() - started, 3)
+result["addresses"] = addresses
+result["agents"] = {}
+for address in addresses:
+    checks = {"ping": request(address, "/ping", False), "agents": request(address, "/agents", True)}
+    # The Docker API through the agent: proves the node's socket is mounted (Name = its node).
+    info = request(address, "/v1.41/info", True)
+    checks["docker_info"] = {key: info.get(key) for key in ("status", "error")}
+    if isinstance(info.get("body"), dict):
+        checks["docker_info"].update({key: info["body"].get(key) for key in ("Name", "DockerRootDir", "ServerVersion")})
+    unsigned = request(address, "/v1.41/info", False)
+    checks["unsigned_info_status"] = unsigned.get("status", unsigned.get("error"))
+    result["agents"][address] = checks
+print(json.dumps(result, indent=1))
