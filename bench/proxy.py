@@ -17,8 +17,10 @@ verification; signature headers on every agent request except ``/ping``):
     agent process's RSS growth (VmRSS sampled every 20 ms) during the agent export and
     during a deliberately slow reader (backpressure: the RSS must stay flat).
 
-Each measurement is repeated ``--runs`` times; the table shows medians, the JSON file
-(``--json``) holds the medians and every run's values.
+Each measurement is repeated ``--runs`` times; the table shows medians (the ratio column:
+the median of each run's agent/direct ratio; RSS rows: the worst run), the JSON file
+(``--json``) holds the table and every run's values. ``--merge a.json b.json`` prints one
+table over the runs of several invocations. See bench/README.md for what each row means.
 
 Usage (root, from the repository root):
 
@@ -36,12 +38,12 @@ import ssl
 import statistics
 import subprocess
 import sys
-import tempfile
 import shutil
+import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
