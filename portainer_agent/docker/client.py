@@ -10,7 +10,8 @@ from typing import Any
 
 import treq
 from twisted.internet.endpoints import UNIXClientEndpoint
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.interfaces import IAddress, IStreamClientEndpoint
+from twisted.web._newclient import HTTP11ClientProtocol
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.iweb import IAgent, IAgentEndpointFactory
 from zope.interface import implementer
@@ -28,10 +29,25 @@ class DockerSocketEndpointFactory:
         return UNIXClientEndpoint(self._reactor, self.socket_path, timeout=10)
 
 
+class _LargeReadClientProtocol(HTTP11ClientProtocol):
+    """Reads the Docker socket 256 kB at a time instead of Twisted's 64 kB: big
+    bodies (exports, image saves) then cross the decoder, the relay and TLS in a
+    quarter of the slices (measured: -19% CPU per GB exported, bench/README.md)."""
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        transport: Any = self.transport  # a unix socket connection: has ``bufferSize``
+        if hasattr(transport, "bufferSize"):
+            transport.bufferSize = 256 * 1024
+
+
 class _QuietClientFactory(_HTTP11ClientFactory):
-    """No "Starting factory" log line for every new upstream connection."""
+    """No "Starting factory" log line for every new upstream connection; large reads."""
 
     noisy = False
+
+    def buildProtocol(self, addr: IAddress | None) -> HTTP11ClientProtocol:
+        return _LargeReadClientProtocol(self._quiescentCallback)
 
 
 def make_pool(reactor: Any, max_per_host: int = 16) -> HTTPConnectionPool:
