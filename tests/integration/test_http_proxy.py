@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import tempfile
@@ -179,7 +180,9 @@ class AgentProcessTests(RealDockerTestCase, SynchronousTestCase):
     def test_docker_lost_mid_run_gives_502_then_recovers(self) -> None:
         from tests.integration.support import UnixRelay
 
-        link = str(Path(tempfile.mkdtemp(prefix="pa-relay-")) / "docker.sock")
+        relay_dir = tempfile.mkdtemp(prefix="pa-relay-")
+        self.addCleanup(shutil.rmtree, relay_dir, True)
+        link = str(Path(relay_dir) / "docker.sock")
         relay = UnixRelay(self.daemon.socket_path, link)
         relay.start()
         self.addCleanup(relay.stop)
@@ -242,6 +245,7 @@ class AgentProcessTests(RealDockerTestCase, SynchronousTestCase):
         self.assertIn("portainer-agent", listing.stdout)
         port = free_port()
         workdir = tempfile.mkdtemp(prefix="pa-twistd-")
+        self.addCleanup(shutil.rmtree, workdir, True)
         proc = subprocess.Popen([twistd, "-n", "--pidfile=", "portainer-agent",
                                  "--docker-host", f"unix://{self.daemon.socket_path}", "--host", "127.0.0.1",
                                  "--port", str(port), "--data-dir", workdir], stdout=subprocess.PIPE,
