@@ -88,14 +88,20 @@ class LabMixin:
                    **cls.lab_options)
 
     @classmethod
-    def setUpClass(cls) -> None:
-        super().setUpClass()  # type: ignore[misc]
+    def _start_lab(cls) -> Lab:
+        """Skip when this machine cannot run a lab; otherwise bring one up for the class."""
         reason = lab_skip_reason()
         if reason:
             raise unittest.SkipTest(reason)
         lab = cls.make_lab()
         lab.up()
         cls.lab = lab
+        return lab
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        super().setUpClass()  # type: ignore[misc]
+        cls._start_lab()
 
     @classmethod
     def tearDownClass(cls) -> None:
@@ -114,13 +120,7 @@ class LabMixin:
     def setUp(self) -> Any:
         cls = type(self)
         if cls.__dict__.get("lab") is None:  # the trial runner does not call setUpClass
-            reason = lab_skip_reason()
-            if reason:
-                raise unittest.SkipTest(reason)
-            lab = cls.make_lab()
-            lab.up()
-            cls.lab = lab
-            atexit.register(lab.down)
+            atexit.register(cls._start_lab().down)
         return super().setUp()  # type: ignore[misc]
 
     def require_agents(self) -> None:
