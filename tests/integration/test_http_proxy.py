@@ -267,3 +267,91 @@ class AgentProcessTests(RealDockerTestCase, SynchronousTestCase):
             proc.send_signal(signal.SIGTERM)
             # twistd re-raises the signal that stopped it once shut down cleanly.
             self.assertIn(proc.wait(30), (0, -signal.SIGTERM))
+
+
+class RawHijackHalfCloseTests(RealDockerTestCase, SynchronousTestCase):
+    """The hijacked stream over TLS, driven byte by byte: a client that ends its
+    side with a bare TCP FIN (no close_notify) still receives the output."""
+
+    def exec_instance(self, container: str) -> str:
+        body = json.dumps({"AttachStdin": True, "AttachStdout": True, "AttachStderr": True,
+                           "Tty": False, "Cmd": ["sh", "-c", "cat; echo done-after-eof"]}).encode()
+        created = self.agent.json("POST", f"/containers/{container}/exec", body=body,
+                                  headers={"Content-Type": "application/json"})
+        return created["Id"]
+
+    def test_tcp_fin_half_close_keeps_output_flowing(self) -> None:
+        import ssl as ssl_module
+
+        container = self.agent.docker("run", "-d", "busybox:local", "sleep", "3600").stdout.strip()
+        self.addCleanup(self.agent.docker, "rm", "-f", container, check=False)
+        exec_id = self.exec_instance(container)
+
+        context = ssl_module.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl_module.CERT_NONE
+        incoming, outgoing = ssl_module.MemoryBIO(), ssl_module.MemoryBIO()
+        tls = context.wrap_bio(incoming, outgoing, server_side=False)
+        raw = socket.create_connection(("127.0.0.1", self.agent.port), timeout=20)
+        self.addCleanup(raw.close)
+
+        def pump_out() -> None:
+            data = outgoing.read()
+            if data:
+                raw.sendall(data)
+
+        def pump_in() -> bool:
+            data = raw.recv(65536)
+            if not data:
+                return False
+            incoming.write(data)
+            return True
+
+        while True:  # handshake
+            try:
+                tls.do_handshake()
+                break
+            except ssl_module.SSLWantReadError:
+                pump_out()
+                self.assertTrue(pump_in(), "connection closed during handshake")
+        pump_out()
+
+        body = b'{"Detach": false, "Tty": false}'
+        head = (f"POST /v1.41/exec/{exec_id}/start HTTP/1.1\r\nHost: agent\r\nConnection: Upgrade\r\n"
+                f"Upgrade: tcp\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n")
+        head += "".join(f"{name}: {value}\r\n" for name, value in self.agent.headers.items())
+        tls.write(head.encode() + b"\r\n" + body)
+        pump_out()
+
+        received = b""
+
+        def read_until(marker: bytes) -> None:
+            nonlocal received
+            deadline = time.monotonic() + 20
+            while marker not in received and time.monotonic() < deadline:
+                try:
+                    received += tls.read(65536)
+                    continue
+                except ssl_module.SSLWantReadError:
+                    pass
+                except ssl_module.SSLZeroReturnError:
+                    return
+                if not pump_in():
+                    return
+
+        read_until(b"\r\n\r\n")
+        self.assertTrue(received.startswith(b"HTTP/1.1 101"), received[:200])
+        self.assertEqual(received.count(b"Portainer-Agent: "), 1)
+        received = received.split(b"\r\n\r\n", 1)[1]
+
+        tls.write(b"line one\nline two\n")
+        pump_out()
+        raw.shutdown(socket.SHUT_WR)  # bare TCP FIN: stdin ends, no close_notify
+        read_until(b"done-after-eof")
+        # Docker's stdout frames: 8-byte header then payload.
+        payload = b""
+        while len(received) >= 8:
+            size = int.from_bytes(received[4:8], "big")
+            payload += received[8:8 + size]
+            received = received[8 + size:]
+        self.assertEqual(payload, b"line one\nline two\ndone-after-eof\n")
