@@ -13,10 +13,11 @@ import os
 from typing import Any
 
 from twisted.internet import task
+from twisted.internet.abstract import isIPv6Address
 from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import FileBodyProducer
+from twisted.web.client import URI, FileBodyProducer
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IResponse
 from twisted.web.server import NOT_DONE_YET, Request
@@ -71,11 +72,17 @@ class DockerProxy:
         self._socket_path = socket_path
         self._base_url = base_url
         self._cooperator = cooperator
+        # The Host value twisted.web.client.Agent computes from the base URL (scheme
+        # default ports left out); given here, DockerSocketAgent skips its URL parsing.
+        uri = URI.fromBytes(base_url)
+        host = b"[" + uri.host + b"]" if isIPv6Address(uri.host.decode("ascii")) else uri.host
+        default_port = (uri.scheme, uri.port) in ((b"http", 80), (b"https", 443))
+        self._host = {b"host": host if default_port else b"%b:%d" % (host, uri.port)}
 
     def render(self, request: Request) -> Any:
         url = self._base_url + request.uri
         pending = self._agent.request(
-            request.method, url, upstream_headers(request), request_body_producer(request, self._cooperator)
+            request.method, url, upstream_headers(request, self._host), request_body_producer(request, self._cooperator)
         )
         # A client that leaves before Docker answers cancels the upstream request;
         # once the response streams, the relay stops the upstream itself.
