@@ -22,7 +22,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IResponse
 from twisted.web.server import NOT_DONE_YET, Request
 
-from portainer_agent.errors import bad_gateway_docker
+from portainer_agent.errors import AgentError, bad_gateway_docker
 from portainer_agent.http.paths import forwardable_request_headers
 from portainer_agent.http.responses import finish_with_error
 from portainer_agent.http.streaming import relay_response
@@ -81,9 +81,14 @@ class DockerProxy:
 
     def render(self, request: Request) -> Any:
         url = self._base_url + request.uri
-        pending = self._agent.request(
-            request.method, url, upstream_headers(request, self._host), request_body_producer(request, self._cooperator)
-        )
+        try:
+            pending = self._agent.request(
+                request.method, url, upstream_headers(request, self._host), request_body_producer(request, self._cooperator)
+            )
+        except ValueError as error:
+            # The client library refuses control characters in the method or URI
+            # (twisted.web's server lets some through): a client error, not a crash.
+            raise AgentError(400, "Invalid request URL or method", str(error)) from None
         # A client that leaves before Docker answers cancels the upstream request;
         # once the response streams, the relay stops the upstream itself.
         request.notifyFinish().addErrback(lambda _: None if pending.called else pending.cancel())
@@ -111,7 +116,6 @@ class DockerProxy:
         if failure.check(CancelledError) or request._disconnected:
             return
         log.failure("proxying to Docker failed", failure)
-        from portainer_agent.errors import AgentError
 
         finish_with_error(request, AgentError(500, "Internal agent error", failure.getErrorMessage()))
 

@@ -442,3 +442,23 @@ class StreamingTests(MemoryTestCase):
         docker.pending[0].finish()
         memory.pump()
         self.assertIn(b'{"StatusCode":0}\n', wire.body())
+
+
+
+class InvalidURITests(MemoryTestCase):
+    """The Docker client refuses control characters that twisted.web's server lets
+    through: the client gets a 400 JSON error, not a 500 page and a traceback."""
+
+    def test_control_character_in_the_uri_is_a_400_json_error(self) -> None:
+        from twisted.internet.testing import MemoryReactorClock
+
+        from portainer_agent.docker.client import DockerSocketAgent, make_pool
+
+        reactor = MemoryReactorClock()
+        upstream = DockerSocketAgent(reactor, "/nonexistent/docker.sock", make_pool(reactor))
+        wire = self.memory(upstream=upstream).raw(raw_request(b"GET", b"/containers/json?x=\x7f"))
+        self.assertEqual(wire.status(), b"HTTP/1.1 400 Bad Request")
+        self.assertEqual(json.loads(wire.body())["message"], "Invalid request URL or method")
+        self.assertEqual(wire.values(b"portainer-agent"), [__version__.encode()])
+        self.assertEqual(reactor.unixClients, [])  # refused before any connection
+        self.assertEqual(self.flushLoggedErrors(), [])
