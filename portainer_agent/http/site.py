@@ -8,6 +8,7 @@ from typing import Any, Callable
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 from twisted.web import http
+from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
 from twisted.web.server import Request, Site
 
 from portainer_agent.http.responses import abort_client
@@ -26,6 +27,19 @@ class AgentRequest(DiscardUnauthenticatedBody, Request):
         self.startedAt = time.monotonic()
 
 
+class AgentHTTPChannel(HTTPChannel):
+    """HTTPChannel whose answer to an over-long request line or header actually closes.
+
+    Twisted's default (``LineReceiver.lineLengthExceeded``) calls
+    ``transport.loseConnection()`` while the channel is still the transport's registered
+    producer; over TLS that defers the shutdown forever, so the client hangs until the
+    idle timeout. Answer 400 and close the way the channel does for other bad requests.
+    """
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._respondToBadRequestAndDisconnect()
+
+
 class AgentSite(Site):
     """A Site that logs one structured access line per request at DEBUG (method,
     path without the query string, status, bytes, duration) and knows which requests
@@ -33,6 +47,11 @@ class AgentSite(Site):
 
     requestFactory = AgentRequest
     noisy = False
+
+    def protocol(self) -> _GenericHTTPChannelProtocol:  # type: ignore[override]
+        # HTTPFactory builds ``_GenericHTTPChannelProtocol(HTTPChannel())`` with no
+        # public seam for the channel class; this is the same, with our channel.
+        return _GenericHTTPChannelProtocol(AgentHTTPChannel())
 
     def __init__(self, resource: Any, access_log: bool = False, **kwargs: Any) -> None:
         super().__init__(resource, requestFactory=AgentRequest, **kwargs)

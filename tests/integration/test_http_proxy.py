@@ -46,6 +46,13 @@ class AgentHTTPTests(RealDockerTestCase, SynchronousTestCase):
             self.assertEqual(status, expected, path)
             self.assertAgentHeadersOnce(headers)
 
+    def test_over_long_request_line_or_header_is_refused_at_once(self) -> None:
+        for path, headers in (("/" + "a" * 20000, {}), ("/_ping", {"X-Big": "b" * 20000})):
+            started = time.monotonic()
+            status, _, _ = self.agent.request("GET", path, headers=headers, timeout=10)
+            self.assertEqual(status, 400)
+            self.assertLess(time.monotonic() - started, 3)
+
     def test_agent_errors_are_docker_style_json(self) -> None:
         status, headers, body = self.agent.request("GET", "/v2/host/nothing")
         self.assertEqual(status, 404)
