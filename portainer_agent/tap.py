@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Callable, cast
 
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
+from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
@@ -24,7 +24,7 @@ from portainer_agent.docker.hijack import HijackProxy
 from portainer_agent.docker.identity import DockerUnavailable, NodeIdentity, fetch_identity_blocking
 from portainer_agent.docker.proxy import DockerProxy
 from portainer_agent.http.root import AgentRoot
-from portainer_agent.http.site import AgentSite
+from portainer_agent.http.site import AgentSite, OpenStreams
 from portainer_agent.options import AgentOptions
 from portainer_agent.tls.certs import TLSIdentity, load_or_generate
 from portainer_agent.security.guard import SignatureGuard
@@ -53,7 +53,6 @@ class ApiListenerService(Service):
         self._describe = describe
         self._on_fatal = on_fatal
         self.port: IListeningPort | None = None
-        self.closed_by_security = False
 
     def startService(self) -> None:
         super().startService()
@@ -74,7 +73,7 @@ class ApiListenerService(Service):
         """Close the listening port (the process keeps running)."""
         port, self.port = self.port, None
         if port is None:
-            return maybeDeferred(lambda: None)
+            return succeed(None)
         # maybeDeferred unwraps the Deferred that stopListening may return; its overloads
         # cannot say so for a ``Deferred[None] | None`` result.
         return cast("Deferred[None]", maybeDeferred(port.stopListening))
@@ -100,13 +99,13 @@ class AgentService(MultiService):
         self.docker_agent = docker_agent(reactor, config.docker_socket_path, self.pool)
         self.docker = docker_treq(self.docker_agent)
         self.guard = SignatureGuard.from_config(config)
+        streams = OpenStreams()
         self.root = AgentRoot(
             guard=self.guard,
             docker=DockerProxy(self.docker_agent, config.docker_socket_path),
-            hijack=HijackProxy(reactor, config.docker_socket_path, track=None),
+            hijack=HijackProxy(reactor, config.docker_socket_path, track=streams.track),
         )
-        self.site = AgentSite(self.root, access_log=config.log_level == "DEBUG", reactor=reactor)
-        self.root._hijack._track = self.site.track_stream  # type: ignore[attr-defined]
+        self.site = AgentSite(self.root, access_log=config.log_level == "DEBUG", streams=streams, reactor=reactor)
         ca_pem = config.tls_ca.read_bytes() if config.tls_ca else None
         inner = (TCP6ServerEndpoint if ":" in config.host else TCP4ServerEndpoint)(
             reactor, config.port, backlog=128, interface=config.host
@@ -131,7 +130,6 @@ class AgentService(MultiService):
         open, stop listening, keep the process running."""
         self.guard.close("API closed by the security shutdown: no Portainer instance was associated in time;"
                          " restart the agent to pair it")
-        self.api.closed_by_security = True
         return self.api.stop_listening()
 
     def fatal(self, message: str) -> None:

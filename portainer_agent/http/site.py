@@ -6,7 +6,9 @@ import weakref
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
 from twisted.web.server import Request, Site
@@ -36,8 +38,35 @@ class AgentHTTPChannel(HTTPChannel):
     idle timeout. Answer 400 and close the way the channel does for other bad requests.
     """
 
+    closed = False
+
     def lineLengthExceeded(self, line: bytes) -> None:
         self._respondToBadRequestAndDisconnect()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.closed = True
+        super().connectionLost(reason)
+
+
+class OpenStreams:
+    """Hijacked streams still open: no longer twisted.web Requests, so the site cannot
+    see them; a graceful stop cuts them after the grace period."""
+
+    def __init__(self) -> None:
+        self._streams: set[Any] = set()
+
+    def __bool__(self) -> bool:
+        return bool(self._streams)
+
+    def track(self, stream: Any) -> Callable[[], None]:
+        """Register ``stream`` (a protocol with a transport); returns its remover."""
+        self._streams.add(stream)
+        return lambda: self._streams.discard(stream)
+
+    def abort_all(self) -> None:
+        for stream in list(self._streams):
+            if stream.transport is not None:
+                stream.transport.abortConnection()
 
 
 class AgentSite(Site):
@@ -51,25 +80,22 @@ class AgentSite(Site):
     def protocol(self) -> _GenericHTTPChannelProtocol:  # type: ignore[override]
         # HTTPFactory builds ``_GenericHTTPChannelProtocol(HTTPChannel())`` with no
         # public seam for the channel class; this is the same, with our channel.
-        return _GenericHTTPChannelProtocol(AgentHTTPChannel())
+        channel = AgentHTTPChannel()
+        self.channels.add(channel)
+        return _GenericHTTPChannelProtocol(channel)
 
-    def __init__(self, resource: Any, access_log: bool = False, **kwargs: Any) -> None:
+    def __init__(self, resource: Any, access_log: bool = False, streams: OpenStreams | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(resource, requestFactory=AgentRequest, **kwargs)
         self._accessLog = access_log
         self.inflight: set[Request] = set()
-        self.channels: "weakref.WeakSet[Any]" = weakref.WeakSet()
-        self.streams: set[Any] = set()
+        self.channels: "weakref.WeakSet[AgentHTTPChannel]" = weakref.WeakSet()
+        self.streams = streams if streams is not None else OpenStreams()
 
     def getResourceFor(self, request: Request) -> Any:
         self.inflight.add(request)
-        self.channels.add(request.channel)
         request.notifyFinish().addBoth(lambda _: self.inflight.discard(request))
         return super().getResourceFor(request)
-
-    def track_stream(self, stream: Any) -> Callable[[], None]:
-        """Register a hijacked stream (no longer a Request); returns its remover."""
-        self.streams.add(stream)
-        return lambda: self.streams.discard(stream)
 
     def log(self, request: http.Request) -> None:
         if not self._accessLog:
@@ -87,41 +113,40 @@ class AgentSite(Site):
         """Wait up to ``grace`` seconds for running requests, then cut the rest."""
         pending = [req.notifyFinish() for req in list(self.inflight)]
         done: Deferred[None] = Deferred()
-        if not pending and not self.streams:
-            done.callback(None)
-            return done
 
         def cut() -> None:
             for req in list(self.inflight):
                 abort_client(req)
-            for stream in list(self.streams):
-                if stream.transport is not None:
-                    stream.transport.abortConnection()
+            self.streams.abort_all()
             if not done.called:
                 done.callback(None)
 
-        timer = clock.callLater(grace, cut)
+        if not pending and not self.streams:
+            done.callback(None)
+        else:
+            timer = clock.callLater(grace, cut)
 
-        def finished(_: Any) -> None:
-            if timer.active():
-                timer.cancel()
-            cut()
+            def finished(_: Any) -> None:
+                if timer.active():
+                    timer.cancel()
+                cut()
 
-        if pending:
-            DeferredList(pending, consumeErrors=True).addBoth(finished)
+            if pending:
+                DeferredList(pending, consumeErrors=True).addBoth(finished)
+        # Kept-alive connections are closed cleanly in every case, idle ones included.
         return done.addCallback(lambda _: self._closeConnections(clock))
 
     def _closeConnections(self, clock: Any, timeout: float = 1.0) -> "Deferred[None]":
         """Close kept-alive client connections cleanly (flushing buffered TLS data,
         e.g. the end of the last response) and wait, briefly, until they are gone."""
-        open_channels = [c for c in list(self.channels) if c.transport is not None]
+        open_channels = [c for c in list(self.channels) if not c.closed and c.transport is not None]
         for channel in open_channels:
-            channel.transport.loseConnection()
+            channel.loseConnection()
         done: Deferred[None] = Deferred()
         deadline = clock.seconds() + timeout
 
         def poll() -> None:
-            if all(_closed(c) for c in open_channels) or clock.seconds() >= deadline:
+            if all(c.closed for c in open_channels) or clock.seconds() >= deadline:
                 done.callback(None)
             else:
                 clock.callLater(0.02, poll)
@@ -129,10 +154,3 @@ class AgentSite(Site):
         poll()
         return done
 
-
-def _closed(channel: Any) -> bool:
-    transport = channel.transport
-    if transport is None:
-        return True
-    # TLS wrapper: set in connectionLost; TCP transport: ``disconnected``.
-    return bool(getattr(transport, "_lostTLSConnection", False) or getattr(transport, "disconnected", False))
