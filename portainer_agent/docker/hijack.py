@@ -22,7 +22,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from portainer_agent.errors import AgentError, bad_gateway_docker
-from portainer_agent.http.paths import HOP_BY_HOP, RECOMPUTED_REQUEST, connection_tokens
+from portainer_agent.http.paths import forwardable_request_headers, forwardable_response_headers
 from portainer_agent.http.responses import finish_with_error
 
 log = Logger()
@@ -34,11 +34,8 @@ MAX_RESPONSE_HEAD = 64 * 1024
 def build_upgrade_head(request: Request, body: bytes, host: bytes = b"docker") -> bytes:
     """Pure: the raw HTTP/1.1 head for Docker, from the client's request."""
     raw = request.requestHeaders
-    drop = HOP_BY_HOP | RECOMPUTED_REQUEST | connection_tokens(raw.getRawHeaders(b"connection", []))
     lines = [b"%s %s HTTP/1.1" % (request.method, request.uri), b"Host: " + host]
-    for name, values in raw.getAllRawHeaders():
-        if name.lower() in drop:
-            continue
+    for name, values in forwardable_request_headers(raw.getAllRawHeaders(), raw.getRawHeaders(b"connection", [])):
         for value in values:
             lines.append(name + b": " + value)
     upgrade = raw.getRawHeaders(b"upgrade", [b"tcp"])[-1]
@@ -287,14 +284,17 @@ class HijackProxy:
         request.setResponseCode(code, phrase)
         length = None
         chunked = False
+        connection = []
         for name, value in headers:
             lower = name.lower()
             if lower == b"content-length":
                 length = int(value)
             elif lower == b"transfer-encoding" and b"chunked" in value.lower():
                 chunked = True
-            elif lower not in HOP_BY_HOP and not lower.startswith(b"portainer-agent"):
-                request.responseHeaders.addRawHeader(name, value)
+            elif lower == b"connection":
+                connection.append(value)
+        for name, values in forwardable_response_headers(((n, [v]) for n, v in headers), connection):
+            request.responseHeaders.addRawHeader(name, values[0])
         received = bytearray()
         state = {"done": False}
 

@@ -73,6 +73,6 @@ def forwardable_response_headers(
     return [(name, values) for name, values in headers if name.lower() not in drop]
 
 
-def is_upgrade_request(method: bytes, headers_connection: list[bytes], upgrade: list[bytes]) -> bool:
+def is_upgrade_request(method: bytes, headers_connection: Iterable[bytes], upgrade: Sequence[bytes]) -> bool:
     """A request asking for Docker's hijacked stream (``Connection: Upgrade``)."""
     return bool(upgrade) and b"upgrade" in connection_tokens(headers_connection)

@@ -15,7 +15,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from portainer_agent import AGENT_API_VERSION, AGENT_PLATFORM, __version__
 from portainer_agent.errors import AgentError, not_found
-from portainer_agent.http.paths import connection_tokens, split_version_prefix
+from portainer_agent.http.paths import is_upgrade_request, split_version_prefix
 from portainer_agent.http.responses import write_empty, write_error
 from portainer_agent.routing import Route, RouteKind, route
 
@@ -62,8 +62,8 @@ class AgentRoot(Resource):
             request.responseHeaders.setRawHeaders(name, [value])
         _, path = split_version_prefix(request.path)
         headers = request.requestHeaders
-        upgrade = bool(headers.getRawHeaders(b"upgrade")) and b"upgrade" in connection_tokens(
-            headers.getRawHeaders(b"connection", [])
+        upgrade = is_upgrade_request(
+            request.method, headers.getRawHeaders(b"connection", []), headers.getRawHeaders(b"upgrade", [])
         )
         decision = route(request.method, path, upgrade)
         request.agentRoute = decision  # type: ignore[attr-defined]
