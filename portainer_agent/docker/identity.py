@@ -61,6 +61,14 @@ def identity_from_info(info: dict[str, Any], node: dict[str, Any] | None = None)
     )
 
 
+def node_path(info: dict[str, Any]) -> str | None:
+    """Pure: ``/nodes/{id}`` to read the leader flag from, for a manager; else None."""
+    swarm = info.get("Swarm") or {}
+    if swarm.get("ControlAvailable") and swarm.get("NodeID"):
+        return f"/nodes/{swarm['NodeID']}"
+    return None
+
+
 class _UnixHTTPConnection(http.client.HTTPConnection):
     def __init__(self, socket_path: str, timeout: float) -> None:
         super().__init__("docker", timeout=timeout)
@@ -91,10 +99,10 @@ def fetch_identity_blocking(socket_path: str, timeout: float = 10.0) -> NodeIden
     try:
         info = _get_json_blocking(socket_path, "/info", timeout)
         node = None
-        swarm = info.get("Swarm") or {}
-        if swarm.get("ControlAvailable") and swarm.get("NodeID"):
+        path = node_path(info)
+        if path is not None:
             try:
-                node = _get_json_blocking(socket_path, f"/nodes/{swarm['NodeID']}", timeout)
+                node = _get_json_blocking(socket_path, path, timeout)
             except (DockerUnavailable, OSError, ValueError):
                 node = None
     except (OSError, ValueError, http.client.HTTPException) as error:
@@ -108,9 +116,9 @@ def fetch_identity(docker: Any) -> Generator[Deferred[Any], Any, NodeIdentity]:
     response = yield docker.get("http://docker/info")
     info = yield response.json()
     node = None
-    swarm = info.get("Swarm") or {}
-    if swarm.get("ControlAvailable") and swarm.get("NodeID"):
-        node_response = yield docker.get(f"http://docker/nodes/{swarm['NodeID']}")
+    path = node_path(info)
+    if path is not None:
+        node_response = yield docker.get(f"http://docker{path}")
         if node_response.code == 200:
             node = yield node_response.json()
         else:

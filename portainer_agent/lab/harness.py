@@ -305,31 +305,6 @@ def https_status(host: str, port: int, path: str = "/ping", timeout: float = 2.0
     return response.status if response is not None else None
 
 
-def placeholder_ca_pem() -> bytes:
-    """A throwaway self-signed certificate for ``DOCKER_CONFIG/ca.pem``.
-
-    With ``--tls`` (no ``--tlsverify``) the docker CLI does not verify the agent, yet it
-    still loads ``ca.pem`` from its cert path (``DOCKER_CONFIG``) and fails when it is
-    missing. Its content is never used for verification.
-    """
-    import datetime
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "portainer-agent-lab placeholder (not verified)")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-                   .serial_number(x509.random_serial_number()).not_valid_before(now)
-                   .not_valid_after(now + datetime.timedelta(days=3650))
-                   .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-                   .sign(key, hashes.SHA256()))
-    return certificate.public_bytes(serialization.Encoding.PEM)
-
-
 @attrs.define(eq=False)
 class Lab:
     """N dockerds in network namespaces on a private bridge, joined into a Swarm, with
@@ -744,9 +719,6 @@ class Lab:
         returns the directory (``DOCKER_CONFIG=<it> docker -H tcp://IP:9001 --tls ...``)."""
         path = Path(directory) if directory is not None else self.root / "docker-config"
         write_docker_config(path, self.signed_headers())
-        placeholder = path / "ca.pem"
-        if not placeholder.exists():
-            placeholder.write_bytes(placeholder_ca_pem())
         return path
 
     def agent_docker(self, ref: NodeRef, *args: str, check: bool = True, input: str | bytes | None = None,

@@ -66,8 +66,34 @@ class PortainerSigner:
         return {PUBLIC_KEY_HEADER: self.public_key_hex, SIGNATURE_HEADER: self.sign(message)}
 
 
+def placeholder_ca_pem() -> bytes:
+    """A throwaway self-signed certificate for ``DOCKER_CONFIG/ca.pem``.
+
+    With ``--tls`` (no ``--tlsverify``) the docker CLI does not verify the agent, yet it
+    still loads ``ca.pem`` from its cert path (``DOCKER_CONFIG``) and fails when it is
+    missing. Its content is never used for verification.
+    """
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "portainer-agent placeholder (not verified)")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number()).not_valid_before(now)
+                   .not_valid_after(now + datetime.timedelta(days=3650))
+                   .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                   .sign(key, hashes.SHA256()))
+    return certificate.public_bytes(serialization.Encoding.PEM)
+
+
 def write_docker_config(directory: str | os.PathLike[str], headers: dict[str, str]) -> Path:
-    """Write a docker CLI ``config.json`` that sends ``headers`` on every request.
+    """Write a docker CLI ``config.json`` that sends ``headers`` on every request, and
+    the placeholder ``ca.pem`` that ``docker --tls`` insists on loading.
 
     Point ``DOCKER_CONFIG`` at ``directory`` and the real CLI talks to an agent as
     Portainer's stack deployments do.
@@ -76,6 +102,9 @@ def write_docker_config(directory: str | os.PathLike[str], headers: dict[str, st
     path.mkdir(parents=True, exist_ok=True)
     config = path / "config.json"
     config.write_text(json.dumps({"HttpHeaders": headers}, indent=2))
+    placeholder = path / "ca.pem"
+    if not placeholder.exists():
+        placeholder.write_bytes(placeholder_ca_pem())
     return config
 
 

@@ -80,9 +80,6 @@ class AgentProcess:
         self.headers = signer.headers()
         self.docker_config = workdir / "docker-config"
         write_docker_config(self.docker_config, self.headers)
-        from portainer_agent.lab.harness import placeholder_ca_pem
-
-        (self.docker_config / "ca.pem").write_bytes(placeholder_ca_pem())
 
     @classmethod
     def start(cls, socket_path: str, args: Sequence[str] = (), env: Mapping[str, str] | None = None,

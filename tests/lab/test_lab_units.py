@@ -23,7 +23,8 @@ from portainer_agent.lab.dockerd import (
     busybox_tar,
     processes_under,
 )
-from portainer_agent.lab.harness import Lab, LabError, Leftovers, placeholder_ca_pem
+from portainer_agent.lab.harness import Lab, LabError, Leftovers
+from portainer_agent.testing.signing import placeholder_ca_pem
 from portainer_agent.lab.testing import default_prefix_and_subnet
 
 

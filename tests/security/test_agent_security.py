@@ -254,11 +254,8 @@ class DefaultModeAgentTests(DockerdFixture, SynchronousTestCase):
 
     def docker_cli(self, config: Path, *args: str) -> subprocess.CompletedProcess:
         """The real docker CLI, as Portainer's stack deployments run it (headers from
-        ``config.json``). ``--tls`` without verification still loads ``ca.pem`` from the
-        config directory, hence the lab's placeholder."""
-        from portainer_agent.lab.harness import placeholder_ca_pem
-
-        (config / "ca.pem").write_bytes(placeholder_ca_pem())
+        ``config.json``; ``write_docker_config`` also writes the ``ca.pem`` that
+        ``--tls`` without verification still loads)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("DOCKER_")}
         env["DOCKER_CONFIG"] = str(config)
         return subprocess.run(
