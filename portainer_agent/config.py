@@ -52,6 +52,10 @@ class Config:
     # browse (later issue)
     host_management: bool = False
 
+    # cluster routing (issue 8)
+    peer_timeout: float = 5.0
+    aggregate_timeout: float = 10.0
+
     @property
     def docker_socket_path(self) -> str:
         """Filesystem path of the Docker unix socket (``DOCKER_HOST=unix://...``)."""

@@ -135,6 +135,8 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("probe-interval", "AGENT_CLUSTER_PROBE_INTERVAL", "probe_interval", _positive_duration, "membership probe interval", "1s"),
     OptionSpec("probe-timeout", "AGENT_CLUSTER_PROBE_TIMEOUT", "probe_timeout", _positive_duration, "membership probe timeout", "500ms"),
     OptionSpec("host-management", "CAP_HOST_MANAGEMENT", "host_management", _flag, "allow /browse outside volumes (1/0)", "0"),
+    OptionSpec("peer-timeout", "AGENT_PEER_TIMEOUT", "peer_timeout", _positive_duration, "connect timeout to another agent (established streams have none)", "5s"),
+    OptionSpec("aggregate-timeout", "AGENT_AGGREGATE_TIMEOUT", "aggregate_timeout", _positive_duration, "per-node deadline of an aggregated list (containers, images, volumes, networks)", "10s"),
 )
 
 _BY_FLAG = {spec.flag: spec for spec in OPTIONS}

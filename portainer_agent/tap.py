@@ -20,9 +20,9 @@ from twisted.python.failure import Failure
 from portainer_agent import __version__
 from portainer_agent.config import Config
 from portainer_agent.docker.client import docker_agent, docker_treq, make_pool
-from portainer_agent.docker.hijack import HijackProxy
+from portainer_agent.proxy.splice import HijackProxy
 from portainer_agent.docker.identity import DockerUnavailable, NodeIdentity, fetch_identity_blocking
-from portainer_agent.docker.proxy import DockerProxy
+from portainer_agent.proxy.local import DockerProxy
 from portainer_agent.http.root import AgentRoot
 from portainer_agent.http.site import AgentSite, OpenStreams
 from portainer_agent.options import AgentOptions
@@ -30,7 +30,11 @@ from portainer_agent.tls.certs import TLSIdentity, load_or_generate
 from portainer_agent.security.guard import SignatureGuard
 from portainer_agent.security.shutdown import SecurityShutdown
 from portainer_agent.tls.server import TLSServerEndpoint, server_options
+from portainer_agent.cluster.membership import MembershipView
 from portainer_agent.cluster.service import build_cluster_service
+from portainer_agent.proxy.fanout import FanOut
+from portainer_agent.proxy.peer import PeerForwarder, PeerTLSPolicy
+from portainer_agent.routing import ClusterSnapshot
 from portainer_agent.http.agents import AgentsResource
 
 log = Logger()
@@ -100,11 +104,9 @@ class AgentService(MultiService):
         self.docker = docker_treq(self.docker_agent)
         self.guard = SignatureGuard.from_config(config)
         streams = OpenStreams()
-        self.root = AgentRoot(
-            guard=self.guard,
-            docker=DockerProxy(self.docker_agent, config.docker_socket_path),
-            hijack=HijackProxy(reactor, config.docker_socket_path, track=streams.track),
-        )
+        self.docker_proxy = DockerProxy(self.docker_agent, config.docker_socket_path)
+        self.hijack = HijackProxy(reactor, config.docker_socket_path, track=streams.track)
+        self.root = AgentRoot(guard=self.guard, docker=self.docker_proxy, hijack=self.hijack)
         self.site = AgentSite(self.root, access_log=config.log_level == "DEBUG", streams=streams, reactor=reactor)
         ca_pem = config.tls_ca.read_bytes() if config.tls_ca else None
         inner = (TCP6ServerEndpoint if ":" in config.host else TCP4ServerEndpoint)(
@@ -124,6 +126,23 @@ class AgentService(MultiService):
         if self.cluster is not None:
             self.cluster.setServiceParent(self)
         self.root.endpoints[b"/agents"] = AgentsResource(self.cluster.view if self.cluster is not None else None)
+        self.peer_pool = None
+        if self.cluster is not None:
+            self._wire_cluster_routing(self.cluster.view)
+
+    def _wire_cluster_routing(self, view: MembershipView) -> None:
+        """Target forwarding, manager operations and aggregation (Swarm only)."""
+        def pin_for(host: str, port: int) -> str | None:
+            member = next((m for m in view.alive_members() if m.api_addr == host and m.api_port == port), None)
+            return member.cert_fingerprint if member is not None else None
+
+        self.peer_pool = make_pool(self.reactor)
+        policy = PeerTLSPolicy(pin_for, authenticated=self.config.cluster_key is not None)
+        peers = PeerForwarder(self.reactor, policy, self.peer_pool, lambda: view.local.node_name, self.hijack,
+                              connect_timeout=self.config.peer_timeout)
+        self.root.destinations.peers = peers
+        self.root.destinations.fanout = FanOut(self.reactor, self.docker_proxy, peers, self.config.aggregate_timeout)
+        self.root.cluster = lambda: ClusterSnapshot.of(view)
 
     def close_api_for_security(self) -> "Deferred[None]":
         """Security shutdown (--secret-timeout): refuse requests on connections still
@@ -144,6 +163,8 @@ class AgentService(MultiService):
                  grace=self.config.shutdown_grace)
         yield super().stopService()
         yield self.pool.closeCachedConnections()
+        if self.peer_pool is not None:
+            yield self.peer_pool.closeCachedConnections()
         log.info("stopped")
 
 

@@ -3,11 +3,12 @@
 In order: agent headers on the response (so every answer carries them, errors and
 404s included), Docker API version prefix split off for routing, the public ping,
 the request guard (signature check, before any routing or forwarding), then the
-routing decision (:func:`portainer_agent.routing.route`) and its handler.
+routing decision (:func:`portainer_agent.routing.decide`, given the request's facts and a
+snapshot of the live cluster members) and the destination it names.
 """
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from twisted.logger import Logger
 from twisted.web.resource import IResource, Resource
@@ -17,7 +18,17 @@ from portainer_agent import AGENT_API_VERSION, AGENT_PLATFORM, __version__
 from portainer_agent.errors import AgentError, not_found
 from portainer_agent.http.paths import is_upgrade_request, split_version_prefix
 from portainer_agent.http.responses import write_empty, write_error
-from portainer_agent.routing import Route, RouteKind, route
+from portainer_agent.proxy.dispatch import Destinations
+from portainer_agent.routing import (
+    FORWARDED_HEADER,
+    MANAGER_OPERATION_HEADER,
+    TARGET_HEADER,
+    ClusterSnapshot,
+    RequestFacts,
+    Route,
+    RouteKind,
+    decide,
+)
 
 log = Logger()
 
@@ -38,6 +49,30 @@ class Handler(Protocol):
     def render(self, request: Request) -> Any: ...
 
 
+def _header_text(request: Request, name: bytes) -> str | None:
+    value = request.requestHeaders.getRawHeaders(name)
+    if not value:
+        return None
+    text = value[-1].decode("utf-8", "replace").strip()
+    return text or None
+
+
+def request_facts(request: Request, path: bytes) -> RequestFacts:
+    """What routing needs from a request (``path`` without the Docker version prefix)."""
+    headers = request.requestHeaders
+    upgrade = is_upgrade_request(
+        request.method, headers.getRawHeaders(b"connection", []), headers.getRawHeaders(b"upgrade", [])
+    )
+    return RequestFacts(
+        method=request.method,
+        path=path,
+        upgrade=upgrade,
+        target=_header_text(request, TARGET_HEADER),
+        manager_operation=headers.hasHeader(MANAGER_OPERATION_HEADER),
+        forwarded_by=_header_text(request, FORWARDED_HEADER),
+    )
+
+
 class AgentRoot(Resource):
     """Routes every path itself (a leaf): the tree is data in :mod:`routing`."""
 
@@ -49,11 +84,16 @@ class AgentRoot(Resource):
         hijack: Handler,
         guard: RequestGuard | None = None,
         endpoints: dict[bytes, IResource | Handler] | None = None,
+        cluster: Callable[[], ClusterSnapshot | None] | None = None,
+        peers: Any = None,
+        fanout: Any = None,
     ) -> None:
         super().__init__()
-        self._docker = docker
-        self._hijack = hijack
+        self.destinations = Destinations(docker, hijack, peers, fanout)
         self.guard = guard
+        #: Live cluster members at the time of a request; None (or returning None) on a
+        #: standalone engine, where everything is served locally.
+        self.cluster = cluster
         #: Agent endpoints by path without ``/v1``/``/v2``: ``b"/agents"``, ``b"/host/info"``...
         self.endpoints: dict[bytes, IResource | Handler] = dict(endpoints or {})
 
@@ -61,30 +101,28 @@ class AgentRoot(Resource):
         for name, value in AGENT_HEADERS:
             request.responseHeaders.setRawHeaders(name, [value])
         _, path = split_version_prefix(request.path)
-        headers = request.requestHeaders
-        upgrade = is_upgrade_request(
-            request.method, headers.getRawHeaders(b"connection", []), headers.getRawHeaders(b"upgrade", [])
-        )
-        decision = route(request.method, path, upgrade)
+        snapshot = self.cluster() if self.cluster is not None else None
+        decision = decide(request_facts(request, path), snapshot)
         request.agentRoute = decision  # type: ignore[attr-defined]
         try:
             if decision.kind is RouteKind.PING:
                 return write_empty(request, 204)
             if self.guard is not None:
                 self.guard.check(request)
-            return self._dispatch(decision, request)
+            return self._dispatch(decision, request, snapshot)
         except AgentError as error:
             return write_error(request, error)
 
-    def _dispatch(self, decision: Route, request: Request) -> Any:
+    def _dispatch(self, decision: Route, request: Request, snapshot: ClusterSnapshot | None) -> Any:
         if decision.kind is RouteKind.AGENT:
             endpoint = self.endpoints.get(decision.path)
             if endpoint is None:
                 raise not_found(decision.path.decode("latin-1"))
             return endpoint.render(request)
-        if decision.kind is RouteKind.HIJACK:
-            return self._hijack.render(request)
-        return self._docker.render(request)
+        if decision.kind is RouteKind.REFUSED:
+            assert decision.error is not None
+            raise decision.error
+        return self.destinations.serve(decision, request, snapshot.local.node_name if snapshot else None)
 
 
-__all__ = ["AgentRoot", "AGENT_HEADERS", "RequestGuard", "NOT_DONE_YET"]
+__all__ = ["AgentRoot", "AGENT_HEADERS", "RequestGuard", "NOT_DONE_YET", "request_facts"]

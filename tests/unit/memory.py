@@ -19,7 +19,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from portainer_agent.docker.proxy import DockerProxy
+from portainer_agent.proxy.local import DockerProxy
 from portainer_agent.http.root import AgentRoot
 
 SOCKET = "/fake.sock"

@@ -17,7 +17,7 @@ from twisted.web.server import Request, Site
 from twisted.web.test.requesthelper import DummyRequest
 
 from portainer_agent import __version__
-from portainer_agent.docker.hijack import MAX_HIJACK_REQUEST_BODY, HijackProxy, build_upgrade_head, parse_response_head
+from portainer_agent.proxy.splice import MAX_HIJACK_REQUEST_BODY, HijackProxy, build_upgrade_head, parse_response_head
 from portainer_agent.http.root import AgentRoot
 
 from .memory import SOCKET, RecordingHandler, raw_request

@@ -30,6 +30,8 @@ BAD_VALUES = {
     "cluster-key": "",
     "probe-interval": "0s",
     "probe-timeout": "-1s",
+    "peer-timeout": "0",
+    "aggregate-timeout": "soon",
     "host-management": "2",
 }
 

@@ -53,7 +53,7 @@ class AgentNamespaceTests(SynchronousTestCase):
 
     def test_websocket_upgrade_stays_an_agent_endpoint(self) -> None:
         self.assertEqual(route(b"GET", b"/websocket/attach", upgrade=True),
-                         Route(RouteKind.AGENT, b"/websocket/attach", None))
+                         Route(RouteKind.AGENT, b"/websocket/attach", None, upgrade=True))
 
 
 class DockerAndHijackTests(SynchronousTestCase):
@@ -63,7 +63,7 @@ class DockerAndHijackTests(SynchronousTestCase):
 
     def test_upgrade_is_a_hijack_with_the_original_path(self) -> None:
         for path in (b"/containers/abc/attach", b"/exec/abc/start", b"/session", b"/v2/exec/x/start"):
-            self.assertEqual(route(b"POST", path, upgrade=True), Route(RouteKind.HIJACK, path), path)
+            self.assertEqual(route(b"POST", path, upgrade=True), Route(RouteKind.HIJACK, path, upgrade=True), path)
 
     @settings(max_examples=200, deadline=None)
     @given(st.sampled_from([b"GET", b"HEAD", b"POST", b"PUT", b"DELETE"]), st.binary(max_size=30), st.booleans())

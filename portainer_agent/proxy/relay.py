@@ -7,9 +7,9 @@ client pauses the upstream read instead of growing our memory.
 """
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any, Callable, cast
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -20,7 +20,8 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from twisted.web.server import Request
 
 from portainer_agent.http.paths import forwardable_response_headers
-from portainer_agent.http.responses import abort_client
+from portainer_agent.errors import AgentError
+from portainer_agent.http.responses import abort_client, finish_with_error
 
 log = Logger()
 
@@ -109,3 +110,54 @@ class _Discard(Protocol):
 
     def connectionLost(self, reason: Any = None) -> None:
         pass
+
+
+class _Drop(Protocol):
+    """Takes a response nobody will read and stops its upstream at once."""
+
+    def connectionMade(self) -> None:
+        cast(IPushProducer, self.transport).stopProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+    def connectionLost(self, reason: Any = None) -> None:
+        pass
+
+
+def failure_reason(failure: Failure) -> str:
+    """A one-line reason, looking inside ``ResponseNeverReceived``-style wrappers."""
+    inner = getattr(failure.value, "reasons", None)
+    if inner:
+        return "; ".join(f.getErrorMessage() for f in inner)
+    return failure.getErrorMessage()
+
+
+def relay_pending(pending: "Deferred[IResponse]", request: Request,
+                  upstream_error: Callable[[Failure], AgentError]) -> "Deferred[None]":
+    """Relay the response ``pending`` will give to ``request``, whatever the upstream.
+
+    A client that leaves before the upstream answers cancels the upstream request (once
+    the response streams, the relay stops the upstream itself). An upstream that cannot
+    be reached is answered with ``upstream_error(failure)`` (a Docker-style JSON error).
+    """
+    request.notifyFinish().addErrback(lambda _: None if pending.called else pending.cancel())
+
+    def relay(response: IResponse) -> Any:
+        if request._disconnected:
+            response.deliverBody(_Drop())
+            return None
+        return relay_response(response, request)
+
+    def failed(failure: Failure) -> None:
+        if failure.check(CancelledError) or request._disconnected:
+            return
+        finish_with_error(request, upstream_error(failure))
+
+    def bug(failure: Failure) -> None:
+        if failure.check(CancelledError) or request._disconnected:
+            return
+        log.failure("relaying an upstream response failed", failure)
+        finish_with_error(request, AgentError(500, "Internal agent error", failure.getErrorMessage()))
+
+    return pending.addCallbacks(relay, failed).addErrback(bug)

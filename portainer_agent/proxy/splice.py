@@ -13,7 +13,7 @@ from typing import Any, Callable, cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
-from twisted.internet.interfaces import IConsumer, IHalfCloseableProtocol, ITCPTransport
+from twisted.internet.interfaces import IConsumer, IHalfCloseableProtocol, IStreamClientEndpoint, ITCPTransport
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -31,13 +31,20 @@ MAX_HIJACK_REQUEST_BODY = 1 << 20
 MAX_RESPONSE_HEAD = 64 * 1024
 
 
-def build_upgrade_head(request: Request, body: bytes, host: bytes = b"docker") -> bytes:
-    """Pure: the raw HTTP/1.1 head for Docker, from the client's request."""
+def build_upgrade_head(request: Request, body: bytes, host: bytes = b"docker",
+                       extra: dict[bytes, bytes] | None = None) -> bytes:
+    """Pure: the raw HTTP/1.1 head for the upstream (Docker or a peer agent), from the
+    client's request; ``extra`` headers replace the client's of the same name."""
     raw = request.requestHeaders
     lines = [b"%s %s HTTP/1.1" % (request.method, request.uri), b"Host: " + host]
+    replaced = {name.lower() for name in (extra or {})}
     for name, values in forwardable_request_headers(raw.getAllRawHeaders(), raw.getRawHeaders(b"connection", [])):
+        if name.lower() in replaced:
+            continue
         for value in values:
             lines.append(name + b": " + value)
+    for name, value in (extra or {}).items():
+        lines.append(name + b": " + value)
     upgrade = raw.getRawHeaders(b"upgrade", [b"tcp"])[-1]
     lines += [b"Connection: Upgrade", b"Upgrade: " + upgrade, b"Content-Length: %d" % len(body)]
     return b"\r\n".join(lines) + b"\r\n\r\n" + body
@@ -214,6 +221,20 @@ class HijackProxy:
         self._track = track
 
     def render(self, request: Request) -> Any:
+        """Splice ``request`` to the local Docker socket."""
+        endpoint = UNIXClientEndpoint(self._reactor, self._socket_path, timeout=10)
+        return self.open(request, endpoint, b"docker", None, self._dockerFailed)
+
+    def _dockerFailed(self, failure: Failure) -> AgentError:
+        log.warn("Docker socket {socket} failed an upgrade request: {reason}", socket=self._socket_path,
+                 reason=failure.getErrorMessage())
+        return bad_gateway_docker(self._socket_path, failure.getErrorMessage())
+
+    def open(self, request: Request, endpoint: IStreamClientEndpoint, host: bytes,
+             extra: dict[bytes, bytes] | None, upstream_error: Callable[[Failure], AgentError]) -> Any:
+        """Send ``request`` as an upgrade request through ``endpoint`` (the Docker socket,
+        or a peer agent over TLS) and splice the two connections once it answers 101;
+        an unreachable upstream is answered with ``upstream_error(failure)``."""
         content = request.content
         body = b""
         if content is not None:
@@ -222,16 +243,16 @@ class HijackProxy:
         if len(body) > MAX_HIJACK_REQUEST_BODY:
             finish_with_error(request, AgentError(413, "Request body too large for an upgraded request", ""))
             return NOT_DONE_YET
-        upstream = DockerUpgradeClient(build_upgrade_head(request, body))
-        endpoint = UNIXClientEndpoint(self._reactor, self._socket_path, timeout=10)
+        upstream = DockerUpgradeClient(build_upgrade_head(request, body, host, extra))
         connecting = connectProtocol(endpoint, upstream)
         connecting.addErrback(self._connectFailed, request, upstream)
-        upstream.status.addCallbacks(self._gotStatus, self._statusFailed, callbackArgs=(request, upstream), errbackArgs=(request,))
+        upstream.status.addCallbacks(self._gotStatus, self._statusFailed, callbackArgs=(request, upstream),
+                                     errbackArgs=(request, upstream_error))
         request.notifyFinish().addErrback(self._clientLost, upstream)
         return NOT_DONE_YET
 
     def _clientLost(self, failure: Failure, upstream: DockerUpgradeClient) -> None:
-        """The client went away: drop the Docker connection too."""
+        """The client went away: drop the upstream connection too."""
         if upstream.transport is not None:
             upstream.transport.abortConnection()
 
@@ -240,10 +261,9 @@ class HijackProxy:
             upstream._headDone = True
             upstream.status.errback(failure)
 
-    def _statusFailed(self, failure: Failure, request: Request) -> None:
-        log.warn("Docker socket {socket} failed an upgrade request: {reason}", socket=self._socket_path,
-                 reason=failure.getErrorMessage())
-        finish_with_error(request, bad_gateway_docker(self._socket_path, failure.getErrorMessage()))
+    def _statusFailed(self, failure: Failure, request: Request,
+                      upstream_error: Callable[[Failure], AgentError]) -> None:
+        finish_with_error(request, upstream_error(failure))
 
     def _gotStatus(self, result: tuple[int, bytes, list[tuple[bytes, bytes]], bytes, bytes], request: Request, upstream: DockerUpgradeClient) -> None:
         code, phrase, headers, rawHead, rest = result
