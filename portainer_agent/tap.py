@@ -137,7 +137,8 @@ class AgentService(MultiService):
             return member.cert_fingerprint if member is not None else None
 
         self.peer_pool = make_pool(self.reactor)
-        policy = PeerTLSPolicy(pin_for, authenticated=self.config.cluster_key is not None)
+        policy = PeerTLSPolicy(pin_for, authenticated=self.config.cluster_key is not None, clock=self.reactor,
+                               handshake_timeout=self.config.peer_timeout)
         peers = PeerForwarder(self.reactor, policy, self.peer_pool, lambda: view.local.node_name, self.hijack,
                               connect_timeout=self.config.peer_timeout)
         self.root.destinations.peers = peers

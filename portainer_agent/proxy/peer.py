@@ -54,13 +54,34 @@ def certificate_spki_fingerprint(cert: crypto.X509) -> str:
 
 @implementer(IOpenSSLClientConnectionCreator)
 class _ConnectionCreator:
-    def __init__(self, context: SSL.Context) -> None:
+    """Client TLS connections with a handshake deadline: the connect timeout covers TCP only,
+    and a peer that accepts but never answers (stopped, overloaded) must not hold a request."""
+
+    def __init__(self, context: SSL.Context, clock: Any = None, handshake_timeout: float = 0.0) -> None:
         self._context = context
+        self._clock = clock
+        self._timeout = handshake_timeout
 
     def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:  # noqa: N802
         connection = SSL.Connection(self._context, None)
         connection.set_app_data(tlsProtocol)
+        if self._clock is not None and self._timeout > 0:
+            timer = self._clock.callLater(self._timeout, _abort, tlsProtocol)
+
+            def handshake_progress(conn: SSL.Connection, where: int, ret: int) -> None:
+                if where & SSL.SSL_CB_HANDSHAKE_DONE and timer.active():
+                    timer.cancel()
+
+            connection.set_info_callback(handshake_progress)
         return connection
+
+
+def _abort(tls_protocol: Any) -> None:
+    log.warn("TLS handshake with another agent timed out")
+    try:
+        tls_protocol.abortConnection()
+    except Exception:  # noqa: BLE001 - already gone
+        pass
 
 
 def _pinned_context(fingerprint: str) -> SSL.Context:
@@ -83,9 +104,12 @@ class PeerTLSPolicy:
     authenticated (a cluster key); only then are their fingerprints trusted as pins.
     """
 
-    def __init__(self, pin_for: Callable[[str, int], str | None], authenticated: bool) -> None:
+    def __init__(self, pin_for: Callable[[str, int], str | None], authenticated: bool, clock: Any = None,
+                 handshake_timeout: float = 0.0) -> None:
         self._pin_for = pin_for
         self.authenticated = authenticated
+        self._clock = clock
+        self._handshake_timeout = handshake_timeout
         self._contexts: dict[str, SSL.Context] = {}
         self._unverified: SSL.Context | None = None
         self._warned = False
@@ -100,14 +124,14 @@ class PeerTLSPolicy:
                 context = ssl.CertificateOptions(raiseMinimumTo=ssl.TLSVersion.TLSv1_2).getContext()
                 context.set_verify(SSL.VERIFY_NONE, lambda *args: True)
                 self._unverified = context
-            return _ConnectionCreator(self._unverified)
+            return _ConnectionCreator(self._unverified, self._clock, self._handshake_timeout)
         fingerprint = self._pin_for(host, port)
         if not fingerprint:
             raise PeerPinMissing(f"no certificate fingerprint known for the agent at {host}:{port}")
         context = self._contexts.get(fingerprint)
         if context is None:
             context = self._contexts[fingerprint] = _pinned_context(fingerprint)
-        return _ConnectionCreator(context)
+        return _ConnectionCreator(context, self._clock, self._handshake_timeout)
 
     def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:  # noqa: N802
         return self.creator_for(hostname.decode("idna"), port)

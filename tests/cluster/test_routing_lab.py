@@ -401,6 +401,13 @@ class RoutingLabTests(RoutingBase):
         self.assertLess(elapsed, 4 + 3, "the aggregate waited longer than --aggregate-timeout")
         volumes = self.json_of("node1", "/volumes")
         self.assertNotIn("node3", [v["Portainer"]["Agent"]["NodeName"] for v in volumes["Volumes"]])
+        # a single request for the partitioned node: 502 naming it within --peer-timeout (2 s),
+        # or 500 once membership has declared it dead
+        started = time.monotonic()
+        targeted = self.request("node1", "/containers/x/json", headers={TARGET: "node3"})
+        self.assertLess(time.monotonic() - started, 2 + 3)
+        self.assertIn(targeted.status, (500, 502))
+        self.assertIn("node3", targeted.body.decode())
         heal()
         self.wait_for(lambda: "node3" in node_names(self.json_of("node1", "/containers/json")), 60,
                       "node3's containers back in the aggregate")

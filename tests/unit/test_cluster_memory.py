@@ -1,0 +1,282 @@
+"""Cluster routing through the real root, forwarder and fan-out, in memory.
+
+Every node's Docker is a :class:`FakeDocker`; the local leg goes through the real
+``DockerProxy``, peer legs through the real ``PeerForwarder`` whose HTTPS agent is replaced by
+one that hands each request to the peer node's fake Docker (so what a peer receives — URI,
+headers, body — is recorded), and time is a ``task.Clock``.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, cast
+
+from treq.testing import RequestTraversalAgent, StubTreq
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.task import Clock, Cooperator
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.iweb import IAgent
+from twisted.web.server import NOT_DONE_YET, Request
+
+from portainer_agent.cluster.member import Member
+from portainer_agent.http.root import AgentRoot
+from portainer_agent.proxy.fanout import UNREACHABLE_HEADER, FanOut
+from portainer_agent.proxy.local import DockerProxy
+from portainer_agent.proxy.peer import PeerForwarder, PeerTLSPolicy
+from portainer_agent.routing import ClusterSnapshot
+
+from .memory import SOCKET, FakeDocker, RecordingHandler
+
+
+def member(name: str, address: str, role: str = "worker", leader: bool = False) -> Member:
+    return Member(node_name=name, node_id=name, role=role, is_leader=leader, api_addr=address, api_port=9001,
+                  cluster_addr=address, cluster_port=9002, version="1.2.1", cert_fingerprint="00")
+
+
+NODE1 = member("node1", "10.0.0.1", "manager", leader=True)
+NODE2 = member("node2", "10.0.0.2", "manager")
+NODE3 = member("node3", "10.0.0.3")
+
+
+def list_of(node: str) -> Any:
+    def answer(request: Request) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        if request.path.endswith(b"/volumes"):
+            return json.dumps({"Volumes": [{"Name": f"v-{node}"}], "Warnings": None}).encode()
+        return json.dumps([{"Id": f"{node}-a"}, {"Id": f"{node}-b"}]).encode()
+    return answer
+
+
+class PeerNetwork:
+    """An IAgent standing in for HTTPS to peer agents: routes by host to each fake Docker,
+    or fails / hangs as a test says."""
+
+    def __init__(self, dockers: dict[str, FakeDocker]) -> None:
+        self.agents = {name: RequestTraversalAgent(docker) for name, docker in dockers.items()}
+        self.by_address = {"10.0.0.1": "node1", "10.0.0.2": "node2", "10.0.0.3": "node3"}
+        self.refused: set[str] = set()
+        self.hanging: set[str] = set()
+        self.pending: list[Deferred[Any]] = []
+        self.urls: list[bytes] = []
+
+    def request(self, method: bytes, uri: bytes, headers: Any = None, bodyProducer: Any = None) -> Deferred[Any]:
+        self.urls.append(uri)
+        host = uri.split(b"//", 1)[1].split(b":", 1)[0].decode()
+        node = self.by_address[host]
+        if node in self.refused:
+            return fail(ConnectionRefusedError(host))
+        if node in self.hanging:
+            d: Deferred[Any] = Deferred()
+            self.pending.append(d)
+            return d
+        return self.agents[node].request(method, uri, headers, bodyProducer)
+
+    def flush(self) -> None:
+        for agent in self.agents.values():
+            agent.flush()
+
+
+class Cluster:
+    """The agent of ``local`` in a 3-node cluster, all in memory."""
+
+    def __init__(self, local: Member = NODE3, timeout: float = 10.0) -> None:
+        self.clock = Clock()
+        self.cooperator = Cooperator(scheduler=lambda work: self.clock.callLater(0, work), started=True)
+        self.dockers = {name: FakeDocker(list_of(name)) for name in ("node1", "node2", "node3")}
+        self.local_agent = RequestTraversalAgent(self.dockers[local.node_name])
+        self.network = PeerNetwork({n: d for n, d in self.dockers.items() if n != local.node_name})
+        docker = DockerProxy(cast(Any, self.local_agent), SOCKET, cooperator=self.cooperator)
+        policy = PeerTLSPolicy(lambda host, port: "00", authenticated=True)
+        self.peers = PeerForwarder(self.clock, policy, cast(Any, None), lambda: local.node_name,
+                                   cast(Any, RecordingHandler()), cooperator=self.cooperator,
+                                   agent=cast(IAgent, self.network))
+        self.snapshot = ClusterSnapshot(local, (NODE1, NODE2, NODE3))
+        self.root = AgentRoot(docker=docker, hijack=RecordingHandler(), cluster=lambda: self.snapshot,
+                              peers=self.peers, fanout=FanOut(self.clock, docker, self.peers, timeout))
+        self.client: Any = StubTreq(self.root)
+
+    def stop(self) -> None:
+        self.cooperator.stop()
+
+    def pump(self) -> None:
+        for _ in range(30):
+            self.client.flush()
+            self.clock.advance(0)
+            self.local_agent.flush()
+            self.network.flush()
+        self.client.flush()
+
+    def get(self, path: str, headers: dict[str, str] | None = None, method: str = "GET",
+            data: bytes | None = None) -> tuple[Any, bytes]:
+        d = self.client.request(method, "http://agent" + path, headers=headers, data=data)
+        self.pump()
+        response = self_result(d)
+        body_d = self.client.content(response)
+        self.pump()
+        return response, self_result(body_d)
+
+
+def self_result(d: Deferred[Any]) -> Any:
+    results: list[Any] = []
+    d.addBoth(results.append)
+    if not results:
+        raise AssertionError("no result yet")
+    if hasattr(results[0], "raiseException"):
+        results[0].raiseException()
+    return results[0]
+
+
+class AggregationTests(SynchronousTestCase):
+    def cluster(self, **kwargs: Any) -> Cluster:
+        cluster = Cluster(**kwargs)
+        self.addCleanup(cluster.stop)
+        return cluster
+
+    def test_every_node_is_asked_concurrently_and_the_answers_merged_in_node_order(self) -> None:
+        cluster = self.cluster()
+        response, body = cluster.get("/v1.41/containers/json?all=1&size=1",
+                                     headers={"X-PortainerAgent-Signature": "sig"})
+        self.assertEqual(response.code, 200)
+        items = json.loads(body)
+        self.assertEqual([(i["Id"], i["Portainer"]["Agent"]["NodeName"]) for i in items], [
+            ("node1-a", "node1"), ("node1-b", "node1"), ("node2-a", "node2"), ("node2-b", "node2"),
+            ("node3-a", "node3"), ("node3-b", "node3")])
+        self.assertIsNone(response.headers.getRawHeaders(UNREACHABLE_HEADER))
+        for name in ("node1", "node2"):
+            seen = cluster.dockers[name].seen[-1]
+            self.assertEqual(seen.uri, b"/v1.41/containers/json?all=1&size=1")
+            self.assertIn(b"https://10.0.0.%s:9001/v1.41/containers/json?all=1&size=1" % name[-1].encode(),
+                          cluster.network.urls)
+            self.assertEqual(seen.header(b"x-portaineragent-target"), [name.encode()])
+            self.assertEqual(seen.header(b"x-portaineragent-forwarded-by"), [b"node3"])
+            self.assertEqual(seen.header(b"x-portaineragent-signature"), [b"sig"])
+        local = cluster.dockers["node3"].seen[-1]
+        self.assertEqual(local.uri, b"/v1.41/containers/json?all=1&size=1")
+        self.assertIsNone(local.header(b"x-portaineragent-forwarded-by"))
+
+    def test_a_refused_node_is_named_and_the_others_answer(self) -> None:
+        cluster = self.cluster()
+        cluster.network.refused.add("node2")
+        response, body = cluster.get("/containers/json")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(response.headers.getRawHeaders(UNREACHABLE_HEADER), [b"node2"])
+        self.assertEqual({i["Portainer"]["Agent"]["NodeName"] for i in json.loads(body)}, {"node1", "node3"})
+
+    def test_a_slow_node_cannot_hold_the_answer_past_the_timeout(self) -> None:
+        cluster = self.cluster(timeout=10.0)
+        cluster.network.hanging.add("node1")
+        d = cluster.client.get("http://agent/volumes")
+        cluster.pump()
+        self.assertNoResult(d)
+        cluster.clock.advance(9.9)
+        cluster.pump()
+        self.assertNoResult(d)
+        cluster.clock.advance(0.2)
+        cluster.pump()
+        response = self.successResultOf(d)
+        body_d = cluster.client.content(response)
+        cluster.pump()
+        value = json.loads(self.successResultOf(body_d))
+        self.assertEqual(response.headers.getRawHeaders(UNREACHABLE_HEADER), [b"node1"])
+        self.assertEqual([v["Name"] for v in value["Volumes"]], ["v-node2", "v-node3"])
+        self.assertEqual(len(value["Warnings"]), 1)
+        self.assertIn("node1", value["Warnings"][0])
+        self.assertIn("no answer within 10s", value["Warnings"][0])
+        self.assertTrue(cluster.network.pending[0].called)  # cancelled, not left running
+
+    def test_every_node_failing_is_a_502(self) -> None:
+        cluster = self.cluster(local=NODE3)
+        cluster.network.refused.update({"node1", "node2"})
+        cluster.dockers["node3"].handler = lambda request: _status(request, 500, b'{"message":"boom"}')
+        response, body = cluster.get("/images/json")
+        self.assertEqual(response.code, 502)
+        error = json.loads(body)
+        self.assertEqual(error["message"], "Unable to retrieve the list from any node")
+        for node in ("node1", "node2", "node3"):
+            self.assertIn(node, error["details"])
+
+    def test_every_node_refusing_the_query_passes_dockers_error_on(self) -> None:
+        cluster = self.cluster()
+        for docker in cluster.dockers.values():
+            docker.handler = lambda request: _status(request, 400, b'{"message":"invalid filter"}')
+        response, body = cluster.get("/containers/json?filters=bad")
+        self.assertEqual(response.code, 400)
+        self.assertEqual(json.loads(body), {"message": "invalid filter"})
+
+    def test_a_target_header_fetches_that_nodes_list_from_that_node(self) -> None:
+        cluster = self.cluster()
+        response, body = cluster.get("/containers/json", headers={"X-PortainerAgent-Target": "node1"})
+        self.assertEqual(json.loads(body), [{"Id": "node1-a"}, {"Id": "node1-b"}])
+        self.assertEqual(cluster.dockers["node2"].seen, [])
+        self.assertEqual(cluster.dockers["node3"].seen, [])
+
+    def test_a_client_that_leaves_cancels_the_legs(self) -> None:
+        cluster = self.cluster()
+        cluster.network.hanging.update({"node1", "node2"})
+        d = cluster.client.get("http://agent/networks")
+        cluster.pump()
+        d.cancel()
+        cluster.pump()
+        self.failureResultOf(d)
+        self.assertTrue(all(p.called for p in cluster.network.pending))
+
+
+class ForwardingTests(SynchronousTestCase):
+    def cluster(self, **kwargs: Any) -> Cluster:
+        cluster = Cluster(**kwargs)
+        self.addCleanup(cluster.stop)
+        return cluster
+
+    def test_a_targeted_request_and_its_body_reach_the_peer_with_the_marks(self) -> None:
+        cluster = self.cluster()
+        cluster.dockers["node2"].handler = lambda request: _status(request, 201, b'{"Id":"x"}')
+        response, body = cluster.get("/v1.24/containers/create?name=a", method="POST", data=b'{"Image":"i"}',
+                                     headers={"X-PortainerAgent-Target": "node2", "Connection": "keep-alive, X-Drop",
+                                              "X-Drop": "1", "X-PortainerAgent-PublicKey": "pk"})
+        self.assertEqual((response.code, body), (201, b'{"Id":"x"}'))
+        seen = cluster.dockers["node2"].seen[-1]
+        self.assertEqual(cluster.network.urls, [b"https://10.0.0.2:9001/v1.24/containers/create?name=a"])
+        self.assertEqual(seen.body, b'{"Image":"i"}')
+        self.assertEqual(seen.header(b"x-portaineragent-target"), [b"node2"])
+        self.assertEqual(seen.header(b"x-portaineragent-publickey"), [b"pk"])
+        self.assertIsNone(seen.header(b"x-drop"))
+
+    def test_an_unreachable_peer_is_a_502_naming_the_node(self) -> None:
+        cluster = self.cluster()
+        cluster.network.refused.add("node1")
+        response, body = cluster.get("/containers/x/json", headers={"X-PortainerAgent-Target": "node1"})
+        self.assertEqual(response.code, 502)
+        self.assertIn("node1", json.loads(body)["message"])
+
+    def test_manager_operations_go_to_the_leader_then_fail_over(self) -> None:
+        cluster = self.cluster()
+        response, _ = cluster.get("/services")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(len(cluster.dockers["node1"].seen), 1)  # the leader first
+        cluster.network.refused.add("node1")
+        response, body = cluster.get("/services")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(len(cluster.dockers["node2"].seen), 1)
+        cluster.network.refused.add("node2")
+        response, body = cluster.get("/nodes")
+        self.assertEqual(response.code, 502)
+        error = json.loads(body)
+        self.assertEqual(error["message"], "Unable to reach any agent on a manager node")
+        self.assertIn("node1", error["details"])
+        self.assertIn("node2", error["details"])
+
+    def test_a_forwarded_request_for_another_node_is_refused_not_forwarded(self) -> None:
+        cluster = self.cluster()
+        response, body = cluster.get("/containers/x/json", headers={
+            "X-PortainerAgent-Target": "node1", "X-PortainerAgent-Forwarded-By": "node2"})
+        self.assertEqual(response.code, 508)
+        self.assertEqual(cluster.dockers["node1"].seen, [])
+
+
+def _status(request: Request, code: int, body: bytes) -> bytes:
+    request.setResponseCode(code)
+    request.setHeader(b"content-type", b"application/json")
+    return body
+
+
+__all__ = ["NOT_DONE_YET"]
