@@ -32,6 +32,7 @@ from portainer_agent.security.shutdown import SecurityShutdown
 from portainer_agent.tls.server import TLSServerEndpoint, server_options
 from portainer_agent.cluster.membership import MembershipView
 from portainer_agent.cluster.service import build_cluster_service
+from portainer_agent.proxy.dispatch import Destinations
 from portainer_agent.proxy.fanout import FanOut
 from portainer_agent.proxy.peer import PeerForwarder, PeerTLSPolicy
 from portainer_agent.routing import ClusterSnapshot
@@ -106,7 +107,8 @@ class AgentService(MultiService):
         streams = OpenStreams()
         self.docker_proxy = DockerProxy(self.docker_agent, config.docker_socket_path)
         self.hijack = HijackProxy(reactor, config.docker_socket_path, track=streams.track)
-        self.root = AgentRoot(guard=self.guard, docker=self.docker_proxy, hijack=self.hijack)
+        self.destinations = Destinations(self.docker_proxy, self.hijack)
+        self.root = AgentRoot(self.destinations, guard=self.guard)
         self.site = AgentSite(self.root, access_log=config.log_level == "DEBUG", streams=streams, reactor=reactor)
         ca_pem = config.tls_ca.read_bytes() if config.tls_ca else None
         inner = (TCP6ServerEndpoint if ":" in config.host else TCP4ServerEndpoint)(
@@ -141,8 +143,8 @@ class AgentService(MultiService):
                                handshake_timeout=self.config.peer_timeout)
         peers = PeerForwarder(self.reactor, policy, self.peer_pool, lambda: view.local.node_name, self.hijack,
                               connect_timeout=self.config.peer_timeout)
-        self.root.destinations.peers = peers
-        self.root.destinations.fanout = FanOut(self.reactor, self.docker_proxy, peers, self.config.aggregate_timeout)
+        self.destinations.peers = peers
+        self.destinations.fanout = FanOut(self.reactor, self.docker_proxy, peers, self.config.aggregate_timeout)
         self.root.cluster = lambda: ClusterSnapshot.of(view)
 
     def close_api_for_security(self) -> "Deferred[None]":

@@ -18,7 +18,6 @@ from portainer_agent import AGENT_API_VERSION, AGENT_PLATFORM, __version__
 from portainer_agent.errors import AgentError, not_found
 from portainer_agent.http.paths import is_upgrade_request, split_version_prefix
 from portainer_agent.http.responses import write_empty, write_error
-from portainer_agent.proxy.dispatch import Destinations
 from portainer_agent.routing import (
     FORWARDED_HEADER,
     MANAGER_OPERATION_HEADER,
@@ -47,6 +46,13 @@ class RequestGuard(Protocol):
 
 class Handler(Protocol):
     def render(self, request: Request) -> Any: ...
+
+
+class Destinations(Protocol):
+    """Where routed requests go (:class:`portainer_agent.proxy.dispatch.Destinations`):
+    injected, so the HTTP edge does not depend on the proxies behind it."""
+
+    def serve(self, route: Route, request: Request, local_name: str | None) -> Any: ...
 
 
 def _header_text(request: Request, name: bytes) -> str | None:
@@ -80,16 +86,13 @@ class AgentRoot(Resource):
 
     def __init__(
         self,
-        docker: Handler,
-        hijack: Handler,
+        destinations: Destinations,
         guard: RequestGuard | None = None,
         endpoints: dict[bytes, IResource | Handler] | None = None,
         cluster: Callable[[], ClusterSnapshot | None] | None = None,
-        peers: Any = None,
-        fanout: Any = None,
     ) -> None:
         super().__init__()
-        self.destinations = Destinations(docker, hijack, peers, fanout)
+        self.destinations = destinations
         self.guard = guard
         #: Live cluster members at the time of a request; None (or returning None) on a
         #: standalone engine, where everything is served locally.

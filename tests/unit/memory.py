@@ -21,6 +21,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from portainer_agent.proxy.local import DockerProxy
 from portainer_agent.http.root import AgentRoot
+from portainer_agent.proxy.dispatch import Destinations
 
 SOCKET = "/fake.sock"
 
@@ -89,8 +90,7 @@ class Memory:
         self.upstream: Any = upstream if upstream is not None else RequestTraversalAgent(self.docker)
         self.hijack: Any = hijack if hijack is not None else RecordingHandler(b"hijacked")
         self.root = AgentRoot(
-            docker=DockerProxy(cast(Any, self.upstream), SOCKET, cooperator=self.cooperator),
-            hijack=self.hijack,
+            Destinations(DockerProxy(cast(Any, self.upstream), SOCKET, cooperator=self.cooperator), self.hijack),
             guard=guard,
             endpoints=endpoints,
         )

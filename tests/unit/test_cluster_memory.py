@@ -20,6 +20,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from portainer_agent.cluster.member import Member
 from portainer_agent.http.root import AgentRoot
+from portainer_agent.proxy.dispatch import Destinations
 from portainer_agent.proxy.fanout import UNREACHABLE_HEADER, FanOut
 from portainer_agent.proxy.local import DockerProxy
 from portainer_agent.proxy.peer import PeerForwarder, PeerTLSPolicy
@@ -91,8 +92,9 @@ class Cluster:
                                    cast(Any, RecordingHandler()), cooperator=self.cooperator,
                                    agent=cast(IAgent, self.network))
         self.snapshot = ClusterSnapshot(local, (NODE1, NODE2, NODE3))
-        self.root = AgentRoot(docker=docker, hijack=RecordingHandler(), cluster=lambda: self.snapshot,
-                              peers=self.peers, fanout=FanOut(self.clock, docker, self.peers, timeout))
+        destinations = Destinations(docker, RecordingHandler(), self.peers,
+                                    FanOut(self.clock, docker, self.peers, timeout))
+        self.root = AgentRoot(destinations, cluster=lambda: self.snapshot)
         self.client: Any = StubTreq(self.root)
 
     def stop(self) -> None:

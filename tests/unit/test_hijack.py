@@ -19,6 +19,7 @@ from twisted.web.test.requesthelper import DummyRequest
 from portainer_agent import __version__
 from portainer_agent.proxy.splice import MAX_HIJACK_REQUEST_BODY, HijackProxy, build_upgrade_head, parse_response_head
 from portainer_agent.http.root import AgentRoot
+from portainer_agent.proxy.dispatch import Destinations
 
 from .memory import SOCKET, RecordingHandler, raw_request
 
@@ -130,7 +131,7 @@ class HijackInMemory:
     def __init__(self, request: bytes) -> None:
         self.reactor = MemoryReactor()
         self.docker_handler = RecordingHandler()
-        self.root = AgentRoot(docker=self.docker_handler, hijack=HijackProxy(self.reactor, SOCKET), guard=None)
+        self.root = AgentRoot(Destinations(self.docker_handler, HijackProxy(self.reactor, SOCKET)), guard=None)
         self.client: Any = HalfCloseTransport()
         self.channel = Site(self.root, reactor=Clock()).buildProtocol(IPv4Address("TCP", "127.0.0.1", 40001))
         self.channel.makeConnection(self.client)
