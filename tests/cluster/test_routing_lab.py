@@ -318,6 +318,30 @@ class RoutingLabTests(RoutingBase):
         gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
         self.assertTrue(all(gap > 0.2 for gap in gaps), gaps)
 
+    def test_attach_on_another_node_through_two_agents(self) -> None:
+        # (docker attach in the CLI returns at stdin EOF without waiting for output, even
+        # straight to the socket, so the stream is driven with docker-py's attach socket)
+        name = "attachme"
+        self.lab.docker("node1", "run", "-di", "--name", name, "busybox:local", "sh", "-c",
+                        "read line; echo got-$line; sleep 5")
+        self.addCleanup(self.lab.docker, "node1", "rm", "-f", name, check=False)
+        client = self.lab.signed_client(self.worker)
+        self.addCleanup(client.close)
+        client.api.headers[TARGET] = "node1"
+        sock = client.api.attach_socket(name, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})
+        raw = getattr(sock, "_sock", sock)  # docker-py wraps plain sockets, not TLS ones
+        self.addCleanup(raw.close)
+        raw.settimeout(20)
+        raw.sendall(b"hello\n")
+        received = b""
+        deadline = time.monotonic() + 20
+        while b"got-hello" not in received and time.monotonic() < deadline:
+            data = raw.recv(4096)
+            if not data:
+                break
+            received += data
+        self.assertIn(b"got-hello", received)
+
     def test_attach_and_exec_with_docker_py_on_another_node(self) -> None:
         client = self.lab.signed_client(self.worker)
         self.addCleanup(client.close)
@@ -436,6 +460,29 @@ class RoutingLabTests(RoutingBase):
         nodes = self.json_of(self.worker, "/nodes")
         self.assertEqual(len(nodes), 3)
         self.assertEqual(self.cli(self.worker, "service", "ls", "-q").returncode, 0)
+
+
+    def test_manager_operations_follow_a_demoted_leader(self) -> None:
+        leader = next(n for n in ("node1", "node2") if self.lab.docker(
+            n, "node", "inspect", "self", "--format", "{{.ManagerStatus.Leader}}").stdout.strip() == "true")
+        other = ({"node1", "node2"} - {leader}).pop()
+
+        def roles() -> dict[str, str]:
+            return {m["NodeName"]: m["NodeRole"] for m in self.json_of(self.worker, "/agents")}
+
+        def restore() -> None:
+            self.lab.docker(other, "node", "promote", leader, check=False)
+            self.wait_for(lambda: roles().get(leader) == "manager", 60, f"{leader} a manager again")
+
+        self.lab.docker(leader, "node", "demote", leader)
+        self.addCleanup(restore)
+        self.wait_for(lambda: roles().get(leader) == "worker", 30, "the demotion to reach membership")
+        # the demoted node's own agent and the worker's both reach the remaining manager
+        for node in (leader, self.worker):
+            self.assertEqual(len(self.json_of(node, "/nodes")), 3)
+            self.assertEqual(self.cli(node, "service", "ls", "-q").returncode, 0)
+        info = self.json_of(leader, "/info")
+        self.assertEqual(info["Name"], other)
 
 
 class UnauthenticatedRoutingLabTests(RoutingBase):
