@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from proxy import (  # noqa: E402  (bench/proxy.py: the shared client and helpers)
     Connection,
+    Response,
     RssSampler,
     Target,
     _tls_context,
@@ -109,6 +110,25 @@ def concurrent(target: Target, path: str, concurrency: int, seconds: float) -> t
     for thread in threads:
         thread.join(seconds + 60)
     return len(latencies), latencies
+
+
+def upload(target: Target, path: str, source: Path, extra: dict[str, str]) -> tuple[int, bytes]:
+    """POST ``source`` to ``path``, streamed from the file (1 MiB writes); (status, body)."""
+    size = source.stat().st_size
+    lines = [f"POST {path} HTTP/1.1", f"Host: {target.host}", "Content-Type: application/x-tar",
+             f"Content-Length: {size}"]
+    lines += [f"{name}: {value}" for name, value in {**target.headers, **extra}.items()]
+    with Connection(target, timeout=600) as conn:
+        conn.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        with open(source, "rb") as data:
+            while chunk := data.read(MB):
+                conn.sock.sendall(chunk)
+        status = int(conn._readline().split(b" ", 2)[1])
+        headers: dict[str, str] = {}
+        while line := conn._readline():
+            name, _, value = line.partition(b":")
+            headers[name.strip().lower().decode()] = value.strip().decode("latin-1")
+        return status, Response(conn, status, headers, "POST").read()
 
 
 def make_image(lab: Lab, node: str, size_mb: int) -> None:
@@ -198,15 +218,32 @@ def run(lab: Lab, args: argparse.Namespace) -> int:
 
     if args.image_mb:
         make_image(lab, "node1", args.image_mb)
-        with RssSampler(pids["node3"]) as rss, Connection(agents["node3"], timeout=600) as conn:
-            started = time.perf_counter()
-            response = conn.request("GET", "/v1.41/images/big:bench/get",
-                                    extra={"X-PortainerAgent-Target": "node1"})
-            size = sum(len(piece) for piece in response.iter_body())
-            elapsed = time.perf_counter() - started
-        figures["image_get_mb"] = size / MB
-        figures["image_get_mb_per_s"] = size / MB / elapsed
-        figures["image_get_rss_growth_mb"] = rss.growth_mb
+        saved = Path(tempfile.mkdtemp(prefix="pa-bench-save-")) / "big.tar"
+        try:
+            with RssSampler(pids["node3"]) as rss, Connection(agents["node3"], timeout=600) as conn, \
+                    open(saved, "wb") as out:
+                started = time.perf_counter()
+                response = conn.request("GET", "/v1.41/images/big:bench/get",
+                                        extra={"X-PortainerAgent-Target": "node1"})
+                size = 0
+                for piece in response.iter_body():
+                    size += len(piece)
+                    out.write(piece)
+                elapsed = time.perf_counter() - started
+            figures["image_get_mb"] = size / MB
+            figures["image_get_mb_per_s"] = size / MB / elapsed
+            figures["image_get_rss_growth_mb"] = rss.growth_mb
+            with RssSampler(pids["node3"]) as rss:
+                started = time.perf_counter()
+                status, body = upload(agents["node3"], "/v1.41/images/load?quiet=1", saved,
+                                      {"X-PortainerAgent-Target": "node2"})
+                elapsed = time.perf_counter() - started
+            if status != 200 or b"errorDetail" in body:
+                raise RuntimeError(f"images/load through node3 to node2: HTTP {status} {body[:300]!r}")
+            figures["image_load_mb_per_s"] = size / MB / elapsed
+            figures["image_load_rss_growth_mb"] = rss.growth_mb
+        finally:
+            subprocess.run(["rm", "-rf", str(saved.parent)], check=False)
     figures["load_after"] = os.getloadavg()
 
     rows = [
@@ -228,6 +265,8 @@ def run(lab: Lab, args: argparse.Namespace) -> int:
     if args.image_mb:
         rows.append((f"images/get {figures['image_get_mb']:.0f} MB from another node",
                      f"{figures['image_get_mb_per_s']:.0f} MB/s, forwarding agent RSS +{figures['image_get_rss_growth_mb']:.1f} MB"))
+        rows.append((f"images/load {figures['image_get_mb']:.0f} MB to another node",
+                     f"{figures['image_load_mb_per_s']:.0f} MB/s, forwarding agent RSS +{figures['image_load_rss_growth_mb']:.1f} MB"))
     print("| measure | value |\n|---|---|")
     for name, value in rows:
         print(f"| {name} | {value} |")
