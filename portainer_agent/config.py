@@ -51,6 +51,10 @@ class Config:
 
     # browse (later issue)
     host_management: bool = False
+    #: Where the host's ``<DockerRootDir>/volumes`` is mounted for the agent (None: same path).
+    volumes_root: Path | None = None
+    #: The host's ``/`` as mounted for the agent: host browsing and /host/info stay beneath it.
+    host_root: Path = Path("/host")
 
     # cluster routing (issue 8)
     peer_timeout: float = 5.0

@@ -79,6 +79,13 @@ def _path(text: str) -> Path:
     return Path(text).expanduser()
 
 
+def _absolute_path(text: str) -> Path:
+    path = _path(text)
+    if not path.is_absolute():
+        raise ValueError(f"not an absolute path: {text!r}")
+    return path
+
+
 def _existing_file(text: str) -> Path:
     path = _path(text)
     if not path.is_file():
@@ -137,6 +144,8 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("host-management", "CAP_HOST_MANAGEMENT", "host_management", _flag, "allow /browse outside volumes (1/0)", "0"),
     OptionSpec("peer-timeout", "AGENT_PEER_TIMEOUT", "peer_timeout", _positive_duration, "connect timeout to another agent (established streams have none)", "5s"),
     OptionSpec("aggregate-timeout", "AGENT_AGGREGATE_TIMEOUT", "aggregate_timeout", _positive_duration, "per-node deadline of an aggregated list (containers, images, volumes, networks)", "10s"),
+    OptionSpec("volumes-root", "AGENT_VOLUMES_ROOT", "volumes_root", _absolute_path, "where <DockerRootDir>/volumes is mounted for the agent", "the same path"),
+    OptionSpec("host-root", "AGENT_HOST_ROOT", "host_root", _absolute_path, "where the host's / is mounted: host browsing and /host/info stay beneath it", "/host"),
 )
 
 _BY_FLAG = {spec.flag: spec for spec in OPTIONS}

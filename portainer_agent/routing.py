@@ -107,6 +107,8 @@ class Route:
     upgrade: bool = False
     #: REFUSED: the answer.
     error: AgentError | None = None
+    #: Legacy ``/v1/browse/{volumeID}/{action}``: the volume named in the path (raw bytes).
+    volume_id: bytes | None = None
 
     @property
     def is_public(self) -> bool:
@@ -135,6 +137,19 @@ def _agent_endpoint(path: bytes) -> bool:
     return path == b"/agents" or path == b"/agents/" or any(
         path.startswith(ns) for ns in AGENT_NAMESPACES if ns.endswith(b"/")
     )
+
+
+LEGACY_BROWSE_ACTIONS = (b"ls", b"get", b"put", b"rename", b"delete")
+
+
+def legacy_browse(agent_api: bytes | None, inner: bytes) -> tuple[bytes, bytes] | None:
+    """``/v1/browse/{volumeID}/{action}`` -> ``(b"/browse/{action}", volumeID)``, else None."""
+    if agent_api != b"v1" or not inner.startswith(b"/browse/"):
+        return None
+    parts = inner[len(b"/browse/"):].rstrip(b"/").split(b"/")
+    if len(parts) == 2 and parts[0] and parts[1] in LEGACY_BROWSE_ACTIONS:
+        return b"/browse/" + parts[1], parts[0]
+    return None
 
 
 def _under(path: bytes, roots: Sequence[bytes]) -> bool:
@@ -170,6 +185,9 @@ def decide(facts: RequestFacts, cluster: ClusterSnapshot | None) -> Route:
     if _agent_endpoint(inner):
         endpoint = inner.rstrip(b"/") or inner
         local = Route(RouteKind.AGENT, endpoint, agent_api, upgrade=facts.upgrade)
+        legacy = legacy_browse(agent_api, inner)
+        if legacy is not None:
+            local = attrs.evolve(local, path=legacy[0], volume_id=legacy[1])
         if cluster is None or endpoint in CLUSTER_WIDE_ENDPOINTS:
             return local
         return _to_target(facts, cluster, local)

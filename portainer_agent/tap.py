@@ -37,6 +37,9 @@ from portainer_agent.proxy.fanout import FanOut
 from portainer_agent.proxy.peer import PeerForwarder, PeerTLSPolicy
 from portainer_agent.routing import ClusterSnapshot
 from portainer_agent.http.agents import AgentsResource
+from portainer_agent.fs.volumes import VolumeLocator, VolumeRootMap
+from portainer_agent.http.browse import BrowseService, browse_endpoints
+from portainer_agent.http.hostinfo import HostInfoResource
 
 log = Logger()
 
@@ -128,6 +131,11 @@ class AgentService(MultiService):
         if self.cluster is not None:
             self.cluster.setServiceParent(self)
         self.root.endpoints[b"/agents"] = AgentsResource(self.cluster.view if self.cluster is not None else None)
+        # Volume/host browser and host info (issue 9).
+        volumes = VolumeRootMap.for_docker_root(identity.docker_root_dir, str(config.volumes_root) if config.volumes_root else None)
+        browse = BrowseService(VolumeLocator(self.docker, volumes), config.host_management, config.host_root)
+        self.root.endpoints.update(browse_endpoints(browse))
+        self.root.endpoints[b"/host/info"] = HostInfoResource(config.host_root)
         self.peer_pool = None
         if self.cluster is not None:
             self._wire_cluster_routing(self.cluster.view)

@@ -86,6 +86,9 @@ class AgentSite(Site):
 
     def __init__(self, resource: Any, access_log: bool = False, streams: OpenStreams | None = None,
                  **kwargs: Any) -> None:
+        # No parsing of multipart/form bodies into request.args: twisted.web would read
+        # the whole body into memory (a volume upload is streamed by its handler).
+        kwargs.setdefault("parsePOSTFormSubmission", False)
         super().__init__(resource, requestFactory=AgentRequest, **kwargs)
         self._accessLog = access_log
         self.inflight: set[Request] = set()

@@ -33,6 +33,8 @@ BAD_VALUES = {
     "peer-timeout": "0",
     "aggregate-timeout": "soon",
     "host-management": "2",
+    "volumes-root": "relative/volumes",
+    "host-root": "host",
 }
 
 

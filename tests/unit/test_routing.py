@@ -75,3 +75,16 @@ class DockerAndHijackTests(SynchronousTestCase):
         if decision.kind is RouteKind.PING:
             self.assertIn(method, (b"GET", b"HEAD"))
             self.assertIn(path, (b"/ping", b"/v2/ping"))
+
+
+class LegacyBrowseTests(SynchronousTestCase):
+    def test_volume_in_the_path_under_v1(self) -> None:
+        for action in (b"ls", b"get", b"put", b"rename", b"delete"):
+            self.assertEqual(route(b"GET", b"/v1/browse/myvol/" + action),
+                             Route(RouteKind.AGENT, b"/browse/" + action, b"v1", volume_id=b"myvol"))
+
+    def test_only_v1_and_known_actions(self) -> None:
+        self.assertEqual(route(b"GET", b"/v2/browse/myvol/ls").volume_id, None)
+        self.assertEqual(route(b"GET", b"/browse/myvol/ls").volume_id, None)
+        self.assertEqual(route(b"GET", b"/v1/browse/myvol/cat"), Route(RouteKind.AGENT, b"/browse/myvol/cat", b"v1"))
+        self.assertEqual(route(b"GET", b"/v1/browse/ls"), Route(RouteKind.AGENT, b"/browse/ls", b"v1"))
