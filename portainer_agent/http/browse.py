@@ -23,6 +23,7 @@ import attrs
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
 from twisted.internet.task import Cooperator
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
@@ -78,10 +79,13 @@ def parse_call(action: str, method: bytes, uri_args: dict[bytes, list[bytes]], l
         raise AgentError(405, "Method not allowed", f"/browse/{action} accepts {', '.join(m.decode() for m in METHODS[action])}")
     legacy = legacy_volume is not None
     volume_id = os.fsdecode(unquote_to_bytes(legacy_volume)) if legacy_volume is not None else _first(uri_args, b"volumeID")
-    path = _first(uri_args, b"path")
-    if action in ("ls", "get", "delete") and not path and not legacy:
+    return BrowseCall(action, volume_id or None, legacy, _first(uri_args, b"path") or "")
+
+
+def require_path(call: BrowseCall) -> None:
+    """ls, get and delete need ``path`` (the legacy form defaults to the volume's root)."""
+    if call.action in ("ls", "get", "delete") and not call.path and not call.legacy:
         raise AgentError(400, "Invalid query parameter: path", "Missing query parameter")
-    return BrowseCall(action, volume_id or None, legacy, path or "")
 
 
 def refusal_message(call: BrowseCall, refused: PathRefused) -> str:
@@ -192,9 +196,10 @@ class BrowseEndpoint(Resource):
         route = getattr(request, "agentRoute", None)
         try:
             call = parse_call(self.action, request.method, query_args(request), getattr(route, "volume_id", None))
+            self.service.check_allowed(call)  # the original's order: 503 first, then parameters
+            require_path(call)
             if self.action == "rename":
                 call = _with_rename_body(call, request)
-            self.service.check_allowed(call)
         except AgentError as error:
             if error.status == 405:
                 request.setHeader(b"allow", b", ".join(METHODS[self.action]))
@@ -202,9 +207,14 @@ class BrowseEndpoint(Resource):
         handler = getattr(self, "_" + self.action)
         shown = call.path or "/"
         done = maybeDeferred(handler, call, request)
-        done.addErrback(lambda failure: finish_with_error(request, error_for(call, failure.value, shown)))
+        done.addErrback(self._failed, call, request, shown)
         done.addErrback(lambda failure: log.failure("browse {action} failed", failure, action=self.action))
         return NOT_DONE_YET
+
+    def _failed(self, failure: Failure, call: BrowseCall, request: Request, shown: str) -> None:
+        if not failure.check(AgentError, OSError, PathRefused):  # a bug: say where
+            log.failure("browse {action} failed", failure, action=self.action)
+        finish_with_error(request, error_for(call, failure.value, shown))
 
     @inlineCallbacks
     def _ls(self, call: BrowseCall, request: Request) -> Generator[Deferred[Any], Any, None]:

@@ -355,3 +355,10 @@ class PureHelperTests(SynchronousTestCase):
         self.assertEqual(mapping.local_path("/var/lib/docker/volumesX/v"), "/var/lib/docker/volumesX/v")
         same = VolumeRootMap.for_docker_root("/srv/docker", None)
         self.assertEqual(same.local_path("/srv/docker/volumes/v/_data"), "/srv/docker/volumes/v/_data")
+
+
+class OrderTests(SynchronousTestCase):
+    def test_host_management_is_checked_before_parameters(self) -> None:
+        h = BrowseHarness(self)
+        self.assertEqual(h.error("GET", "/browse/ls", 503)["message"], "Host management capability disabled")
+        self.assertEqual(h.error("PUT", "/browse/rename", 503, data=b"{")["message"], "Host management capability disabled")
