@@ -9,8 +9,11 @@ RUN python3 -m venv /opt/agent \
  && /opt/agent/bin/pip install --no-cache-dir ${PIP_ARGS} /src \
  && /opt/agent/bin/python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))" \
  && rm -rf /src
+# The host's volumes directory is bind-mounted at /var/lib/docker/volumes (whatever the
+# engine's DockerRootDir): volume mount points from Docker are mapped there.
 ENV PATH=/opt/agent/bin:$PATH \
     AGENT_DATA_DIR=/data \
+    AGENT_VOLUMES_ROOT=/var/lib/docker/volumes \
     PYTHONUNBUFFERED=1
 VOLUME /data
 EXPOSE 9001 9002
