@@ -362,3 +362,51 @@ class OrderTests(SynchronousTestCase):
         h = BrowseHarness(self)
         self.assertEqual(h.error("GET", "/browse/ls", 503)["message"], "Host management capability disabled")
         self.assertEqual(h.error("PUT", "/browse/rename", 503, data=b"{")["message"], "Host management capability disabled")
+
+
+class ConditionalAndHeadTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.h = BrowseHarness(self)
+
+    def test_if_modified_since_is_304(self) -> None:
+        response, _ = self.h.request("GET", "/browse/get?volumeID=vol1&path=hello.txt")
+        modified = response.headers.getRawHeaders(b"last-modified")[0]
+        response, body = self.h.request("GET", "/browse/get?volumeID=vol1&path=hello.txt",
+                                        headers={b"if-modified-since": [modified]})
+        self.assertEqual((response.code, body), (304, b""))
+
+    def test_head_has_the_length_and_no_body(self) -> None:
+        response, body = self.h.request("HEAD", "/browse/get?volumeID=vol1&path=hello.txt")
+        self.assertEqual((response.code, body), (200, b""))
+
+
+class ProducerTests(SynchronousTestCase):
+    def test_a_file_that_shrank_cuts_the_connection(self) -> None:
+        from twisted.web.test.requesthelper import DummyRequest
+
+        from portainer_agent.http.filesend import FileRangeProducer
+
+        root = temp_dir(self)
+        (root / "f").write_bytes(b"x" * 10)
+        fd = os.open(root / "f", os.O_RDONLY)
+        request = DummyRequest([b""])
+        aborted: list[bool] = []
+        import portainer_agent.http.filesend as filesend
+        self.patch(filesend, "abort_client", lambda r: aborted.append(True))
+        FileRangeProducer(request, fd, 0, 20, chunk=4).start()
+        self.assertEqual(b"".join(request.written), b"x" * 10)
+        self.assertEqual(aborted, [True])
+        self.assertEqual(request.finished, 0)
+
+    def test_a_file_that_grew_is_sent_up_to_the_promised_length(self) -> None:
+        from twisted.web.test.requesthelper import DummyRequest
+
+        from portainer_agent.http.filesend import FileRangeProducer
+
+        root = temp_dir(self)
+        (root / "f").write_bytes(b"0123456789")
+        request = DummyRequest([b""])
+        request._disconnected = False
+        FileRangeProducer(request, os.open(root / "f", os.O_RDONLY), 2, 5, chunk=2).start()
+        self.assertEqual(b"".join(request.written), b"23456")
+        self.assertEqual(request.finished, 1)
