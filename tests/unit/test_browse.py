@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from hypothesis import given, settings, strategies as st
 from treq.testing import StubTreq
 from twisted.internet.defer import maybeDeferred
 from twisted.python.failure import Failure
@@ -14,6 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
+from portainer_agent.errors import AgentError
 from portainer_agent.fs.upload import UploadForm
 from portainer_agent.fs.volumes import VolumeLocator, VolumeRootMap, check_volume_id
 from portainer_agent.http.browse import BrowseService, browse_endpoints
@@ -324,6 +326,44 @@ class UploadFormTests(SynchronousTestCase):
                 self.assertEqual(uploaded.path, "/d")
                 jail.store(uploaded.staged, ("d",), uploaded.filename)
             self.assertEqual((root / "d" / "f").read_bytes(), payload)
+
+
+class UploadFormPropertyTests(SynchronousTestCase):
+    @settings(max_examples=int(os.environ.get('PA_HYPOTHESIS_EXAMPLES', '60')), deadline=None)
+    @given(payload=st.binary(max_size=3000), cuts=st.lists(st.integers(1, 400), max_size=30),
+           path_first=st.booleans(),
+           filename=st.text(st.characters(blacklist_categories=("Cc", "Cs"), blacklist_characters='"\\'),
+                            min_size=1, max_size=20))
+    def test_any_split_stores_exactly_the_payload_under_a_plain_name(
+            self, payload: bytes, cuts: list[int], path_first: bool, filename: str) -> None:
+        from portainer_agent.fs.jail import Jail, PathRefused
+        from portainer_agent.fs.upload import upload_basename
+
+        root = temp_dir(self)
+        fields: list[tuple[str, str | None, bytes]] = [("file", filename, payload), ("Path", None, b"/d")]
+        body, _ = multipart_body(fields[::-1] if path_first else fields, boundary="pr0perty")
+        with Jail.open(str(root)) as jail:
+            form = UploadForm("pr0perty", lambda d: jail.stage(None), None)
+            try:
+                position = 0
+                for cut in cuts:
+                    form.feed(body[position:position + cut])
+                    position += cut
+                form.feed(body[position:])
+                form.feed(b"")
+                uploaded = form.finish()
+                jail.store(uploaded.staged, ("d",), uploaded.filename)
+            except (AgentError, PathRefused):
+                # Refused only when the name is no plain name; nothing left behind.
+                self.assertIn(upload_basename(filename), ("", ".", ".."))
+                self.assertEqual([n for n in os.listdir(root) if n != "d"], [])
+                return
+            finally:
+                form.abort()
+        stored = os.listdir(root / "d")
+        self.assertEqual(stored, [upload_basename(filename)])
+        self.assertEqual((root / "d" / stored[0]).read_bytes(), payload)
+        self.assertEqual(os.listdir(root), ["d"])
 
 
 class PureHelperTests(SynchronousTestCase):
