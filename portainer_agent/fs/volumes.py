@@ -22,8 +22,12 @@ from portainer_agent.fs.jail import MAX_NAME
 
 def check_volume_id(volume_id: str) -> str:
     """Pure: a ``volumeID`` that can only name a volume (no ``/``, ``..``, NUL)."""
+    try:
+        encoded = volume_id.encode("utf-8")  # a query's invalid UTF-8 arrives surrogate-escaped
+    except UnicodeEncodeError:
+        encoded = b"/"
     if (not volume_id or "/" in volume_id or "\\" in volume_id or "\x00" in volume_id
-            or volume_id in (".", "..") or len(volume_id.encode()) > MAX_NAME):
+            or volume_id in (".", "..") or len(encoded) > MAX_NAME or b"/" in encoded):
         raise AgentError(400, "Invalid volume", f"Invalid volume identifier {volume_id!r}")
     return volume_id
 

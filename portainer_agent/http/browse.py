@@ -17,13 +17,14 @@ import json
 import os
 from pathlib import Path
 from typing import Any, Callable, Generator
-from urllib.parse import parse_qs, unquote_to_bytes
+from urllib.parse import unquote_to_bytes
 
 import attrs
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
 from twisted.internet.task import Cooperator
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.http import parse_qs
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
@@ -65,7 +66,7 @@ class BrowseCall:
 def query_args(request: Request) -> dict[bytes, list[bytes]]:
     """The query string, decoded once (``request.args`` may also hold body fields)."""
     _, _, query = request.uri.partition(b"?")
-    return parse_qs(query, keep_blank_values=True)
+    return parse_qs(query, keep_blank_values=True)  # bytes in, bytes out (urllib mangles invalid UTF-8)
 
 
 def _first(args: dict[bytes, list[bytes]], name: bytes) -> str | None:

@@ -20,7 +20,7 @@ from portainer_agent.fs.upload import UploadForm
 from portainer_agent.fs.volumes import VolumeLocator, VolumeRootMap, check_volume_id
 from portainer_agent.http.browse import BrowseService, browse_endpoints
 from portainer_agent.http.filesend import ByteRange, RangeNotSatisfiable, content_type, parse_range
-from tests.unit.memory import Memory
+from tests.unit.memory import Memory, raw_request
 from tests.unit.tempdirs import temp_dir
 
 
@@ -146,6 +146,11 @@ class ListTests(SynchronousTestCase):
             self.assertEqual(json.loads(body)["message"], "Invalid volume", volume)
         # Only the existing one and the unknown one reached Docker (no traversal attempt did).
         self.assertEqual(self.h.volumes.asked, [b"/volumes/nope"])
+
+    def test_invalid_utf8_volume_id_is_400(self) -> None:
+        wire = self.h.memory.raw(raw_request(b"GET", b"/browse/ls?volumeID=a%FFb&path=/"))
+        self.assertTrue(wire.status().startswith(b"HTTP/1.1 400"), wire.data)
+        self.assertEqual(json.loads(wire.body())["message"], "Invalid volume")
 
     def test_legacy_bad_volume_in_path(self) -> None:
         response, _ = self.h.request("GET", "/v1/browse/%2E%2E/ls")
@@ -385,7 +390,7 @@ class PureHelperTests(SynchronousTestCase):
 
     def test_volume_ids(self) -> None:
         self.assertEqual(check_volume_id("my_vol-1.0"), "my_vol-1.0")
-        for bad in ("", ".", "..", "a/b", "a\\b", "a\x00b", "x" * 300):
+        for bad in ("", ".", "..", "a/b", "a\\b", "a\x00b", "x" * 300, "a\udcffb"):
             self.assertRaises(Exception, check_volume_id, bad)
 
     def test_volume_root_mapping(self) -> None:
