@@ -109,14 +109,19 @@ class UploadForm:
         return self._path_from_form.decode("utf-8", "surrogateescape")
 
     def finish(self) -> UploadedForm:
-        """The form once the body ended (400 when ``Path`` or ``file`` is missing)."""
-        if not self._parser.closed:
-            raise invalid_payload("Malformed multipart body: incomplete")
-        path = self._path if self._path is not None else self._form_path()
-        if not path:
-            raise invalid_payload("Invalid file path")
-        if self._staged is None or not self._filename:
-            raise invalid_payload("Invalid uploaded file")
+        """The form once the body ended (400 when ``Path`` or ``file`` is missing); a refused
+        form leaves nothing staged behind."""
+        try:
+            if not self._parser.closed:
+                raise invalid_payload("Malformed multipart body: incomplete")
+            path = self._path if self._path is not None else self._form_path()
+            if not path:
+                raise invalid_payload("Invalid file path")
+            if self._staged is None or not self._filename:
+                raise invalid_payload("Invalid uploaded file")
+        except Exception:
+            self.abort()
+            raise
         return UploadedForm(path, self._filename, self._staged)
 
     def abort(self) -> None:
