@@ -16,6 +16,7 @@ from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.client import HTTPConnectionPool
 
 from portainer_agent import __version__
 from portainer_agent.config import Config
@@ -136,7 +137,7 @@ class AgentService(MultiService):
         browse = BrowseService(VolumeLocator(self.docker, volumes), config.host_management, config.host_root)
         self.root.endpoints.update(browse_endpoints(browse))
         self.root.endpoints[b"/host/info"] = HostInfoResource(config.host_root)
-        self.peer_pool = None
+        self.peer_pool: HTTPConnectionPool | None = None
         if self.cluster is not None:
             self._wire_cluster_routing(self.cluster.view)
 
@@ -146,10 +147,10 @@ class AgentService(MultiService):
             member = next((m for m in view.alive_members() if m.api_addr == host and m.api_port == port), None)
             return member.cert_fingerprint if member is not None else None
 
-        self.peer_pool = make_pool(self.reactor)
+        pool = self.peer_pool = make_pool(self.reactor)
         policy = PeerTLSPolicy(pin_for, authenticated=self.config.cluster_key is not None, clock=self.reactor,
                                handshake_timeout=self.config.peer_timeout)
-        peers = PeerForwarder(self.reactor, policy, self.peer_pool, lambda: view.local.node_name, self.hijack,
+        peers = PeerForwarder(self.reactor, policy, pool, lambda: view.local.node_name, self.hijack,
                               connect_timeout=self.config.peer_timeout)
         self.destinations.peers = peers
         self.destinations.fanout = FanOut(self.reactor, self.docker_proxy, peers, self.config.aggregate_timeout)

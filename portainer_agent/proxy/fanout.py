@@ -60,16 +60,22 @@ class FanOut:
 
     def render(self, request: Request, members: Sequence[Member], local_name: str) -> Any:
         legs = [self._leg(request, member, member.node_name == local_name) for member in members]
-        request.notifyFinish().addErrback(lambda _: [leg.cancel() for leg in legs if not leg.called])
+
+        def cancel_legs(_: Failure) -> None:
+            for leg in legs:
+                if not leg.called:
+                    leg.cancel()
+
+        request.notifyFinish().addErrback(cancel_legs)
         DeferredList(legs, consumeErrors=True).addCallback(self._answer, request, members)
         return NOT_DONE_YET
 
     def _leg(self, request: Request, member: Member, local: bool) -> "Deferred[NodeAnswer]":
         try:
-            pending = self._local.send(request) if local else self._peers.send(request, member)
+            sent = self._local.send(request) if local else self._peers.send(request, member)
         except AgentError as error:
-            pending = Deferred()
-            pending.errback(Failure(error))
+            sent = Deferred()
+            sent.errback(Failure(error))
 
         def read(response: IResponse) -> "Deferred[NodeAnswer]":
             content_type = response.headers.getRawHeaders(b"content-type", [None])[-1]
@@ -81,9 +87,9 @@ class FanOut:
 
             return treq.content(response).addCallback(check)
 
-        pending.addCallback(read)
-        pending.addTimeout(self._timeout, self._reactor)
-        return pending
+        answer: Deferred[NodeAnswer] = sent.addCallback(read)
+        answer.addTimeout(self._timeout, self._reactor)
+        return answer
 
     def _answer(self, results: list[tuple[bool, Any]], request: Request, members: Sequence[Member]) -> None:
         if request._disconnected:

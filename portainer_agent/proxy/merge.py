@@ -98,17 +98,18 @@ def tagged_volumes(body: bytes, node: str) -> tuple[list[_Object], list[str]]:
     try:
         top = _decode_object(body)
         volumes_raw = top.get("Volumes")
-        volumes = _decode_list(volumes_raw) if _present(volumes_raw) else []
+        volumes = _decode_list(volumes_raw) if volumes_raw is not None and _present(volumes_raw) else []
         warnings_raw = top.get("Warnings")
-        warnings = (_decode_warnings(warnings_raw) or []) if _present(warnings_raw) else []
+        warnings = (_decode_warnings(warnings_raw) or []) if warnings_raw is not None and _present(warnings_raw) \
+            else []
     except (msgspec.DecodeError, msgspec.ValidationError) as error:
         raise InvalidNodeAnswer(f"invalid response from Docker: {error}") from None
     tag = _node_tag(node)
     return [_tag(item, tag, node) for item in volumes], warnings
 
 
-def _present(raw: msgspec.Raw | None) -> bool:
-    return raw is not None and bytes(raw) != b"null"
+def _present(raw: msgspec.Raw) -> bool:
+    return bytes(raw) != b"null"
 
 
 def failure_warning(failure: NodeFailure) -> str:

@@ -128,10 +128,9 @@ class PeerTLSPolicy:
         fingerprint = self._pin_for(host, port)
         if not fingerprint:
             raise PeerPinMissing(f"no certificate fingerprint known for the agent at {host}:{port}")
-        context = self._contexts.get(fingerprint)
-        if context is None:
-            context = self._contexts[fingerprint] = _pinned_context(fingerprint)
-        return _ConnectionCreator(context, self._clock, self._handshake_timeout)
+        if fingerprint not in self._contexts:
+            self._contexts[fingerprint] = _pinned_context(fingerprint)
+        return _ConnectionCreator(self._contexts[fingerprint], self._clock, self._handshake_timeout)
 
     def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:  # noqa: N802
         return self.creator_for(hostname.decode("idna"), port)
