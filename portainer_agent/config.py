@@ -60,6 +60,9 @@ class Config:
     peer_timeout: float = 5.0
     aggregate_timeout: float = 10.0
 
+    # console (issue 10)
+    console_ping_interval: float = 30.0
+
     @property
     def docker_socket_path(self) -> str:
         """Filesystem path of the Docker unix socket (``DOCKER_HOST=unix://...``)."""

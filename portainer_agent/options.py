@@ -146,6 +146,7 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("aggregate-timeout", "AGENT_AGGREGATE_TIMEOUT", "aggregate_timeout", _positive_duration, "per-node deadline of an aggregated list (containers, images, volumes, networks)", "10s"),
     OptionSpec("volumes-root", "AGENT_VOLUMES_ROOT", "volumes_root", _absolute_path, "where <DockerRootDir>/volumes is mounted for the agent", "the same path"),
     OptionSpec("host-root", "AGENT_HOST_ROOT", "host_root", _absolute_path, "where the host's / is mounted: host browsing and /host/info stay beneath it", "/host"),
+    OptionSpec("console-ping", "AGENT_CONSOLE_PING_INTERVAL", "console_ping_interval", _duration, "websocket console keepalive ping interval (0: none)", "30s"),
 )
 
 _BY_FLAG = {spec.flag: spec for spec in OPTIONS}

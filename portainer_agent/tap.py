@@ -41,6 +41,9 @@ from portainer_agent.http.agents import AgentsResource
 from portainer_agent.fs.volumes import VolumeLocator, VolumeRootMap
 from portainer_agent.http.browse import BrowseService, browse_endpoints
 from portainer_agent.http.hostinfo import HostInfoResource
+from portainer_agent.console.docker_stream import console_opener
+from portainer_agent.console.resource import ConsoleResource
+from portainer_agent.console.sessions import ConsoleSessions
 
 log = Logger()
 
@@ -140,6 +143,13 @@ class AgentService(MultiService):
         self.peer_pool: HTTPConnectionPool | None = None
         if self.cluster is not None:
             self._wire_cluster_routing(self.cluster.view)
+        # Websocket console (issue 10): local exec/attach; other nodes are reached by routing.
+        self.consoles = ConsoleSessions(reactor)
+        self.consoles.setServiceParent(self)
+        for kind in ("exec", "attach"):
+            self.root.endpoints[b"/websocket/" + kind.encode()] = ConsoleResource(
+                kind, console_opener(reactor, config.docker_socket_path, self.docker), reactor,
+                config.console_ping_interval, track=self.consoles.track)
 
     def _wire_cluster_routing(self, view: MembershipView) -> None:
         """Target forwarding, manager operations and aggregation (Swarm only)."""

@@ -35,6 +35,7 @@ BAD_VALUES = {
     "host-management": "2",
     "volumes-root": "relative/volumes",
     "host-root": "host",
+    "console-ping": "1 minute",
 }
 
 
