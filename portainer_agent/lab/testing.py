@@ -15,7 +15,8 @@
 
 The lab comes up once in ``setUpClass`` (pytest and unittest call it) and goes down in
 ``tearDownClass``; under the plain ``trial`` runner, which does not call them, the first
-``setUp`` brings it up and process exit tears it down. Without root or dockerd, every test of
+``setUp`` brings it up and it goes down when trial reaches the next class with a class
+fixture, or at process exit (:mod:`portainer_agent.testing.classfixture`). Without root or dockerd, every test of
 the class is skipped with the reason. Set ``PA_LAB_KEEP_LOGS=<dir>`` to keep the agents'
 and dockerds' logs (teardown deletes the lab's work directory). Two runs of the same class on
 one machine wait for each other (the lab's lock); they never clean each other's nodes.
@@ -26,7 +27,6 @@ Prefixes and subnets already taken: ``tests/lab`` uses ``palt``..``palt7`` on
 """
 from __future__ import annotations
 
-import atexit
 import hashlib
 import importlib.util
 import os
@@ -37,6 +37,7 @@ from twisted.trial import unittest as trial_unittest
 
 from portainer_agent.lab.dockerd import INSTALL_HINT, missing_tools
 from portainer_agent.lab.harness import Lab, NodeRef
+from portainer_agent.testing.classfixture import ClassFixture
 
 
 def lab_skip_reason() -> str | None:
@@ -63,7 +64,7 @@ def default_prefix_and_subnet(cls: type) -> tuple[str, str]:
     return f"pl{digest[:4].hex()[:7]}", f"10.77.{100 + digest[4] % 150}.0/24"
 
 
-class LabMixin:
+class LabMixin(ClassFixture):
     """The lab lifecycle; mix into any TestCase (``LabTestCase`` is the trial one)."""
 
     lab_prefix: ClassVar[str | None] = None
@@ -100,7 +101,7 @@ class LabMixin:
 
     @classmethod
     def setUpClass(cls) -> None:
-        super().setUpClass()  # type: ignore[misc]
+        super().setUpClass()
         cls._start_lab()
 
     @classmethod
@@ -115,13 +116,7 @@ class LabMixin:
                     lab.collect_logs(keep)
                 lab.down()
         finally:
-            super().tearDownClass()  # type: ignore[misc]
-
-    def setUp(self) -> Any:
-        cls = type(self)
-        if cls.__dict__.get("lab") is None:  # the trial runner does not call setUpClass
-            atexit.register(cls._start_lab().down)
-        return super().setUp()  # type: ignore[misc]
+            super().tearDownClass()
 
     def require_agents(self) -> None:
         """Skip the test when the lab runs without agents."""

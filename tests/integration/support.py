@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from portainer_agent.testing.classfixture import ClassFixture
 from portainer_agent.testing.signing import PortainerSigner, write_docker_config
 
 _daemon: Any = None
@@ -239,10 +240,11 @@ class UnixRelay:
             os.unlink(self.path)
 
 
-class RealDockerTestCase:
+class RealDockerTestCase(ClassFixture):
     """Mixin for trial test cases needing the session's real dockerd (``cls.daemon``)
     and, when ``start_agent`` is true, one agent process shared by the class
-    (``cls.agent``). Skips with the reason when the machine cannot run dockerd."""
+    (``cls.agent``). Skips with the reason when the machine cannot run dockerd.
+    Works under trial's runner too (:class:`ClassFixture`)."""
 
     start_agent = True
     daemon: Any
@@ -255,6 +257,7 @@ class RealDockerTestCase:
         reason = skip_reason()
         if reason:
             raise SkipTest(reason)
+        super().setUpClass()
         cls.daemon = shared_daemon()
         if cls.start_agent:
             cls.agent = AgentProcess.start(cls.daemon.socket_path)
@@ -264,3 +267,4 @@ class RealDockerTestCase:
         if cls.agent is not None:
             cls.agent.cleanup()
             cls.agent = None
+        super().tearDownClass()

@@ -25,8 +25,9 @@ class DockerCLIThroughAgentTests(RealDockerTestCase, SynchronousTestCase):
 
     @classmethod
     def tearDownClass(cls) -> None:
-        if cls.agent is not None:
-            cls.agent.docker("rm", "-f", cls.ticker, check=False)
+        ticker = cls.__dict__.get("ticker")
+        if cls.agent is not None and ticker is not None:
+            cls.agent.docker("rm", "-f", ticker, check=False)
         super().tearDownClass()
 
     def test_ps_lists_containers(self) -> None:

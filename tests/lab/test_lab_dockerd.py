@@ -20,9 +20,10 @@ from portainer_agent.lab.dockerd import (
     wait_for_exit,
 )
 from portainer_agent.lab.testing import lab_skip_reason
+from portainer_agent.testing.classfixture import ClassFixture
 
 
-class DockerDaemonTests(SynchronousTestCase):
+class DockerDaemonTests(ClassFixture, SynchronousTestCase):
     """One daemon shared by the class (the way the lead's single-node tests use it)."""
 
     daemon: DockerDaemon | None = None
@@ -32,6 +33,7 @@ class DockerDaemonTests(SynchronousTestCase):
         reason = lab_skip_reason()
         if reason:
             raise unittest.SkipTest(reason)
+        super().setUpClass()
         cls.daemon = DockerDaemon.start(make_workdir(), "solo")
         cls.daemon.import_busybox()
 
@@ -40,11 +42,7 @@ class DockerDaemonTests(SynchronousTestCase):
         if cls.daemon is not None:
             cls.daemon.stop()
             cls.daemon = None
-
-    def setUp(self) -> None:
-        if self.daemon is None:  # plain trial runner: no setUpClass
-            type(self).setUpClass()
-            self.addCleanup(type(self).tearDownClass)
+        super().tearDownClass()
 
     def test_daemon_name_is_its_hostname(self) -> None:
         assert self.daemon is not None

@@ -28,6 +28,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from portainer_agent.security.testing import make_ca
+from portainer_agent.testing.classfixture import ClassFixture
 from portainer_agent.testing.signing import PortainerSigner, write_docker_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -138,7 +139,7 @@ def https_request(port: int, path: str, headers: Mapping[str, str | bytes] | Non
         connection.close()
 
 
-class DockerdFixture:
+class DockerdFixture(ClassFixture):
     """One dockerd for a whole test class (starting one takes seconds)."""
 
     daemon = None
@@ -148,14 +149,18 @@ class DockerdFixture:
         reason = _skip_reason()
         if reason:
             raise SkipTest(reason)
+        super().setUpClass()
         from portainer_agent.lab.dockerd import DockerDaemon
 
         cls.daemon = DockerDaemon.temporary("secnode")
 
     @classmethod
     def tearDownClass(cls) -> None:
-        if cls.daemon is not None:
-            cls.daemon.stop()
+        daemon = cls.__dict__.get("daemon")
+        cls.daemon = None
+        if daemon is not None:
+            daemon.stop()
+        super().tearDownClass()
 
     def start_agent(self, *args: str, probe_cert: tuple[Path, Path] | None = None) -> AgentProcess:
         agent = AgentProcess(self.daemon.url, args, probe_cert=probe_cert)
