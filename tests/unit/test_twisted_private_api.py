@@ -1,0 +1,315 @@
+"""Canaries for the private Twisted behaviour the agent relies on.
+
+``pyproject.toml`` pins Twisted to the range these were written against (26.10 <= v < 27).
+Each test below checks one private name or behaviour, used where the public API has no
+seam, and fails with a message naming the production code that must be revisited. When one
+fails after an upgrade, fix that code (or drop the private use), then move the pin.
+
+The private uses (grep ``twisted\\..*\\._`` imports and ``._name`` on Twisted objects):
+
+* ``twisted.web._newclient``: ``HTTP11ClientProtocol``, ``Request``, ``_ensureValidMethod``,
+  ``_ensureValidURI`` (docker/client.py, ``DockerSocketAgent``'s short path);
+* ``twisted.web.client._HTTP11ClientFactory`` and ``HTTPConnectionPool._factory``
+  (docker/client.py, ``make_pool``: quiet factory, large reads);
+* ``twisted.web.http._GenericHTTPChannelProtocol`` (http/site.py, ``AgentSite.protocol``);
+* ``HTTPChannel._respondToBadRequestAndDisconnect`` (http/site.py, ``AgentHTTPChannel``);
+* ``Request._disconnected`` (http/responses.py, http/streaming.py, docker/proxy.py,
+  docker/hijack.py);
+* ``HTTPChannel._dataBuffer`` (docker/hijack.py, ``take_over_transport``);
+* ``twisted.web.http._ChunkedTransferDecoder`` (docker/hijack.py, non-101 answers);
+* ``TLSMemoryBIOProtocol._flushReceiveBIO`` and the state it uses (``_lostTLSConnection``,
+  ``_tlsConnection``, ``_shutdownTLS``, ``_tlsShutdownFinished``, ``_aborted``,
+  ``_flushSendBIO``) (tls/server.py, ``HalfCloseTLSProtocol``);
+* ``Request.gotLength``/``handleContentChunk`` as the body hooks (security/body.py).
+"""
+from __future__ import annotations
+
+import ast
+import hashlib
+import inspect
+import textwrap
+from typing import Any
+
+import twisted
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.protocols import tls
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web import http
+from twisted.web.client import HTTPConnectionPool
+from twisted.web.http_headers import Headers
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+
+#: The Twisted releases these canaries were last checked against (pyproject.toml's pin).
+TESTED = ((26, 10), (27, 0))
+
+#: Digest of the code (``ast.unparse``, so without docstring and comments) of Twisted 26.10's ``TLSMemoryBIOProtocol._flushReceiveBIO`` (docstring
+#: and comments excluded): ``HalfCloseTLSProtocol._flushReceiveBIO`` is a modified copy of it.
+FLUSH_RECEIVE_BIO_DIGEST = "819659e2654f9366"
+
+
+def _loud(what: str, where: str) -> str:
+    return (f"Twisted {twisted.__version__}: {what}. The agent relies on it in {where}; "
+            f"fix that code before moving the Twisted pin in pyproject.toml.")
+
+
+def _body_digest(function: Any) -> str:
+    """A digest of a function's code that ignores its docstring, comments and layout."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
+    definition = tree.body[0]
+    assert isinstance(definition, (ast.FunctionDef, ast.AsyncFunctionDef))
+    body = definition.body
+    if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant):
+        body = body[1:]
+    code = "\n".join(ast.unparse(statement) for statement in body)
+    return hashlib.sha256(code.encode()).hexdigest()[:16]
+
+
+class _Pending(Resource):
+    """Holds every request open (NOT_DONE_YET), so tests can look at it mid-flight."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[Request] = []
+
+    def render(self, request: Request) -> Any:
+        self.requests.append(request)
+        return NOT_DONE_YET
+
+
+def _connected_site(resource: Resource) -> tuple[Any, StringTransport]:
+    site = Site(resource, reactor=Clock())
+    protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+class VersionTests(SynchronousTestCase):
+    def test_installed_twisted_is_in_the_tested_range(self) -> None:
+        version = tuple(int(part) for part in twisted.__version__.split(".")[:2])
+        low, high = TESTED
+        self.assertTrue(low <= version < high, _loud(
+            f"outside the range the private-API canaries were checked against ({low} <= v < {high})",
+            "every module listed in this file's docstring"))
+
+
+class NewClientTests(SynchronousTestCase):
+    """docker/client.py: ``DockerSocketAgent`` builds ``_newclient.Request`` itself."""
+
+    def test_validation_helpers(self) -> None:
+        try:
+            from twisted.web._newclient import _ensureValidMethod, _ensureValidURI
+        except ImportError as error:
+            self.fail(_loud(f"_newclient validation helpers are gone ({error})", "docker/client.py"))
+        self.assertEqual(_ensureValidMethod(b"GET"), b"GET")
+        self.assertEqual(_ensureValidURI(b"http://docker/containers/json"), b"http://docker/containers/json")
+        for bad in (b"http://docker/x\x7f", b"http://docker/a b"):
+            with self.assertRaises(ValueError, msg=_loud(f"_ensureValidURI accepts {bad!r}", "docker/client.py")):
+                _ensureValidURI(bad)
+        with self.assertRaises(ValueError, msg=_loud("_ensureValidMethod accepts b'GE T'", "docker/client.py")):
+            _ensureValidMethod(b"GE T")
+
+    def test_request_and_protocol_write_the_request_we_build(self) -> None:
+        try:
+            from twisted.web._newclient import HTTP11ClientProtocol, Request as ClientRequest
+        except ImportError as error:
+            self.fail(_loud(f"_newclient classes are gone ({error})", "docker/client.py"))
+        headers = Headers({b"host": [b"docker"], b"x-one": [b"1"]})
+        try:
+            request = ClientRequest(b"GET", b"/containers/json", headers, None, persistent=True)
+        except TypeError as error:
+            self.fail(_loud(f"_newclient.Request(method, uri, headers, bodyProducer, persistent=) "
+                            f"changed ({error})", "docker/client.py DockerSocketAgent.request"))
+        quiescent: list[Any] = []
+        protocol = HTTP11ClientProtocol(quiescent.append)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        response = protocol.request(request)
+        self.assertIsInstance(response, Deferred)
+        written = transport.value()
+        self.assertTrue(written.startswith(b"GET /containers/json HTTP/1.1\r\n"),
+                        _loud(f"HTTP11ClientProtocol wrote {written[:60]!r}", "docker/client.py"))
+        self.assertEqual(written.lower().count(b"\r\nhost: docker\r\n"), 1,
+                         _loud("the Host header we pass is not written exactly once", "docker/client.py"))
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.assertEqual(self.successResultOf(response).code, 200)
+        self.assertEqual(quiescent, [protocol],
+                         _loud("a persistent HTTP11ClientProtocol no longer calls its quiescent callback",
+                               "docker/client.py (connection reuse through the pool)"))
+
+
+class PoolFactoryTests(SynchronousTestCase):
+    """docker/client.py ``make_pool`` swaps ``pool._factory`` for a quieter subclass."""
+
+    def test_pool_builds_connections_with_its_factory_attribute(self) -> None:
+        try:
+            from twisted.web.client import _HTTP11ClientFactory
+        except ImportError as error:
+            self.fail(_loud(f"_HTTP11ClientFactory is gone ({error})", "docker/client.py make_pool"))
+        pool = HTTPConnectionPool(Clock(), persistent=True)
+        self.assertIs(getattr(pool, "_factory", None), _HTTP11ClientFactory,
+                      _loud("HTTPConnectionPool._factory is not _HTTP11ClientFactory", "docker/client.py make_pool"))
+
+        class Recording(_HTTP11ClientFactory):
+            pass
+
+        class Endpoint:
+            factories: list[Any] = []
+
+            def connect(self, factory: Any) -> "Deferred[Any]":
+                self.factories.append(factory)
+                return Deferred()
+
+        endpoint = Endpoint()
+        pool._factory = Recording
+        pool.getConnection((b"http", b"docker", 80), endpoint)
+        [factory] = endpoint.factories
+        self.assertIsInstance(factory, Recording, _loud("the pool ignores _factory", "docker/client.py make_pool"))
+        self.assertTrue(callable(getattr(factory, "_quiescentCallback", None)),
+                        _loud("_HTTP11ClientFactory._quiescentCallback is gone",
+                              "docker/client.py _QuietClientFactory.buildProtocol"))
+
+
+class ChannelTests(SynchronousTestCase):
+    """http/site.py: our channel class inside Twisted's protocol wrapper."""
+
+    def test_generic_channel_protocol_wraps_the_channel_we_give(self) -> None:
+        try:
+            from twisted.web.http import _GenericHTTPChannelProtocol
+        except ImportError as error:
+            self.fail(_loud(f"_GenericHTTPChannelProtocol is gone ({error})", "http/site.py AgentSite.protocol"))
+
+        class MyChannel(http.HTTPChannel):
+            pass
+
+        class MySite(Site):
+            def protocol(self) -> Any:  # type: ignore[override]
+                return _GenericHTTPChannelProtocol(MyChannel())
+
+        resource = _Pending()
+        site = MySite(resource, reactor=Clock())
+        protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        self.assertIsInstance(protocol, _GenericHTTPChannelProtocol,
+                              _loud("Site.buildProtocol no longer calls self.protocol()", "http/site.py"))
+        channel = getattr(protocol, "_channel", None)
+        self.assertIsInstance(channel, MyChannel, _loud("the wrapper does not hold our channel", "http/site.py"))
+        self.assertIs(channel.site, site, _loud("the site is not set on our channel", "http/site.py"))
+        protocol.makeConnection(StringTransport())
+        protocol.dataReceived(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+        self.assertEqual(len(resource.requests), 1, _loud("data does not reach our channel", "http/site.py"))
+        self.assertIs(resource.requests[0].channel, channel)
+
+    def test_respond_to_bad_request_and_disconnect(self) -> None:
+        protocol, transport = _connected_site(_Pending())
+        channel = protocol._channel
+        method = getattr(channel, "_respondToBadRequestAndDisconnect", None)
+        self.assertTrue(callable(method), _loud("HTTPChannel._respondToBadRequestAndDisconnect is gone",
+                                                "http/site.py AgentHTTPChannel.lineLengthExceeded"))
+        method()
+        self.assertEqual(transport.value(), b"HTTP/1.1 400 Bad Request\r\n\r\n",
+                         _loud("_respondToBadRequestAndDisconnect writes something else",
+                               "http/site.py AgentHTTPChannel"))
+        self.assertTrue(transport.disconnecting, _loud("_respondToBadRequestAndDisconnect no longer closes",
+                                                       "http/site.py AgentHTTPChannel"))
+
+    def test_pipelined_bytes_wait_in_the_data_buffer(self) -> None:
+        # take_over_transport hands bytes that arrived after an upgrade request's head
+        # (the client's first stdin bytes) to the splice; they sit in ``_dataBuffer``.
+        resource = _Pending()
+        protocol, _ = _connected_site(resource)
+        channel = protocol._channel
+        protocol.dataReceived(b"POST /exec/x/start HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n"
+                              b"Connection: Upgrade\r\nUpgrade: tcp\r\n\r\nstdin bytes")
+        self.assertEqual(len(resource.requests), 1)
+        buffered = getattr(channel, "_dataBuffer", None)
+        self.assertIsInstance(buffered, list, _loud("HTTPChannel._dataBuffer is gone or not a list",
+                                                    "docker/hijack.py take_over_transport"))
+        self.assertEqual(b"".join(buffered), b"stdin bytes",
+                         _loud("bytes after a request in progress are no longer kept in _dataBuffer",
+                               "docker/hijack.py take_over_transport"))
+
+
+class RequestTests(SynchronousTestCase):
+    def test_disconnected_flag_follows_the_connection(self) -> None:
+        resource = _Pending()
+        protocol, _ = _connected_site(resource)
+        protocol.dataReceived(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+        [request] = resource.requests
+        where = "http/responses.py, http/streaming.py, docker/proxy.py, docker/hijack.py"
+        self.assertIs(getattr(request, "_disconnected", None), False,
+                      _loud("Request._disconnected is gone or not False on a live request", where))
+        protocol.connectionLost(Failure(ConnectionError("client went away")))
+        self.assertIs(request._disconnected, True,
+                      _loud("Request._disconnected is not set when the connection is lost", where))
+        request.write(b"ignored")  # documented no-op after a disconnect; the code relies on it
+
+    def test_body_hooks_see_the_length_then_the_chunks(self) -> None:
+        calls: list[tuple[str, Any]] = []
+
+        class Watching(Request):
+            def gotLength(self, length: int | None) -> None:
+                calls.append(("gotLength", length))
+                super().gotLength(length)
+
+            def handleContentChunk(self, data: bytes) -> None:
+                calls.append(("chunk", data))
+                super().handleContentChunk(data)
+
+        site = Site(_Pending(), requestFactory=Watching, reactor=Clock())
+        protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        protocol.makeConnection(StringTransport())
+        protocol.dataReceived(b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhel")
+        protocol.dataReceived(b"lo")
+        self.assertEqual(calls, [("gotLength", 5), ("chunk", b"hel"), ("chunk", b"lo")],
+                         _loud("Request.gotLength/handleContentChunk are no longer called as body hooks",
+                               "security/body.py DiscardUnauthenticatedBody"))
+
+
+class ChunkedDecoderTests(SynchronousTestCase):
+    def test_decodes_and_reports_the_bytes_after_the_last_chunk(self) -> None:
+        try:
+            from twisted.web.http import _ChunkedTransferDecoder
+        except ImportError as error:
+            self.fail(_loud(f"_ChunkedTransferDecoder is gone ({error})", "docker/hijack.py"))
+        data: list[bytes] = []
+        finished: list[bytes] = []
+        decoder = _ChunkedTransferDecoder(data.append, finished.append)
+        decoder.dataReceived(b"5\r\nhello\r\n")
+        decoder.dataReceived(b"1\r\n!\r\n0\r\n\r\nextra")
+        self.assertEqual((b"".join(data), finished), (b"hello!", [b"extra"]),
+                         _loud("_ChunkedTransferDecoder(dataCallback, finishCallback) behaves differently",
+                               "docker/hijack.py HijackProxy._answer"))
+
+
+class TLSShimTests(SynchronousTestCase):
+    """tls/server.py: ``HalfCloseTLSProtocol`` overrides ``_flushReceiveBIO``."""
+
+    def test_buffering_transport_has_the_state_the_shim_uses(self) -> None:
+        where = "tls/server.py HalfCloseTLSProtocol"
+        self.assertTrue(issubclass(tls.BufferingTLSTransport, tls.TLSMemoryBIOProtocol),
+                        _loud("BufferingTLSTransport no longer subclasses TLSMemoryBIOProtocol", where))
+        for name in ("_flushReceiveBIO", "_flushSendBIO", "_shutdownTLS", "_tlsShutdownFinished"):
+            self.assertTrue(callable(getattr(tls.TLSMemoryBIOProtocol, name, None)),
+                            _loud(f"TLSMemoryBIOProtocol.{name} is gone", where))
+        for name in ("_lostTLSConnection", "_aborted"):
+            self.assertIs(getattr(tls.TLSMemoryBIOProtocol, name, None), False,
+                          _loud(f"TLSMemoryBIOProtocol.{name} is no longer a False class default", where))
+        self.assertIn("self._flushReceiveBIO()", inspect.getsource(tls.TLSMemoryBIOProtocol.dataReceived),
+                      _loud("dataReceived no longer goes through _flushReceiveBIO: the shim's override "
+                            "would never run", where))
+        self.assertIn("self._tlsConnection", inspect.getsource(tls.TLSMemoryBIOProtocol.dataReceived),
+                      _loud("the OpenSSL connection is no longer _tlsConnection", where))
+
+    def test_flush_receive_bio_is_the_code_the_shim_was_copied_from(self) -> None:
+        digest = _body_digest(tls.TLSMemoryBIOProtocol._flushReceiveBIO)
+        self.assertEqual(digest, FLUSH_RECEIVE_BIO_DIGEST, _loud(
+            f"TLSMemoryBIOProtocol._flushReceiveBIO changed (digest {digest})",
+            "tls/server.py HalfCloseTLSProtocol._flushReceiveBIO, a modified copy of it: re-derive it "
+            "from the new code and update FLUSH_RECEIVE_BIO_DIGEST"))
