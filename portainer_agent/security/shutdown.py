@@ -91,6 +91,9 @@ class SecurityShutdown(Service):
     def _expired(self) -> None:
         self._call = None
         if self._notary.is_associated:
+            # Said once, so that a reader (and the end-to-end test) can see the check ran.
+            self.log.info("--secret-timeout of {timeout} seconds passed: a Portainer instance is paired, "
+                          "the API stays open", timeout=self._timeout)
             return
         self.triggered = True
         self.log.warn(

@@ -1,6 +1,7 @@
 """Membership on the lab: three real agents in network namespaces with real dockerds.
 
-Covers: one cluster forms; a SIGKILLed agent leaves every ``/agents`` within 3 s and comes back
+Covers: one cluster forms; a SIGKILLed agent leaves every ``/agents`` (3 s on simulated time in
+test_simulation; measured and printed here) and comes back
 after a restart; a partitioned node is dropped and rejoins after the heal; a DNS name with
 several records makes an agent contact all of them; an agent started before any peer joins
 them when they appear.
@@ -27,6 +28,33 @@ from portainer_agent.lab.testing import SynchronousLabTestCase
 
 NAMES = {"node1", "node2", "node3"}
 DNS_NAME = "agents.cluster.lab"
+
+
+def json_lines(path: Path) -> list[dict[str, Any]]:
+    """The JSON log events in an agent's log file (other lines skipped)."""
+    events = []
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return []
+    for raw in text.splitlines():
+        try:
+            event = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(event, dict):
+            events.append(event)
+    return events
+
+
+def failed_joins(events: list[dict[str, Any]]) -> int:
+    """How many join attempts failed (the joiner logs each one before backing off)."""
+    return sum(1 for event in events if "no agent answered" in str(event.get("msg", "")))
+
+
+def left_events(events: list[dict[str, Any]], node: str) -> int:
+    """How many times a peer saw ``node`` leave gracefully (not die)."""
+    return sum(1 for event in events if event.get("node") == node and event.get("state") == "left")
 
 
 class LabMembershipTests(SynchronousLabTestCase):
@@ -136,13 +164,7 @@ class LabMembershipTests(SynchronousLabTestCase):
 
     def agent_log_lines(self, node: str) -> list[dict[str, Any]]:
         assert self.lab is not None
-        lines = []
-        for raw in self.lab.node(node).agent_log.read_text(errors="replace").splitlines():
-            try:
-                lines.append(json.loads(raw))
-            except ValueError:
-                continue
-        return lines
+        return json_lines(self.lab.node(node).agent_log)
 
     # ------------------------------------------------------------------ tests
 
@@ -202,8 +224,10 @@ class LabMembershipTests(SynchronousLabTestCase):
         self.lab.kill_agent("node3")
         self.wait(lambda: self.all_see({"node1", "node2"}, {"node1", "node2"}), 10, "node3 to be dropped")
         detection = time.monotonic() - started
+        # A measurement, not an assertion (a shared machine's load would make it flaky): the
+        # 3 s bound is checked on simulated time in test_simulation, the real figure in
+        # bench/membership.py.
         print(f"\nSIGKILL detection on every /agents: {detection:.2f}s")
-        self.assertLessEqual(detection, 3.0)
         self.lab.start_agent("node3")
         back = self.wait(lambda: self.all_see(NAMES), 15, "node3 to come back")
         print(f"restarted agent visible everywhere after {back:.2f}s (from /ping ready)")
@@ -211,12 +235,16 @@ class LabMembershipTests(SynchronousLabTestCase):
     def test_sigterm_leave_is_seen_at_once(self) -> None:
         assert self.lab is not None
         self.wait(lambda: self.all_see(NAMES), 30, "one cluster of three")
+        before = {name: left_events(self.agent_log_lines(name), "node3") for name in ("node1", "node2")}
         started = time.monotonic()
         self.lab.stop_agent("node3")  # SIGTERM, waits for the exit
         self.wait(lambda: self.all_see({"node1", "node2"}, {"node1", "node2"}), 5, "node3's leave")
         took = time.monotonic() - started
         print(f"\nSIGTERM (graceful leave) gone from every /agents after {took:.2f}s, exit included")
-        self.assertLess(took, 3.0)
+        # "At once" means through the leave message, not failure detection: both peers saw
+        # node3 as *left* (a failure would have made it suspect, then dead).
+        for name in ("node1", "node2"):
+            self.assertGreater(left_events(self.agent_log_lines(name), "node3"), before[name], name)
 
     def test_partitioned_node_is_dropped_and_rejoins_after_heal(self) -> None:
         assert self.lab is not None
@@ -252,9 +280,12 @@ class LabMembershipTests(SynchronousLabTestCase):
         for name in sorted(NAMES):
             self.lab.stop_agent(name)
         # node1 is the join address of every agent: start node3 and node2 while node1 is absent.
+        before = {name: failed_joins(self.agent_log_lines(name)) for name in ("node2", "node3")}
         self.lab.start_agent("node3")
         self.lab.start_agent("node2")
-        time.sleep(3)  # let them fail and back off (a fixed pause is the point of the scenario)
+        # Let them fail and back off: two failed join attempts each (1 s backoff, then 2 s).
+        self.wait(lambda: all(failed_joins(self.agent_log_lines(name)) >= before[name] + 2
+                              for name in ("node2", "node3")), 30, "node2 and node3 to fail to join twice")
         self.assertEqual(self.agents("node3"), {"node3"})
         self.lab.start_agent("node1")
         joined = self.wait(lambda: self.all_see(NAMES), 30, "the early agents to join node1")
@@ -303,7 +334,12 @@ class LabAuthenticatedMembershipTests(SynchronousLabTestCase):
         self.wait(lambda: self.all_see(NAMES), 30, "one authenticated cluster of three")
         self.start_impostor("node3", 9021, "another-secret")
         self.start_impostor("node2", 9031, None)
-        time.sleep(8)  # several join attempts and probe rounds (the point is that nothing happens)
+        # Nothing must happen, so wait for proof that they really tried: three refused join
+        # attempts each (1 + 2 + 4 s of backoff, several probe rounds of the honest agents).
+        impostor_logs = [self.lab.node("node3").workdir / "impostor-9021.log",
+                         self.lab.node("node2").workdir / "impostor-9031.log"]
+        self.wait(lambda: all(failed_joins(json_lines(path)) >= 3 for path in impostor_logs), 60,
+                  "both impostors to fail to join three times")
         for observer in sorted(NAMES):
             ports = {entry["Port"] for entry in self.entries(observer).values()}
             self.assertEqual(ports, {"9001"}, observer)

@@ -171,6 +171,36 @@ class AgentProcess:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
+class LineReader:
+    """Lines from a subprocess pipe, each awaited under a deadline (a stream that stops
+    flowing fails the test on the deadline instead of hanging it)."""
+
+    def __init__(self, pipe: Any) -> None:
+        self._fd = pipe.fileno()
+        self._buffer = b""
+
+    def readline(self, timeout: float) -> bytes | None:
+        """The next line (with its newline), or None when none came within ``timeout``
+        seconds; b"" at the end of the stream."""
+        import select
+
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buffer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            readable, _, _ = select.select([self._fd], [], [], remaining)
+            if not readable:
+                continue
+            data = os.read(self._fd, 65536)
+            if not data:
+                line, self._buffer = self._buffer, b""
+                return line
+            self._buffer += data
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return line + b"\n"
+
+
 def rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):

@@ -6,13 +6,12 @@ import hashlib
 import os
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from portainer_agent.testing.signing import docker_client
-from tests.integration.support import RealDockerTestCase
+from tests.integration.support import LineReader, RealDockerTestCase
 
 
 class DockerCLIThroughAgentTests(RealDockerTestCase, SynchronousTestCase):
@@ -47,13 +46,13 @@ class DockerCLIThroughAgentTests(RealDockerTestCase, SynchronousTestCase):
         proc = subprocess.Popen(["docker", "--tls", "logs", "-f", "--tail", "0", self.ticker],
                                 stdout=subprocess.PIPE, env=self.agent.docker_env())
         try:
-            started = time.monotonic()
-            first = proc.stdout.readline()
-            second = proc.stdout.readline()
-            elapsed = time.monotonic() - started
-            self.assertTrue(first.startswith(b"tick ") and second.startswith(b"tick "), (first, second))
-            # Lines arrive as they are printed (every 0.2 s), not when the stream ends.
-            self.assertLess(elapsed, 5)
+            # The ticker prints a line every 0.2 s and never ends: lines come only if the
+            # agent relays them as they are printed (a buffered stream would never end).
+            lines = LineReader(proc.stdout)
+            first, second = lines.readline(timeout=10), lines.readline(timeout=10)
+            self.assertTrue(first and first.startswith(b"tick "), first)
+            self.assertTrue(second and second.startswith(b"tick "), second)
+            self.assertEqual(int(second.split()[1]), int(first.split()[1]) + 1)
             self.assertIsNone(proc.poll())
         finally:
             proc.kill()
@@ -115,17 +114,37 @@ class DockerCLIThroughAgentTests(RealDockerTestCase, SynchronousTestCase):
             self.agent.docker("image", "inspect", "agent-saved:1")
 
     def test_events_stream(self) -> None:
-        proc = subprocess.Popen(["docker", "--tls", "events", "--filter", "type=container", "--format", "{{.Action}} {{.Actor.Attributes.name}}"],
+        proc = subprocess.Popen(["docker", "--tls", "events", "--filter", "type=container", "--filter", "event=create",
+                                 "--format", "{{.Action}} {{.Actor.Attributes.name}}"],
                                 stdout=subprocess.PIPE, env=self.agent.docker_env())
+        created: list[str] = []
+
+        def create(name: str) -> None:
+            created.append(name)
+            self.agent.docker("create", "--name", name, "busybox:local", "true")
+
         try:
-            time.sleep(0.5)  # let the events request reach Docker before the event happens
-            self.agent.docker("create", "--name", "evented-one", "busybox:local", "true")
-            line = proc.stdout.readline()
-            self.assertEqual(line.strip(), b"create evented-one")
+            lines = LineReader(proc.stdout)
+            # A create made before the events request reached Docker is not reported: create
+            # until one is (the stream is then up), then one more, which must arrive live.
+            line = None
+            while line is None:
+                self.assertLess(len(created), 20, "no event came through the agent")
+                create(f"evented-{len(created)}")
+                line = lines.readline(timeout=1)
+            self.assertRegex(line, rb"^create evented-\d+\n$")
+            create("evented-live")
+            seen = [line]
+            while seen[-1] != b"create evented-live\n":
+                line = lines.readline(timeout=10)
+                self.assertTrue(line, f"the stream stalled or ended after {seen}")
+                seen.append(line)
+            self.assertIsNone(proc.poll())
         finally:
             proc.kill()
             proc.wait(10)
-            self.agent.docker("rm", "-f", "evented-one", check=False)
+            for name in created:
+                self.agent.docker("rm", "-f", name, check=False)
 
     def test_docker_py_client(self) -> None:
         client = docker_client(f"tcp://127.0.0.1:{self.agent.port}", self.agent.headers)

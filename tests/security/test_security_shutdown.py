@@ -50,6 +50,8 @@ class ShutdownTests(SynchronousTestCase):
         self.clock.advance(3600)
         self.assertEqual(self.closed, 0)
         self.assertFalse(service.triggered)
+        [event] = [e for e in self.events if "the API stays open" in e["log_format"]]
+        self.assertEqual(event["log_level"], LogLevel.info)
 
     def test_a_bad_signature_does_not_prevent_the_shutdown(self) -> None:
         """In the reference a parseable key with a bad signature defeats the shutdown (§5.5)."""
