@@ -80,8 +80,8 @@ class DockerCLIThroughAgentTests(RealDockerTestCase, SynchronousTestCase):
         proc = subprocess.Popen(["docker", "--tls", "attach", "--no-stdin", self.ticker],
                                 stdout=subprocess.PIPE, env=self.agent.docker_env())
         try:
-            line = proc.stdout.readline()
-            self.assertTrue(line.startswith(b"tick "), line)
+            line = LineReader(proc.stdout).readline(timeout=10)  # a broken attach fails, not hangs
+            self.assertTrue(line and line.startswith(b"tick "), line)
         finally:
             proc.kill()
             proc.wait(10)

@@ -91,7 +91,8 @@ class SwarmLabTests(SynchronousLabTestCase):
 
     def test_busybox_is_on_every_node(self) -> None:
         for node in self.lab.nodes:
-            self.lab.docker(node, "image", "inspect", "busybox:local")
+            tags = self.lab.docker(node, "image", "inspect", "--format", "{{json .RepoTags}}", "busybox:local").stdout
+            self.assertIn("busybox:local", tags, node.name)
 
     def test_volume_data_is_where_the_node_says(self) -> None:
         name = f"vol-{uuid.uuid4().hex[:8]}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from hypothesis import HealthCheck, given, settings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -74,9 +75,13 @@ class VerifierFuzzTests(SynchronousTestCase):
         if value is None:
             return
         try:
-            decode_signature(value)
+            der = decode_signature(value)
         except SignatureInvalid:
-            pass
+            return
+        # Accepted: the DER signature holds exactly the r || s the 64 bytes carried.
+        text = value.encode("latin-1") if isinstance(value, str) else value
+        r, s = decode_dss_signature(der)
+        self.assertEqual(r.to_bytes(32, "big") + s.to_bytes(32, "big"), base64.b64decode(text + b"=="))
 
 
 class NotaryFuzzTests(SynchronousTestCase):
