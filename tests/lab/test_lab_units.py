@@ -18,6 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from portainer_agent.lab import cli, harness
 from portainer_agent.lab.dockerd import (
     BUSYBOX_APPLETS,
+    BUSYBOX_PATHS,
     DockerCommandError,
     DockerDaemon,
     busybox_tar,
@@ -135,10 +136,9 @@ class StateTests(SynchronousTestCase):
 
 class ImageTests(SynchronousTestCase):
     def test_busybox_image_has_the_applets_linked(self) -> None:
-        try:
-            data = busybox_tar()
-        except Exception as error:  # busybox-static missing
-            raise unittest.SkipTest(str(error))
+        if not any(os.path.exists(path) for path in BUSYBOX_PATHS):
+            raise unittest.SkipTest("busybox-static is not installed")  # and nothing else skips
+        data = busybox_tar()
         with tarfile.open(fileobj=io.BytesIO(data)) as tar:
             names = {member.name: member for member in tar.getmembers()}
         self.assertTrue(names["bin/busybox"].isfile())
