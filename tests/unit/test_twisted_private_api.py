@@ -13,10 +13,10 @@ The private uses (grep ``twisted\\..*\\._`` imports and ``._name`` on Twisted ob
   (docker/client.py, ``make_pool``: quiet factory, large reads);
 * ``twisted.web.http._GenericHTTPChannelProtocol`` (http/site.py, ``AgentSite.protocol``);
 * ``HTTPChannel._respondToBadRequestAndDisconnect`` (http/site.py, ``AgentHTTPChannel``);
-* ``Request._disconnected`` (http/responses.py, http/streaming.py, docker/proxy.py,
-  docker/hijack.py);
-* ``HTTPChannel._dataBuffer`` (docker/hijack.py, ``take_over_transport``);
-* ``twisted.web.http._ChunkedTransferDecoder`` (docker/hijack.py, non-101 answers);
+* ``Request._disconnected`` (http/responses.py, http/streaming.py, proxy/relay.py,
+  proxy/fanout.py, proxy/splice.py);
+* ``HTTPChannel._dataBuffer`` (proxy/splice.py, ``take_over_transport``);
+* ``twisted.web.http._ChunkedTransferDecoder`` (proxy/splice.py, non-101 answers);
 * ``TLSMemoryBIOProtocol._flushReceiveBIO`` and the state it uses (``_lostTLSConnection``,
   ``_tlsConnection``, ``_shutdownTLS``, ``_tlsShutdownFinished``, ``_aborted``,
   ``_flushSendBIO``) (tls/server.py, ``HalfCloseTLSProtocol``);
@@ -230,10 +230,10 @@ class ChannelTests(SynchronousTestCase):
         self.assertEqual(len(resource.requests), 1)
         buffered = getattr(channel, "_dataBuffer", None)
         self.assertIsInstance(buffered, list, _loud("HTTPChannel._dataBuffer is gone or not a list",
-                                                    "docker/hijack.py take_over_transport"))
+                                                    "proxy/splice.py take_over_transport"))
         self.assertEqual(b"".join(buffered), b"stdin bytes",
                          _loud("bytes after a request in progress are no longer kept in _dataBuffer",
-                               "docker/hijack.py take_over_transport"))
+                               "proxy/splice.py take_over_transport"))
 
 
 class RequestTests(SynchronousTestCase):
@@ -242,7 +242,7 @@ class RequestTests(SynchronousTestCase):
         protocol, _ = _connected_site(resource)
         protocol.dataReceived(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
         [request] = resource.requests
-        where = "http/responses.py, http/streaming.py, docker/proxy.py, docker/hijack.py"
+        where = "http/responses.py, http/streaming.py, proxy/relay.py, proxy/fanout.py, proxy/splice.py"
         self.assertIs(getattr(request, "_disconnected", None), False,
                       _loud("Request._disconnected is gone or not False on a live request", where))
         protocol.connectionLost(Failure(ConnectionError("client went away")))
@@ -277,7 +277,7 @@ class ChunkedDecoderTests(SynchronousTestCase):
         try:
             from twisted.web.http import _ChunkedTransferDecoder
         except ImportError as error:
-            self.fail(_loud(f"_ChunkedTransferDecoder is gone ({error})", "docker/hijack.py"))
+            self.fail(_loud(f"_ChunkedTransferDecoder is gone ({error})", "proxy/splice.py"))
         data: list[bytes] = []
         finished: list[bytes] = []
         decoder = _ChunkedTransferDecoder(data.append, finished.append)
@@ -285,7 +285,7 @@ class ChunkedDecoderTests(SynchronousTestCase):
         decoder.dataReceived(b"1\r\n!\r\n0\r\n\r\nextra")
         self.assertEqual((b"".join(data), finished), (b"hello!", [b"extra"]),
                          _loud("_ChunkedTransferDecoder(dataCallback, finishCallback) behaves differently",
-                               "docker/hijack.py HijackProxy._answer"))
+                               "proxy/splice.py (non-101 answers)"))
 
 
 class TLSShimTests(SynchronousTestCase):
