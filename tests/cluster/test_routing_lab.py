@@ -422,7 +422,9 @@ class RoutingLabTests(RoutingBase):
         # already declared node3 dead (then it is simply not asked)
         if response.headers.get(UNREACHABLE):
             self.assertEqual(response.headers.get(UNREACHABLE), "node3")
-        self.assertLess(elapsed, 4 + 3, "the aggregate waited longer than --aggregate-timeout")
+        # The bound itself (answered once --aggregate-timeout has passed, not later) is checked
+        # on simulated time in tests/unit/test_fanout_timeout.py; here it is only measured.
+        print(f"\naggregate with a partitioned node answered in {elapsed:.2f}s")
         volumes = self.json_of("node1", "/volumes")
         self.assertNotIn("node3", [v["Portainer"]["Agent"]["NodeName"] for v in volumes["Volumes"]])
         # a single request for the partitioned node: 502 naming it within --peer-timeout (2 s),

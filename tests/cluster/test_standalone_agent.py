@@ -5,16 +5,11 @@ import json
 
 from twisted.trial.unittest import SynchronousTestCase
 
-try:
-    from tests.integration.support import AgentProcess, shared_daemon, skip_reason
-except ImportError:  # run outside the repository root
-    AgentProcess = None  # type: ignore[assignment,misc]
+from tests.integration.support import AgentProcess, shared_daemon, skip_reason
 
 
 class StandaloneAgentTests(SynchronousTestCase):
     def setUp(self) -> None:
-        if AgentProcess is None:
-            self.skipTest("run from the repository root (tests.integration.support)")
         reason = skip_reason()
         if reason:
             self.skipTest(reason)
