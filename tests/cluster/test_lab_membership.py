@@ -59,7 +59,7 @@ def left_events(events: list[dict[str, Any]], node: str) -> int:
 
 class LabMembershipTests(SynchronousLabTestCase):
     lab_prefix = "pacl"
-    lab_subnet = "10.77.70.0/24"
+    lab_subnet = "10.77.86.0/24"
     lab_nodes, lab_managers = 3, 1
 
     # ------------------------------------------------------------------ helpers
@@ -297,7 +297,7 @@ class LabAuthenticatedMembershipTests(SynchronousLabTestCase):
     none, cannot join or inject themselves."""
 
     lab_prefix = "pacla"
-    lab_subnet = "10.77.72.0/24"
+    lab_subnet = "10.77.87.0/24"
     lab_nodes, lab_managers = 3, 1
     lab_options = {"secret": "lab-cluster-secret"}
 
