@@ -423,7 +423,7 @@ class RoutingLabTests(RoutingBase):
         if response.headers.get(UNREACHABLE):
             self.assertEqual(response.headers.get(UNREACHABLE), "node3")
         # The bound itself (answered once --aggregate-timeout has passed, not later) is checked
-        # on simulated time in tests/unit/test_fanout_timeout.py; here it is only measured.
+        # on simulated time in tests/unit/test_cluster_memory.py; here it is only measured.
         print(f"\naggregate with a partitioned node answered in {elapsed:.2f}s")
         volumes = self.json_of("node1", "/volumes")
         self.assertNotIn("node3", [v["Portainer"]["Agent"]["NodeName"] for v in volumes["Volumes"]])
@@ -431,7 +431,9 @@ class RoutingLabTests(RoutingBase):
         # or 500 once membership has declared it dead
         started = time.monotonic()
         targeted = self.request("node1", "/containers/x/json", headers={TARGET: "node3"})
-        self.assertLess(time.monotonic() - started, 2 + 3)
+        # Measured only; the connect bound is checked on a memory reactor in
+        # tests/unit/test_peer_timeout.py.
+        print(f"targeted request to the partitioned node answered in {time.monotonic() - started:.2f}s")
         self.assertIn(targeted.status, (500, 502))
         self.assertIn("node3", targeted.body.decode())
         heal()
