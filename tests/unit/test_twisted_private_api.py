@@ -20,7 +20,9 @@ The private uses (grep ``twisted\\..*\\._`` imports and ``._name`` on Twisted ob
 * ``TLSMemoryBIOProtocol._flushReceiveBIO`` and the state it uses (``_lostTLSConnection``,
   ``_tlsConnection``, ``_shutdownTLS``, ``_tlsShutdownFinished``, ``_aborted``,
   ``_flushSendBIO``) (tls/server.py, ``HalfCloseTLSProtocol``);
-* ``Request.gotLength``/``handleContentChunk`` as the body hooks (security/body.py).
+* ``Request.gotLength``/``handleContentChunk`` as the body hooks (security/body.py);
+* the unix connection's ``bufferSize`` as its read size (docker/client.py,
+  ``_LargeReadClientProtocol``: public name, undocumented meaning).
 """
 from __future__ import annotations
 
@@ -313,3 +315,13 @@ class TLSShimTests(SynchronousTestCase):
             f"TLSMemoryBIOProtocol._flushReceiveBIO changed (digest {digest})",
             "tls/server.py HalfCloseTLSProtocol._flushReceiveBIO, a modified copy of it: re-derive it "
             "from the new code and update FLUSH_RECEIVE_BIO_DIGEST"))
+
+
+class ReadSizeTests(SynchronousTestCase):
+    def test_unix_connections_read_buffer_size_bytes_at_a_time(self) -> None:
+        from twisted.internet import unix
+
+        source = inspect.getsource(unix.Client.doRead)
+        self.assertIn("self.bufferSize", source, _loud(
+            "the unix client connection no longer reads bufferSize bytes at a time",
+            "docker/client.py _LargeReadClientProtocol (256 kB reads from the Docker socket)"))
