@@ -74,13 +74,22 @@ def names(service: ClusterService) -> set[str]:
     return {m.node_name for m in service.view.alive_members()}
 
 
+def is_leader(service: ClusterService, node: str) -> bool:
+    member = service.view.member_by_name(node)
+    return member is not None and member.is_leader
+
+
+def stop_if_running(service: ClusterService) -> Any:
+    return service.stopService() if service.running else None
+
+
 class ServiceTests(TestCase):
     timeout = 60
 
     def start(self, *services: ClusterService) -> None:
         for service in services:
             service.startService()
-            self.addCleanup(lambda s=service: s.stopService() if s.running else None)
+            self.addCleanup(stop_if_running, service)
 
     @inlineCallbacks
     def test_three_agents_form_one_cluster_and_a_leave_is_seen_at_once(self) -> Any:
@@ -96,7 +105,9 @@ class ServiceTests(TestCase):
         # LEFT, not suspect or dead: the leave message told them (failure detection would
         # have taken probe rounds and ended in DEAD). No wall-clock bound needed.
         for service in services[:2]:
-            self.assertIs(service.node.member(services[2].local.key).state, MemberState.LEFT)
+            assert service.node is not None
+            member = service.node.member(services[2].local.key)
+            self.assertIs(member.state if member is not None else None, MemberState.LEFT)
 
     @inlineCallbacks
     def test_wrong_key_cannot_join_or_inject(self) -> Any:
@@ -113,12 +124,13 @@ class ServiceTests(TestCase):
             self.assertEqual(names(service), {"node1", "node2"})
         for impostor in impostors:
             self.assertEqual(names(impostor), {impostor.local.node_name})
+            assert impostor.joiner is not None
             self.assertFalse(impostor.joiner.joined)
 
     @inlineCallbacks
     def test_role_change_spreads(self) -> Any:
         promoted = NodeIdentity(name="node2", node_id="id2", role="manager", is_leader=True, node_addr="127.0.0.22")
-        current = {"identity": None}
+        current: dict[str, Any] = {"identity": None}
 
         def refresh() -> Any:
             from twisted.internet.defer import succeed
@@ -129,11 +141,9 @@ class ServiceTests(TestCase):
         self.start(*services)
         formed = yield wait_for(lambda: all(len(names(s)) == 2 for s in services), 10)
         self.assertTrue(formed, [names(s) for s in services])
-        self.assertFalse(services[0].view.member_by_name("node2").is_leader)
+        self.assertFalse(is_leader(services[0], "node2"))
         current["identity"] = promoted
-        spread = yield wait_for(
-            lambda: services[0].view.member_by_name("node2") is not None
-            and services[0].view.member_by_name("node2").is_leader, 10)
+        spread = yield wait_for(lambda: is_leader(services[0], "node2"), 10)
         self.assertTrue(spread)
 
 

@@ -138,6 +138,7 @@ class DockerCLIThroughAgentTests(RealDockerTestCase, SynchronousTestCase):
             while seen[-1] != b"create evented-live\n":
                 line = lines.readline(timeout=10)
                 self.assertTrue(line, f"the stream stalled or ended after {seen}")
+                assert line is not None
                 seen.append(line)
             self.assertIsNone(proc.poll())
         finally:

@@ -52,7 +52,8 @@ class PeerConnectTimeoutTests(SynchronousTestCase):
         self.assertEqual(port, node3.api_port)
         self.assertEqual(timeout, PEER_TIMEOUT, "the connect to a peer is bounded by --peer-timeout")
         self.assertEqual(transport.value(), b"")
-        factory.clientConnectionFailed(None, Failure(TimeoutError()))  # what the reactor does at the deadline
+        # What the reactor's connector does at the deadline:
+        factory.clientConnectionFailed(None, Failure(TimeoutError()))  # type: ignore[arg-type]
         reactor.advance(1.0)  # HostnameEndpoint notices the failed attempt on its next round
         head, _, body = transport.value().partition(b"\r\n\r\n")
         self.assertTrue(head.startswith(b"HTTP/1.1 502 "), head)

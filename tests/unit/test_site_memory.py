@@ -4,16 +4,17 @@
 The same classes run end to end in tests/integration (real sockets, real TLS)."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport, StringTransportWithDisconnection
-from twisted.logger import LogEvent, globalLogPublisher
+from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
+from zope.interface import implementer
 
 from portainer_agent.http.site import AgentHTTPChannel, AgentRequest, AgentSite, OpenStreams
 
@@ -45,7 +46,7 @@ class Connection:
 
     def __init__(self, site: AgentSite, closes: bool = True) -> None:
         self.protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
-        self.transport = StringTransportWithDisconnection() if closes else StringTransport()
+        self.transport: Any = cast(Any, StringTransportWithDisconnection() if closes else StringTransport())
         self.transport.protocol = self.protocol
         self.protocol.makeConnection(self.transport)
 
@@ -145,6 +146,7 @@ class AccessLogTests(SiteTestCase):
     def capture(self) -> list[LogEvent]:
         events: list[LogEvent] = []
 
+        @implementer(ILogObserver)
         def observe(event: LogEvent) -> None:
             if event.get("log_namespace") == "portainer_agent.access":
                 events.append(event)
@@ -273,7 +275,7 @@ class ListenerStopTests(SiteTestCase):
 
         site, resource, clock = self.make_site()
         endpoint = Endpoint()
-        service = ApiListenerService(endpoint, site, clock, GRACE, "127.0.0.1:0")
+        service = ApiListenerService(endpoint, site, clock, GRACE, "127.0.0.1:0")  # type: ignore[arg-type]
         service.startService()
         self.assertIs(service.port, endpoint.port)
         connection = Connection(site)

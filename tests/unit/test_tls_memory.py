@@ -98,6 +98,7 @@ class HalfCloseTests(SynchronousTestCase):
         self.assertEqual(stream.received, b"stdin bytes")
         self.assertEqual(stream.read_closed, 1)
         self.assertIsNone(stream.lost, "the stream must stay open for its output")
+        assert stream.transport is not None
         stream.transport.write(b"command output")
         pair.flush()
         self.assertEqual(pair.client_app.received, b"command output")
@@ -124,6 +125,7 @@ class HalfCloseTests(SynchronousTestCase):
         pair.server.readConnectionLost()
         self.assertEqual(stream.read_closed, 1)
         self.assertFalse(pair.server_tcp.disconnecting)
+        assert stream.transport is not None
         stream.transport.write(b"still writing")
         pair.flush()
         self.assertEqual(pair.client_app.received, b"still writing")

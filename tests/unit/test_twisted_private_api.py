@@ -171,7 +171,7 @@ class PoolFactoryTests(SynchronousTestCase):
 
         endpoint = Endpoint()
         pool._factory = Recording
-        pool.getConnection((b"http", b"docker", 80), endpoint)
+        pool.getConnection((b"http", b"docker", 80), endpoint)  # type: ignore[arg-type]
         [factory] = endpoint.factories
         self.assertIsInstance(factory, Recording, _loud("the pool ignores _factory", "docker/client.py make_pool"))
         self.assertTrue(callable(getattr(factory, "_quiescentCallback", None)),
@@ -200,7 +200,7 @@ class ChannelTests(SynchronousTestCase):
         protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
         self.assertIsInstance(protocol, _GenericHTTPChannelProtocol,
                               _loud("Site.buildProtocol no longer calls self.protocol()", "http/site.py"))
-        channel = getattr(protocol, "_channel", None)
+        channel: Any = getattr(protocol, "_channel", None)
         self.assertIsInstance(channel, MyChannel, _loud("the wrapper does not hold our channel", "http/site.py"))
         self.assertIs(channel.site, site, _loud("the site is not set on our channel", "http/site.py"))
         protocol.makeConnection(StringTransport())
@@ -211,7 +211,7 @@ class ChannelTests(SynchronousTestCase):
     def test_respond_to_bad_request_and_disconnect(self) -> None:
         protocol, transport = _connected_site(_Pending())
         channel = protocol._channel
-        method = getattr(channel, "_respondToBadRequestAndDisconnect", None)
+        method: Any = getattr(channel, "_respondToBadRequestAndDisconnect", None)
         self.assertTrue(callable(method), _loud("HTTPChannel._respondToBadRequestAndDisconnect is gone",
                                                 "http/site.py AgentHTTPChannel.lineLengthExceeded"))
         method()
@@ -230,7 +230,7 @@ class ChannelTests(SynchronousTestCase):
         protocol.dataReceived(b"POST /exec/x/start HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n"
                               b"Connection: Upgrade\r\nUpgrade: tcp\r\n\r\nstdin bytes")
         self.assertEqual(len(resource.requests), 1)
-        buffered = getattr(channel, "_dataBuffer", None)
+        buffered: Any = getattr(channel, "_dataBuffer", None)
         self.assertIsInstance(buffered, list, _loud("HTTPChannel._dataBuffer is gone or not a list",
                                                     "proxy/splice.py take_over_transport"))
         self.assertEqual(b"".join(buffered), b"stdin bytes",
