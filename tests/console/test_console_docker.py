@@ -2,7 +2,6 @@
 websocket client (websocket-client, which decodes every text frame strictly)."""
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import ssl
@@ -73,12 +72,6 @@ class ConsoleAgainstDockerTests(RealDockerTestCase, SynchronousTestCase):
         if "container" in cls.__dict__:
             del cls.container
         super().tearDownClass()
-
-    def setUp(self) -> None:
-        cls = type(self)
-        if "container" not in cls.__dict__:  # the trial runner does not call setUpClass
-            cls.setUpClass()
-            atexit.register(cls.tearDownClass)
 
     def exec_create(self, *command: str) -> str:
         body = json.dumps({"AttachStdin": True, "AttachStdout": True, "AttachStderr": True, "Tty": True,
