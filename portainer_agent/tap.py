@@ -20,7 +20,8 @@ from twisted.web.client import HTTPConnectionPool
 
 from portainer_agent import __version__
 from portainer_agent.config import Config
-from portainer_agent.docker.client import docker_agent, docker_treq, make_pool
+from portainer_agent.docker.client import DockerClient
+from portainer_agent.proxy.pool import make_pool
 from portainer_agent.proxy.splice import HijackProxy
 from portainer_agent.docker.identity import DockerUnavailable, NodeIdentity, fetch_identity_blocking
 from portainer_agent.proxy.local import DockerProxy
@@ -107,13 +108,12 @@ class AgentService(MultiService):
         self.tls = tls
         self.reactor = reactor
         self.exit_code = 0
-        self.pool = make_pool(reactor)
-        self.docker_agent = docker_agent(reactor, config.docker_socket_path, self.pool)
-        self.docker = docker_treq(self.docker_agent)
+        #: The one client of the Docker socket (proxy, hijack, identity refresh, discovery).
+        self.docker = DockerClient.for_socket(reactor, config.docker_socket_path)
         self.guard = SignatureGuard.from_config(config)
         streams = OpenStreams()
-        self.docker_proxy = DockerProxy(self.docker_agent, config.docker_socket_path)
-        self.hijack = HijackProxy(reactor, config.docker_socket_path, track=streams.track)
+        self.docker_proxy = DockerProxy(self.docker, config.docker_socket_path)
+        self.hijack = HijackProxy(self.docker, track=streams.track)
         self.destinations = Destinations(self.docker_proxy, self.hijack)
         self.root = AgentRoot(self.destinations, guard=self.guard)
         self.site = AgentSite(self.root, access_log=config.log_level == "DEBUG", streams=streams, reactor=reactor)
@@ -184,7 +184,7 @@ class AgentService(MultiService):
         log.info("stopping: no new connections, draining in-flight requests (grace {grace}s)",
                  grace=self.config.shutdown_grace)
         yield super().stopService()
-        yield self.pool.closeCachedConnections()
+        yield self.docker.close_idle()
         if self.peer_pool is not None:
             yield self.peer_pool.closeCachedConnections()
         log.info("stopped")

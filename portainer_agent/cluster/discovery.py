@@ -58,11 +58,9 @@ def choose_advertise_address(configured: str | None, facts: ContainerFacts, node
 def inspect_own_container(docker: Any, hostname: str | None = None) -> Generator[Any, Any, ContainerFacts]:
     """Read our container's service label and addresses through the Docker client."""
     hostname = hostname or socket.gethostname()
-    response = yield docker.get(f"http://docker/containers/{hostname}/json")
-    if response.code != 200:
-        yield response.content()
+    code, container = yield docker.get_json(f"/containers/{hostname}/json")
+    if code != 200 or not isinstance(container, dict):
         return ContainerFacts()
-    container = yield response.json()
     labels = (container.get("Config") or {}).get("Labels") or {}
     networks = ((container.get("NetworkSettings") or {}).get("Networks")) or {}
     swarm: list[str] = []
@@ -73,13 +71,10 @@ def inspect_own_container(docker: Any, hostname: str | None = None) -> Generator
             continue
         network_id = (settings or {}).get("NetworkID") or name
         scope, ingress = "local", name == "ingress"
-        details = yield docker.get(f"http://docker/networks/{network_id}")
-        if details.code == 200:
-            network = yield details.json()
+        details_code, network = yield docker.get_json(f"/networks/{network_id}")
+        if details_code == 200 and isinstance(network, dict):
             scope = network.get("Scope") or scope
             ingress = ingress or bool(network.get("Ingress"))
-        else:
-            yield details.content()
         if ingress:
             continue
         (swarm if scope == "swarm" else other).append(address)

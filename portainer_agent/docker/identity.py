@@ -7,13 +7,12 @@ and a Deferred one for periodic refresh (role changes, leadership).
 """
 from __future__ import annotations
 
-import http.client
-import json
-import socket
 from typing import Any, Generator
 
 import attrs
 from twisted.internet.defer import Deferred, inlineCallbacks
+
+from portainer_agent.docker.client import ProtocolError, get_json_blocking
 
 
 class DockerUnavailable(Exception):
@@ -69,29 +68,11 @@ def node_path(info: dict[str, Any]) -> str | None:
     return None
 
 
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, socket_path: str, timeout: float) -> None:
-        super().__init__("docker", timeout=timeout)
-        self._socket_path = socket_path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self._socket_path)
-        self.sock = sock
-
-
 def _get_json_blocking(socket_path: str, path: str, timeout: float) -> Any:
-    conn = _UnixHTTPConnection(socket_path, timeout)
-    try:
-        conn.request("GET", path)
-        response = conn.getresponse()
-        body = response.read()
-    finally:
-        conn.close()
-    if response.status != 200:
-        raise DockerUnavailable(f"Docker at {socket_path} answered {response.status} to GET {path}")
-    return json.loads(body)
+    code, body = get_json_blocking(socket_path, path, timeout)
+    if code != 200 or body is None:
+        raise DockerUnavailable(f"Docker at {socket_path} answered {code} to GET {path}")
+    return body
 
 
 def fetch_identity_blocking(socket_path: str, timeout: float = 10.0) -> NodeIdentity:
@@ -103,24 +84,23 @@ def fetch_identity_blocking(socket_path: str, timeout: float = 10.0) -> NodeIden
         if path is not None:
             try:
                 node = _get_json_blocking(socket_path, path, timeout)
-            except (DockerUnavailable, OSError, ValueError):
+            except (DockerUnavailable, OSError, ProtocolError):
                 node = None
-    except (OSError, ValueError, http.client.HTTPException) as error:
+    except (OSError, ProtocolError) as error:
         raise DockerUnavailable(f"cannot reach Docker at {socket_path}: {error}") from error
     return identity_from_info(info, node)
 
 
 @inlineCallbacks
 def fetch_identity(docker: Any) -> Generator[Deferred[Any], Any, NodeIdentity]:
-    """Read the identity through a treq-like client bound to the Docker socket."""
-    response = yield docker.get("http://docker/info")
-    info = yield response.json()
+    """Read the identity through the Docker client (``get_json``)."""
+    code, info = yield docker.get_json("/info")
+    if code != 200 or not isinstance(info, dict):
+        raise DockerUnavailable(f"Docker answered {code} to GET /info")
     node = None
     path = node_path(info)
     if path is not None:
-        node_response = yield docker.get(f"http://docker{path}")
-        if node_response.code == 200:
-            node = yield node_response.json()
-        else:
-            yield node_response.content()
+        node_code, node_info = yield docker.get_json(path)
+        if node_code == 200 and isinstance(node_info, dict):
+            node = node_info
     return identity_from_info(info, node)

@@ -79,6 +79,9 @@ def request_facts(request: Request, path: bytes) -> RequestFacts:
     )
 
 
+_UPSTREAM_KINDS = frozenset({RouteKind.DOCKER, RouteKind.FORWARD, RouteKind.MANAGER})
+
+
 class AgentRoot(Resource):
     """Routes every path itself (a leaf): the tree is data in :mod:`routing`."""
 
@@ -115,6 +118,17 @@ class AgentRoot(Resource):
             return self._dispatch(decision, request, snapshot)
         except AgentError as error:
             return write_error(request, error)
+
+    def body_goes_upstream(self, request: Request) -> bool:
+        """Whether the request's body is for an upstream (Docker or another agent), so it
+        may stream as it arrives (:mod:`portainer_agent.http.upload`); asked when the
+        headers are in. Local endpoints and upgrade requests read their body whole."""
+        _, path = split_version_prefix(request.path)
+        snapshot = self.cluster() if self.cluster is not None else None
+        kind = decide(request_facts(request, path), snapshot).kind
+        return kind in _UPSTREAM_KINDS and not is_upgrade_request(
+            request.method, request.requestHeaders.getRawHeaders(b"connection", []),
+            request.requestHeaders.getRawHeaders(b"upgrade", []))
 
     def _dispatch(self, decision: Route, request: Request, snapshot: ClusterSnapshot | None) -> Any:
         if decision.kind is RouteKind.AGENT:

@@ -14,14 +14,16 @@ from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
 from twisted.web.server import Request, Site
 
 from portainer_agent.http.responses import abort_client
+from portainer_agent.http.upload import StreamingUploads
 from portainer_agent.security.body import DiscardUnauthenticatedBody
 
 log = Logger(namespace="portainer_agent.access")
 
 
-class AgentRequest(DiscardUnauthenticatedBody, Request):
-    """Never parses form bodies into memory (the proxy streams them as they are), and
-    drops the body of a request without valid signature headers instead of spooling it."""
+class AgentRequest(DiscardUnauthenticatedBody, StreamingUploads, Request):
+    """Never parses form bodies into memory (the proxy streams them as they are), drops
+    the body of a request without valid signature headers instead of spooling it, and
+    streams large bodies bound for an upstream as they arrive (:mod:`..upload`)."""
 
     def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
         kwargs["parsePOSTFormSubmission"] = False

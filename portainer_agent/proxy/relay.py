@@ -30,18 +30,38 @@ NO_BODY_CODES = frozenset({204, 304})
 
 def copy_response_head(response: IResponse, request: Request) -> None:
     """Status and headers from ``response`` onto ``request`` (hop-by-hop removed,
-    ``Content-Length`` put back from ``response.length``)."""
+    ``Content-Length`` put back from ``response.length``).
+
+    A response of the Docker client carries its header lines as received
+    (``raw_headers``): they are filtered and copied once, without an intermediate
+    ``Headers``; twisted.web.client responses (peer agents) go through ``headers``."""
     request.setResponseCode(response.code, response.phrase)
-    headers = response.headers
-    connection = headers.getRawHeaders(b"connection", [])
-    for name, values in forwardable_response_headers(headers.getAllRawHeaders(), connection):
-        request.responseHeaders.setRawHeaders(name, values)
+    raw = getattr(response, "raw_headers", None)
+    target = request.responseHeaders
+    if raw is not None:
+        connection = [value for name, value in raw if name.lower() == b"connection"]
+        grouped: dict[bytes, list[bytes]] = {}
+        for name, value in raw:
+            values = grouped.get(name)
+            if values is None:
+                grouped[name] = [value]
+            else:
+                values.append(value)
+        # Set, not added: twisted.web put its own Server and Date there already.
+        for name, values in forwardable_response_headers(grouped.items(), connection):
+            target.setRawHeaders(name, values)
+        lengths = [value for name, value in raw if name.lower() == b"content-length"]
+    else:
+        headers = response.headers
+        connection = headers.getRawHeaders(b"connection", [])
+        for name, values in forwardable_response_headers(headers.getAllRawHeaders(), connection):
+            target.setRawHeaders(name, values)
+        lengths = headers.getRawHeaders(b"content-length") or []
     if request.method == b"HEAD":
-        length = headers.getRawHeaders(b"content-length")
-        if length:
-            request.responseHeaders.setRawHeaders(b"content-length", length[-1:])
+        if lengths:
+            target.setRawHeaders(b"content-length", lengths[-1:])
     elif response.length is not UNKNOWN_LENGTH and response.code not in NO_BODY_CODES:
-        request.setHeader(b"content-length", b"%d" % (response.length,))
+        target.setRawHeaders(b"content-length", [b"%d" % (response.length,)])
 
 
 class _BodyRelay(Protocol):
@@ -123,6 +143,10 @@ class _Drop(Protocol):
 
     def connectionLost(self, reason: Any = None) -> None:
         pass
+
+
+#: For other modules: a body protocol that stops its upstream at once.
+Drop = _Drop
 
 
 def failure_reason(failure: Failure) -> str:

@@ -1,120 +1,117 @@
-"""Hijacked Docker connections (``attach``, ``exec start``, ``/session``, ``/grpc``).
+"""Hijacked connections (``attach``, ``exec start``, ``/session``, ``/grpc``, and
+upgrade requests forwarded to another agent).
 
-``twisted.web.client.Agent`` ignores 1xx replies, so it cannot carry Docker's
-``101 UPGRADED`` stream. Instead a raw protocol sends the request head to the Docker
-socket; on ``101`` the client's connection is taken over (its protocol replaced at
-the transport) and the two ends are spliced byte for byte, half-close included:
-the CLI ends stdin with a half-close and must still receive the command's output.
-Any other status is parsed and answered as a normal HTTP response.
+The upgrade request goes through the Docker client (:meth:`DockerClient.upgrade`),
+which parses the answer; on ``101`` the client's connection is taken over (its protocol
+replaced at the transport) and the two ends are spliced byte for byte, half-close
+included: the CLI ends stdin with a half-close and must still receive the command's
+output. Any other status is relayed as a normal, streamed HTTP response.
+
+A splice ends when both directions are done or either side is gone, and then both
+connections are closed; a client that left without a TLS close_notify (a bare TCP FIN,
+as docker-py's cancel does) gets its TCP connection closed at once instead of a TLS
+shutdown that would wait for an answer forever.
+
+Private Twisted names here (and why): ``take_over_transport`` reads the HTTP channel's
+``_dataBuffer`` (bytes the client sent after the request head, already read by
+twisted.web) so that they reach the new protocol; ``request._disconnected`` is read as
+the relay does (no public "client gone" flag on ``Request``).
 """
 from __future__ import annotations
 
 from typing import Any, Callable, cast
 
-from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
+from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import IConsumer, IHalfCloseableProtocol, IStreamClientEndpoint, ITCPTransport
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import _ChunkedTransferDecoder
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
+from portainer_agent.docker import wire
+from portainer_agent.docker.client import DOCKER_HOST, DockerClient, Upgraded
 from portainer_agent.errors import AgentError, bad_gateway_docker
-from portainer_agent.http.paths import forwardable_request_headers, forwardable_response_headers
-from portainer_agent.http.responses import finish_with_error
+from portainer_agent.http.paths import AGENT_RESPONSE_HEADERS, forwardable_request_headers
+from portainer_agent.http.responses import abort_client, finish_with_error
+from portainer_agent.proxy.relay import Drop, failure_reason, relay_response
 
 log = Logger()
 
 MAX_HIJACK_REQUEST_BODY = 1 << 20
-MAX_RESPONSE_HEAD = 64 * 1024
 
 
-def build_upgrade_head(request: Request, body: bytes, host: bytes = b"docker",
-                       extra: dict[bytes, bytes] | None = None) -> bytes:
-    """Pure: the raw HTTP/1.1 head for the upstream (Docker or a peer agent), from the
-    client's request; ``extra`` headers replace the client's of the same name."""
+def upgrade_header_lines(request: Request, extra: dict[bytes, bytes] | None = None) -> list[tuple[bytes, bytes]]:
+    """Pure: the header lines of the upstream upgrade request (Docker or a peer agent):
+    the client's end-to-end headers, ``extra`` replacing the client's of the same name,
+    then ``Connection: Upgrade`` and the client's ``Upgrade`` protocol."""
     raw = request.requestHeaders
-    lines = [b"%s %s HTTP/1.1" % (request.method, request.uri), b"Host: " + host]
     replaced = {name.lower() for name in (extra or {})}
-    for name, values in forwardable_request_headers(raw.getAllRawHeaders(), raw.getRawHeaders(b"connection", [])):
-        if name.lower() in replaced:
-            continue
-        for value in values:
-            lines.append(name + b": " + value)
-    for name, value in (extra or {}).items():
-        lines.append(name + b": " + value)
+    lines = [
+        (name, value)
+        for name, values in forwardable_request_headers(raw.getAllRawHeaders(), raw.getRawHeaders(b"connection", []))
+        if name.lower() not in replaced
+        for value in values
+    ]
+    lines += (extra or {}).items()
     upgrade = raw.getRawHeaders(b"upgrade", [b"tcp"])[-1]
-    lines += [b"Connection: Upgrade", b"Upgrade: " + upgrade, b"Content-Length: %d" % len(body)]
-    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+    lines += [(b"Connection", b"Upgrade"), (b"Upgrade", upgrade)]
+    return lines
 
 
-def parse_response_head(head: bytes) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
-    """Pure: ``HTTP/1.1 101 UPGRADED\\r\\nName: value...`` -> (code, phrase, headers)."""
-    lines = head.split(b"\r\n")
-    parts = lines[0].split(b" ", 2)
-    if len(parts) < 2 or not parts[0].startswith(b"HTTP/"):
-        raise ValueError(f"bad status line {lines[0][:80]!r}")
-    code = int(parts[1])
-    phrase = parts[2] if len(parts) > 2 else b""
-    headers = []
-    for line in lines[1:]:
-        if not line:
-            continue
-        name, _, value = line.partition(b":")
-        headers.append((name.strip(), value.strip()))
-    return code, phrase, headers
+def build_upgrade_head(request: Request, body: bytes, host: bytes = DOCKER_HOST,
+                       extra: dict[bytes, bytes] | None = None) -> bytes:
+    """Pure: the whole upgrade request as sent upstream (head and body)."""
+    return wire.request_head(request.method, request.uri, host, upgrade_header_lines(request, extra),
+                             wire.content_length(len(body))) + body
 
 
 @implementer(IHalfCloseableProtocol)
 class SpliceEnd(Protocol):
-    """One end of a spliced byte stream; its peer is the other connection."""
+    """One end of a spliced byte stream; its peer is the other connection.
+
+    The splice ends when both directions are done (each side finished sending) or
+    either side is gone; then both connections are closed (:meth:`Splice.end`)."""
 
     # Both ends are stream connections (the Docker UNIX socket, the client's TCP or
-    # TLS connection): narrower than Protocol's ITransport.
+    # TLS connection, a peer agent's TLS connection): narrower than Protocol's ITransport.
     transport: ITCPTransport | None
     peer: "SpliceEnd | None" = None
-    onClose: Callable[[], None] | None = None
-    _closed = False
+    splice: "Splice | None" = None
+    #: This side finished sending (its read side ended).
+    sent_all = False
+    #: When this side finishes sending, close the other side entirely rather than
+    #: half-closing it (Docker ending the stream means the command is over).
+    prefersHalfClose = True
 
-    def dataReceived(self, data: bytes) -> None:
-        if self.peer is not None and self.peer.transport is not None:
-            self.peer.transport.write(data)
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        peer = self.peer
+        if peer is not None and peer.transport is not None:
+            peer.transport.write(data)
 
-    def readConnectionLost(self) -> None:
+    def readConnectionLost(self) -> None:  # noqa: N802
         """This side finished sending: pass the half-close on."""
-        if self.peer is not None:
-            self.peer.halfCloseWrite()
+        self.sent_all = True
+        if self.splice is not None:
+            self.splice.direction_done(self)
 
-    def halfCloseWrite(self) -> None:
+    def writeConnectionLost(self) -> None:  # noqa: N802
+        pass
+
+    def connectionLost(self, reason: Failure | None = None) -> None:  # noqa: N802
+        if self.splice is not None:
+            self.splice.side_gone(self)
+
+    def half_close_write(self) -> None:
         transport = self.transport
         if transport is None:
             return
-        _unregister(transport)
         loseWrite = getattr(transport, "loseWriteConnection", None)
         if loseWrite is not None and self.prefersHalfClose:
+            _unregister(transport)
             loseWrite()
-        else:
-            transport.loseConnection()
-
-    prefersHalfClose = True
-
-    def writeConnectionLost(self) -> None:
-        pass
-
-    def connectionLost(self, reason: Failure | None = None) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if self.transport is not None:
-            _unregister(self.transport)
-        if self.peer is not None and self.peer.transport is not None:
-            # A registered producer keeps a TLS transport from shutting down.
-            _unregister(self.peer.transport)
-            self.peer.transport.loseConnection()
-        if self.onClose is not None:
-            self.onClose()
+        elif self.splice is not None:
+            self.splice.end()
 
 
 def _unregister(transport: Any) -> None:
@@ -124,62 +121,70 @@ def _unregister(transport: Any) -> None:
         pass
 
 
-class DockerUpgradeClient(SpliceEnd):
-    """Talks to the Docker socket: sends the head, waits for the status."""
+def close_connection(transport: Any) -> None:
+    """Close ``transport`` (the client's TLS or TCP connection, or Docker's socket), its
+    buffered output first. A TLS connection whose peer already closed TCP will never
+    answer our close_notify: its TCP connection is closed too instead of waiting."""
+    _unregister(transport)
+    transport.loseConnection()
+    inner = getattr(transport, "transport", None)
+    if getattr(transport, "tcpFinReceived", False) and inner is not None:
+        inner.loseConnection()
 
-    def __init__(self, head: bytes) -> None:
-        self._head = head
-        self._buffer = b""
-        self.status: Deferred[tuple[int, bytes, list[tuple[bytes, bytes]], bytes, bytes]] = Deferred()
-        self._headDone = False
-        self._bodyMode: Callable[[bytes], None] | None = None
 
-    def connectionMade(self) -> None:
-        assert self.transport is not None  # set by makeConnection
-        self.transport.write(self._head)
+class Splice:
+    """Two :class:`SpliceEnd` joined: byte for byte, half-close passed on, both closed
+    when the stream is over. ``abort_after`` seconds after the end, connections still
+    open (a peer that never completes the TLS shutdown) are aborted."""
 
-    def dataReceived(self, data: bytes) -> None:
-        if self._headDone:
-            if self._bodyMode is not None:
-                self._bodyMode(data)
-            else:
-                SpliceEnd.dataReceived(self, data)
-            return
-        self._buffer += data
-        end = self._buffer.find(b"\r\n\r\n")
-        if end < 0:
-            if len(self._buffer) > MAX_RESPONSE_HEAD:
-                assert self.transport is not None  # connected: data is arriving
-                self.transport.abortConnection()
-            return
-        self._headDone = True
-        rawHead, rest = self._buffer[: end + 4], self._buffer[end + 4:]
-        self._buffer = b""
-        try:
-            code, phrase, headers = parse_response_head(rawHead[:-4])
-        except ValueError as error:
-            self.status.errback(Failure(error))
-            assert self.transport is not None  # connected: data is arriving
-            self.transport.abortConnection()
-            return
-        self.status.callback((code, phrase, headers, rawHead, rest))
+    def __init__(self, client: SpliceEnd, upstream: SpliceEnd, reactor: Any = None, abort_after: float = 5.0,
+                 on_end: Callable[[], None] | None = None) -> None:
+        self.client = client
+        self.upstream = upstream
+        client.peer, upstream.peer = upstream, client
+        client.splice = upstream.splice = self
+        # Docker ending the stream ends it for the client too.
+        client.prefersHalfClose = False
+        self._reactor = reactor
+        self._abort_after = abort_after
+        self._on_end = on_end
+        self.ended = False
 
-    def readConnectionLost(self) -> None:
-        if self._bodyMode is not None:
-            assert self.transport is not None  # set by makeConnection
-            self.transport.loseConnection()
+    def direction_done(self, sender: SpliceEnd) -> None:
+        if self.ended:
             return
-        SpliceEnd.readConnectionLost(self)
+        if self.client.sent_all and self.upstream.sent_all:
+            self.end()
+            return
+        assert sender.peer is not None
+        sender.peer.half_close_write()
 
-    def connectionLost(self, reason: Failure | None = None) -> None:
-        if not self._headDone:
-            self._headDone = True
-            self.status.errback(reason or Failure(ConnectionError("Docker closed the connection")))
+    def side_gone(self, side: SpliceEnd) -> None:
+        side.transport = None  # closed: nothing more to write there
+        self.end()
+
+    def end(self) -> None:
+        if self.ended:
             return
-        if self._bodyMode is not None:
-            self._bodyMode(b"")  # end of body
-            self._bodyMode = None
-        SpliceEnd.connectionLost(self, reason)
+        self.ended = True
+        open_transports = [end.transport for end in (self.client, self.upstream) if end.transport is not None]
+        for transport in open_transports:
+            close_connection(transport)
+        if self._reactor is not None and open_transports:
+            self._reactor.callLater(self._abort_after, _abort_open, open_transports)
+        if self._on_end is not None:
+            self._on_end()
+
+
+def _abort_open(transports: list[Any]) -> None:
+    for transport in transports:
+        if getattr(transport, "connected", 0) or getattr(transport, "disconnecting", False):
+            abort = getattr(transport, "abortConnection", None)
+            if abort is not None:
+                try:
+                    abort()
+                except Exception:
+                    pass
 
 
 def take_over_transport(request: Request, protocol: Protocol) -> Any:
@@ -213,28 +218,27 @@ def take_over_transport(request: Request, protocol: Protocol) -> Any:
 
 
 class HijackProxy:
-    """Serves upgrade requests by splicing the client and the Docker socket."""
+    """Serves upgrade requests by splicing the client and the Docker socket (or, through
+    :meth:`open`, another agent)."""
 
-    def __init__(self, reactor: Any, socket_path: str, track: Callable[[Any], Callable[[], None]] | None = None) -> None:
-        self._reactor = reactor
-        self._socket_path = socket_path
+    def __init__(self, docker: DockerClient, track: Callable[[Any], Callable[[], None]] | None = None) -> None:
+        self._docker = docker
         self._track = track
 
     def render(self, request: Request) -> Any:
         """Splice ``request`` to the local Docker socket."""
-        endpoint = UNIXClientEndpoint(self._reactor, self._socket_path, timeout=10)
-        return self.open(request, endpoint, b"docker", None, self._dockerFailed)
+        return self.open(request, None, DOCKER_HOST, None, self._dockerFailed)
 
     def _dockerFailed(self, failure: Failure) -> AgentError:
-        log.warn("Docker socket {socket} failed an upgrade request: {reason}", socket=self._socket_path,
-                 reason=failure.getErrorMessage())
-        return bad_gateway_docker(self._socket_path, failure.getErrorMessage())
+        log.warn("Docker socket {socket} failed an upgrade request: {reason}", socket=self._docker.label,
+                 reason=failure_reason(failure))
+        return bad_gateway_docker(self._docker.label, failure_reason(failure))
 
-    def open(self, request: Request, endpoint: IStreamClientEndpoint, host: bytes,
+    def open(self, request: Request, endpoint: IStreamClientEndpoint | None, host: bytes,
              extra: dict[bytes, bytes] | None, upstream_error: Callable[[Failure], AgentError]) -> Any:
-        """Send ``request`` as an upgrade request through ``endpoint`` (the Docker socket,
-        or a peer agent over TLS) and splice the two connections once it answers 101;
-        an unreachable upstream is answered with ``upstream_error(failure)``."""
+        """Send ``request`` as an upgrade request through ``endpoint`` (None: the Docker
+        socket; else a peer agent over TLS) and splice the two connections once it
+        answers 101; an unreachable upstream is answered with ``upstream_error(failure)``."""
         content = request.content
         body = b""
         if content is not None:
@@ -243,112 +247,60 @@ class HijackProxy:
         if len(body) > MAX_HIJACK_REQUEST_BODY:
             finish_with_error(request, AgentError(413, "Request body too large for an upgraded request", ""))
             return NOT_DONE_YET
-        upstream = DockerUpgradeClient(build_upgrade_head(request, body, host, extra))
-        connecting = connectProtocol(endpoint, upstream)
-        connecting.addErrback(self._connectFailed, request, upstream)
-        upstream.status.addCallbacks(self._gotStatus, self._statusFailed, callbackArgs=(request, upstream),
-                                     errbackArgs=(request, upstream_error))
-        request.notifyFinish().addErrback(self._clientLost, upstream)
+        client = self._docker if endpoint is None else self._docker.elsewhere(endpoint, host)
+        try:
+            pending = client.upgrade(request.method, request.uri, upgrade_header_lines(request, extra), body)
+        except ValueError as error:
+            finish_with_error(request, AgentError(400, "Invalid request URL or method", str(error)))
+            return NOT_DONE_YET
+        request.notifyFinish().addErrback(lambda _: None if pending.called else pending.cancel())
+        pending.addCallbacks(self._answered, self._failed, callbackArgs=(request,),
+                             errbackArgs=(request, upstream_error))
+        pending.addErrback(self._bug, request)
         return NOT_DONE_YET
 
-    def _clientLost(self, failure: Failure, upstream: DockerUpgradeClient) -> None:
-        """The client went away: drop the upstream connection too."""
-        if upstream.transport is not None:
-            upstream.transport.abortConnection()
-
-    def _connectFailed(self, failure: Failure, request: Request, upstream: DockerUpgradeClient) -> None:
-        if not upstream.status.called:
-            upstream._headDone = True
-            upstream.status.errback(failure)
-
-    def _statusFailed(self, failure: Failure, request: Request,
-                      upstream_error: Callable[[Failure], AgentError]) -> None:
+    def _failed(self, failure: Failure, request: Request, upstream_error: Callable[[Failure], AgentError]) -> None:
+        if failure.check(CancelledError) or request._disconnected:
+            return
         finish_with_error(request, upstream_error(failure))
 
-    def _gotStatus(self, result: tuple[int, bytes, list[tuple[bytes, bytes]], bytes, bytes], request: Request, upstream: DockerUpgradeClient) -> None:
-        code, phrase, headers, rawHead, rest = result
-        if request._disconnected:
-            assert upstream.transport is not None  # connected: Docker just answered
-            upstream.transport.abortConnection()
-            return
-        if code == 101:
-            self._splice(request, upstream, rawHead, rest)
-        else:
-            self._answer(request, upstream, code, phrase, headers, rest)
+    def _bug(self, failure: Failure, request: Request) -> None:
+        log.failure("splicing an upgraded stream failed", failure)
+        if not request._disconnected:
+            abort_client(request)
 
-    def _splice(self, request: Request, upstream: DockerUpgradeClient, rawHead: bytes, rest: bytes) -> None:
-        downstream = SpliceEnd()
-        # When Docker ends the stream the command is over: close the client fully.
-        downstream.prefersHalfClose = False
-        downstream.peer = upstream
-        upstream.peer = downstream
-        # Agent headers on the 101 too, exactly once.
-        agentHeaders = b"".join(
-            name + b": " + value + b"\r\n"
-            for name, values in request.responseHeaders.getAllRawHeaders()
-            if name.lower().startswith(b"portainer-agent")
-            for value in values[:1]
-        )
-        head = _strip_agent_headers(rawHead[:-2]) + agentHeaders + b"\r\n"
-        if self._track is not None:
-            downstream.onClose = self._track(downstream)
-        clientTransport = take_over_transport(request, downstream)
-        clientTransport.write(head + rest)
-        clientTransport.registerProducer(upstream.transport, True)
-        # A Twisted stream connection is also a consumer, which ITCPTransport does not declare.
-        cast(IConsumer, upstream.transport).registerProducer(clientTransport, True)
-
-    def _answer(self, request: Request, upstream: DockerUpgradeClient, code: int, phrase: bytes,
-                headers: list[tuple[bytes, bytes]], rest: bytes) -> None:
-        """A non-upgrade answer (404, 409 JSON...): relay it as a normal response."""
-        request.setResponseCode(code, phrase)
-        length = None
-        chunked = False
-        connection = []
-        for name, value in headers:
-            lower = name.lower()
-            if lower == b"content-length":
-                length = int(value)
-            elif lower == b"transfer-encoding" and b"chunked" in value.lower():
-                chunked = True
-            elif lower == b"connection":
-                connection.append(value)
-        for name, values in forwardable_response_headers(((n, [v]) for n, v in headers), connection):
-            request.responseHeaders.addRawHeader(name, values[0])
-        received = bytearray()
-        state = {"done": False}
-
-        def finish() -> None:
-            if state["done"]:
+    def _answered(self, answer: Upgraded | Any, request: Request) -> None:
+        if isinstance(answer, Upgraded):
+            if request._disconnected:
+                answer.transport.abortConnection()
                 return
-            state["done"] = True
-            if not request._disconnected:
-                request.setHeader(b"content-length", b"%d" % len(received))
-                request.write(bytes(received))
-                request.finish()
-            if upstream.transport is not None:
-                upstream.transport.loseConnection()
+            self._splice(request, answer)
+            return
+        # A non-upgrade answer (404, 409 JSON, or an old-style raw stream): relayed as a
+        # normal, streamed response; the connection is not reused.
+        if request._disconnected:
+            answer.deliverBody(Drop())
+            return
+        relay_response(answer, request)
 
-        if chunked:
-            decoder = _ChunkedTransferDecoder(received.extend, lambda extra: finish())
-            feed = lambda data: decoder.dataReceived(data) if data else finish()  # noqa: E731
-        else:
-            def feed(data: bytes) -> None:
-                if not data:
-                    finish()
-                    return
-                received.extend(data)
-                if length is not None and len(received) >= length:
-                    del received[length:]
-                    finish()
-        upstream._bodyMode = feed
-        if length == 0 or code in (204, 304):
-            finish()
-        elif rest:
-            feed(rest)
-
-
-def _strip_agent_headers(head: bytes) -> bytes:
-    lines = head.split(b"\r\n")
-    kept = [line for line in lines if not line.lower().startswith(b"portainer-agent")]
-    return b"\r\n".join(kept)
+    def _splice(self, request: Request, upgraded: Upgraded) -> None:
+        client_end = SpliceEnd()
+        upstream_end = SpliceEnd()
+        reactor = self._docker.reactor
+        forget = self._track(client_end) if self._track is not None else None
+        Splice(client_end, upstream_end, reactor, on_end=forget)
+        # Agent headers on the 101 too, exactly once.
+        lines = [b"HTTP/1.1 %d %s\r\n" % (upgraded.code, upgraded.phrase)]
+        lines += [name + b": " + value + b"\r\n" for name, value in upgraded.raw_headers
+                  if name.lower() not in AGENT_RESPONSE_HEADERS]
+        lines += [name + b": " + values[0] + b"\r\n"
+                  for name, values in request.responseHeaders.getAllRawHeaders()
+                  if name.lower() in AGENT_RESPONSE_HEADERS]
+        lines.append(b"\r\n")
+        upgraded.hand_over(upstream_end)
+        client_transport = take_over_transport(request, client_end)
+        client_transport.write(b"".join(lines) + upgraded.rest)
+        docker_transport = upgraded.transport
+        client_transport.registerProducer(docker_transport, True)
+        # A Twisted stream connection is also a consumer, which ITCPTransport does not declare.
+        cast(IConsumer, docker_transport).registerProducer(client_transport, True)

@@ -58,6 +58,9 @@ class HalfCloseTLSProtocol(BufferingTLSTransport):
     """A TLS server transport that can carry a half-closed (hijacked) stream."""
 
     _peerFinishedSending = False
+    #: The peer closed its TCP side (a FIN, with or without close_notify before it):
+    #: it will never answer our close_notify, so closing must not wait for one.
+    tcpFinReceived = False
 
     def _wrappedHalfCloseable(self) -> IHalfCloseableProtocol | None:
         return IHalfCloseableProtocol(self.wrappedProtocol, None)
@@ -92,6 +95,7 @@ class HalfCloseTLSProtocol(BufferingTLSTransport):
     def readConnectionLost(self) -> None:
         """TCP FIN from the peer (no close_notify): half-close for a hijacked stream,
         a normal close otherwise."""
+        self.tcpFinReceived = True
         halfCloseable = self._wrappedHalfCloseable()
         if halfCloseable is not None and not self.disconnecting:
             if not self._peerFinishedSending:

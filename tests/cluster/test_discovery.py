@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from treq.testing import StubTreq
+from portainer_agent.docker.testing import MemoryDocker
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Request
@@ -46,7 +46,7 @@ class FakeDocker(Resource):
 
 class DiscoveryTests(SynchronousTestCase):
     def inspect(self, hostname: str) -> Any:
-        client = StubTreq(FakeDocker())
+        client = MemoryDocker(FakeDocker())
         d = inspect_own_container(client, hostname)
         client.flush()
         return self.successResultOf(d)

@@ -2,16 +2,17 @@
 and a raw-wire client for assertions that need the exact bytes on the wire.
 
 Nothing here opens a socket or needs a running reactor: the client side is
-``treq.testing.StubTreq`` (or a ``StringTransport``), the proxy's upstream is
-``RequestTraversalAgent(fake Docker)``, and request bodies are produced by a
-``Cooperator`` driven by a ``task.Clock``.
+``treq.testing.StubTreq`` (or a ``StringTransport`` on the agent's real ``AgentSite``),
+the proxy's upstream is the real Docker client connected in memory to the fake Docker
+(``portainer_agent.docker.testing.MemoryDocker``), and spooled request bodies are
+produced by a ``Cooperator`` driven by a ``task.Clock``.
 """
 from __future__ import annotations
 
 from typing import Any, Callable, Sequence, cast
 
 import attrs
-from treq.testing import RequestTraversalAgent, StubTreq
+from treq.testing import StubTreq
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock, Cooperator
 from twisted.internet.testing import StringTransport
@@ -19,6 +20,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from portainer_agent.docker.testing import MemoryDocker
+from portainer_agent.http.site import AgentSite
 from portainer_agent.proxy.local import DockerProxy
 from portainer_agent.http.root import AgentRoot
 from portainer_agent.proxy.dispatch import Destinations
@@ -87,7 +90,7 @@ class Memory:
         self.clock = Clock()
         self.cooperator = Cooperator(scheduler=lambda work: self.clock.callLater(0, work), started=True)
         self.docker = docker if docker is not None else FakeDocker()
-        self.upstream: Any = upstream if upstream is not None else RequestTraversalAgent(self.docker)
+        self.upstream: Any = upstream if upstream is not None else MemoryDocker(self.docker, self.clock)
         self.hijack: Any = hijack if hijack is not None else RecordingHandler(b"hijacked")
         self.root = AgentRoot(
             Destinations(DockerProxy(cast(Any, self.upstream), SOCKET, cooperator=self.cooperator), self.hijack),
@@ -111,7 +114,7 @@ class Memory:
 
     def raw(self, request: bytes) -> "Wire":
         """Send raw request bytes to the agent's Site; return what reached the wire."""
-        site = Site(self.root, reactor=Clock())
+        site = AgentSite(self.root, reactor=Clock())
         protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
         transport = StringTransport()
         protocol.makeConnection(transport)

@@ -5,7 +5,7 @@ import copy
 import json
 from typing import Any
 
-from treq.testing import StubTreq
+from portainer_agent.docker.testing import MemoryDocker
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 
@@ -139,7 +139,7 @@ class FakeDockerInfo(Resource):
 
 class FetchIdentityTests(SynchronousTestCase):
     def fetch(self, docker: FakeDockerInfo) -> NodeIdentity:
-        client = StubTreq(docker)
+        client = MemoryDocker(docker)
         d = fetch_identity(client)
         client.flush()
         return self.successResultOf(d)

@@ -260,9 +260,9 @@ class RequestForwardingTests(MemoryTestCase):
         self.assertEqual(seen.header(b"host"), [b"docker"])
         self.assertEqual((seen.body, seen.header(b"content-length")), (b"tar", [b"3"]))
 
-    def test_chunked_upload_reaches_docker_with_a_length(self) -> None:
-        # ``docker build`` streams its context chunked; twisted.web spools it, the proxy
-        # sends it on with a Content-Length and without the client's Transfer-Encoding.
+    def test_chunked_upload_streams_to_docker_chunked(self) -> None:
+        # ``docker build`` streams its context chunked; the agent starts the Docker
+        # request when the headers are in and passes the body on chunked as it arrives.
         memory = self.memory()
         chunks = [b"a" * 70_000, b"b" * 50_000, b"c"]
         body = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for chunk in chunks) + b"0\r\n\r\n"
@@ -272,7 +272,17 @@ class RequestForwardingTests(MemoryTestCase):
         self.assertTrue(wire.status().startswith(b"HTTP/1.1 200"), wire.data)
         [seen] = memory.docker.seen
         self.assertEqual(seen.body, b"".join(chunks))
-        self.assertEqual(seen.header(b"content-length"), [b"%d" % len(b"".join(chunks))])
+        self.assertEqual(seen.header(b"transfer-encoding"), [b"chunked"])
+        self.assertIsNone(seen.header(b"content-length"))
+
+    def test_small_chunked_upload_reaches_docker_with_a_length(self) -> None:
+        # Below the streaming threshold with a known length, the body is read whole
+        # and sent with its length in the same write as the head.
+        memory = self.memory()
+        body = b"x" * 1000
+        memory.raw(raw_request(b"POST", b"/build", [(b"Content-Type", b"application/x-tar")], body))
+        [seen] = memory.docker.seen
+        self.assertEqual((seen.body, seen.header(b"content-length")), (body, [b"1000"]))
         self.assertIsNone(seen.header(b"transfer-encoding"))
 
     def test_upgrade_request_goes_to_the_hijack_handler(self) -> None:
@@ -452,10 +462,10 @@ class InvalidURITests(MemoryTestCase):
     def test_control_character_in_the_uri_is_a_400_json_error(self) -> None:
         from twisted.internet.testing import MemoryReactorClock
 
-        from portainer_agent.docker.client import DockerSocketAgent, make_pool
+        from portainer_agent.docker.client import DockerClient
 
         reactor = MemoryReactorClock()
-        upstream = DockerSocketAgent(reactor, "/nonexistent/docker.sock", make_pool(reactor))
+        upstream = DockerClient.for_socket(reactor, "/nonexistent/docker.sock")
         wire = self.memory(upstream=upstream).raw(raw_request(b"GET", b"/containers/json?x=\x7f"))
         self.assertEqual(wire.status(), b"HTTP/1.1 400 Bad Request")
         self.assertEqual(json.loads(wire.body())["message"], "Invalid request URL or method")

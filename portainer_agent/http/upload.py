@@ -1,0 +1,294 @@
+"""Request bodies streamed upstream as they arrive, with backpressure.
+
+twisted.web reads a request's whole body (to memory under 100 kB, to a temporary file
+above) before ``render`` runs, and offers no public way to see it earlier (Twisted
+issues #288, #4688, #5511). A 200 MB ``docker cp`` or ``docker load`` would cross the
+disk before the first byte reached Docker. :class:`StreamingUploads` (a
+``twisted.web.server.Request`` mixin) starts the request as soon as its headers are in
+when its body goes to an upstream (Docker or another agent) and is not small: the body
+arrives in a :class:`RequestBodyStream`, which upstreams read through
+:func:`body_producer` (an ``IBodyProducer``). When the upstream is slow the client's
+connection is paused (its transport stops reading), so the agent holds at most about
+one read (64 kB) plus :data:`HIGH_WATER` per upload.
+
+Private Twisted names, used here only (and why): at ``gotLength`` time twisted.web has
+parsed the request line but only keeps it on the channel, as ``_command``, ``_path`` and
+``_version``; the public ``method``/``uri``/``clientproto`` are set later, by
+``requestReceived``, once the whole body is in. Nothing else private is touched; the
+rest is the documented ``Request`` hooks ``gotLength``, ``handleContentChunk``,
+``requestReceived`` and ``finish``.
+"""
+from __future__ import annotations
+
+import io
+from typing import Any, Callable
+from urllib.parse import parse_qs
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IConsumer, IPushProducer
+from twisted.python.failure import Failure
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
+from zope.interface import implementer
+
+#: Bodies smaller than this (with a known length) are read whole before ``render``.
+STREAM_THRESHOLD = 64 * 1024
+#: Bytes held for an upstream that is not reading before the client is paused.
+HIGH_WATER = 64 * 1024
+
+
+class BodyAlreadyConsumed(Exception):
+    """A streamed request body can be sent once; this one was already (partly) sent."""
+
+
+class UploadInterrupted(Exception):
+    """The client connection ended before the whole request body arrived."""
+
+
+@implementer(IBodyProducer)
+class BufferedBody:
+    """A small body already in memory (``data``); the Docker client writes it together
+    with the request head."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.length = len(data)
+
+    def startProducing(self, consumer: IConsumer) -> "Deferred[None]":  # noqa: N802
+        consumer.write(self.data)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:  # noqa: N802
+        pass
+
+    def resumeProducing(self) -> None:  # noqa: N802
+        pass
+
+    def stopProducing(self) -> None:  # noqa: N802
+        pass
+
+
+class RequestBodyStream:
+    """The body of one request, as it arrives from the client, for one upstream reader.
+
+    ``receive``/``end``/``fail`` are fed by the request; ``pause_client``/``resume_client``
+    control the client connection's reading.
+    """
+
+    def __init__(self, length: int | None, pause_client: Callable[[], None],
+                 resume_client: Callable[[], None]) -> None:
+        self.length = length
+        self._pause_client = pause_client
+        self._resume_client = resume_client
+        self._buffer: list[bytes] = []
+        self._buffered = 0
+        self._consumer: IConsumer | None = None
+        self._done: Deferred[None] | None = None
+        self._upstream_paused = False
+        self._client_paused = False
+        self._discarding = False
+        self.ended = False
+        self._failure: Failure | None = None
+        #: Some bytes went to an upstream: the body cannot be sent again.
+        self.consumed = False
+        self.received = 0
+
+    # the client side
+
+    def receive(self, data: bytes) -> None:
+        self.received += len(data)
+        if self._discarding:
+            return
+        if self._consumer is not None and not self._upstream_paused and not self._buffer:
+            self.consumed = True
+            self._consumer.write(data)
+            return
+        self._buffer.append(data)
+        self._buffered += len(data)
+        if self._upstream_paused or self._buffered >= HIGH_WATER:
+            # Paused again even if something else (twisted.web's own flow control)
+            # resumed the connection meanwhile.
+            self._client_paused = True
+            self._pause_client()
+
+    def end(self) -> None:
+        self.ended = True
+        self._maybe_done()
+
+    def fail(self, reason: Failure) -> None:
+        if self.ended or self._failure is not None:
+            return
+        self._failure = reason
+        self._buffer, self._buffered = [], 0
+        done, self._done = self._done, None
+        if done is not None:
+            done.errback(reason)
+
+    # the upstream side (through _StreamProducer)
+
+    def start(self, consumer: IConsumer) -> "Deferred[None]":
+        if self.consumed or self._consumer is not None:
+            raise BodyAlreadyConsumed("the request body was already sent to another upstream")
+        self._consumer = consumer
+        self._done = Deferred()
+        done = self._done
+        if self._failure is not None:
+            self._done = None
+            done.errback(self._failure)
+            return done
+        self._flush()
+        return done
+
+    def pause(self) -> None:
+        self._upstream_paused = True
+        if not self._client_paused:
+            self._client_paused = True
+            self._pause_client()
+
+    def resume(self) -> None:
+        self._upstream_paused = False
+        self._flush()
+
+    def stop(self) -> None:
+        """The upstream will not read more (it answered, or went away): drop the rest
+        of the body as it arrives, so the client can finish sending and read the answer."""
+        self._discarding = True
+        self._consumer = None
+        self._buffer, self._buffered = [], 0
+        self._wake_client()
+        self._done = None
+
+    def _flush(self) -> None:
+        consumer = self._consumer
+        while consumer is not None and self._buffer and not self._upstream_paused:
+            data = self._buffer.pop(0)
+            self._buffered -= len(data)
+            self.consumed = True
+            consumer.write(data)
+        if not self._buffer and not self._upstream_paused:
+            self._wake_client()
+        self._maybe_done()
+
+    def _wake_client(self) -> None:
+        if self._client_paused:
+            self._client_paused = False
+            self._resume_client()
+
+    def _maybe_done(self) -> None:
+        if self.ended and not self._buffer and self._done is not None and self._consumer is not None:
+            done, self._done = self._done, None
+            done.callback(None)
+
+
+@implementer(IBodyProducer)
+class _StreamProducer:
+    """``IBodyProducer`` over a :class:`RequestBodyStream` (one per upstream attempt)."""
+
+    def __init__(self, stream: RequestBodyStream) -> None:
+        self._stream = stream
+        self.length = stream.length if stream.length is not None else UNKNOWN_LENGTH
+        self._started = False
+
+    def startProducing(self, consumer: IConsumer) -> "Deferred[None]":  # noqa: N802
+        self._started = True
+        return self._stream.start(consumer)
+
+    def pauseProducing(self) -> None:  # noqa: N802
+        if self._started:
+            self._stream.pause()
+
+    def resumeProducing(self) -> None:  # noqa: N802
+        if self._started:
+            self._stream.resume()
+
+    def stopProducing(self) -> None:  # noqa: N802
+        if self._started:
+            self._stream.stop()
+
+
+def body_producer(request: Any) -> IBodyProducer | None:
+    """The streamed body of ``request`` as a producer, or None if it is not streamed."""
+    stream = getattr(request, "body_stream", None)
+    if stream is None:
+        return None
+    return _StreamProducer(stream)
+
+
+class StreamingUploads:
+    """``twisted.web.server.Request`` mixin: start large uploads before their body is in.
+
+    The site's root resource decides which requests qualify
+    (``root.body_goes_upstream(request)``, called with ``method``, ``uri``, ``path``
+    and the headers set); others keep twisted.web's behaviour.
+    """
+
+    #: The request's body, while it streams; None for bodies read whole.
+    body_stream: RequestBodyStream | None = None
+    _finish_pending = False
+
+    def gotLength(self, length: int | None) -> None:  # noqa: N802
+        request: Any = self
+        if (length is None or length >= STREAM_THRESHOLD) and self._wants_stream():
+            channel = request.channel
+            transport = IPushProducer(channel.transport)
+            request.body_stream = RequestBodyStream(length, transport.pauseProducing, transport.resumeProducing)
+            request.content = io.BytesIO()
+            expect = request.requestHeaders.getRawHeaders(b"expect")
+            if expect and expect[0].lower() == b"100-continue":
+                # Sent now, before any answer can be written; the channel must not send
+                # it again after ``gotLength`` (it looks at this header).
+                request.requestHeaders.removeHeader(b"expect")
+                if request.clientproto == b"HTTP/1.1":
+                    channel.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.process()
+            return
+        super().gotLength(length)  # type: ignore[misc]
+
+    def _wants_stream(self) -> bool:
+        request: Any = self
+        channel = request.channel
+        root = getattr(getattr(channel, "site", None), "resource", None)
+        decide = getattr(root, "body_goes_upstream", None)
+        if decide is None:
+            return False
+        # Private: the request line, parsed but kept on the channel until the body is in.
+        command, path, version = channel._command, channel._path, channel._version
+        request.method, request.uri, request.clientproto = command, path, version
+        request.path, _, query = path.partition(b"?")
+        request.args = parse_qs(query, True) if query else {}
+        return bool(decide(request))
+
+    def handleContentChunk(self, data: bytes) -> None:  # noqa: N802
+        stream = self.body_stream
+        if stream is not None:
+            stream.receive(data)
+            return
+        super().handleContentChunk(data)  # type: ignore[misc]
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:  # noqa: N802
+        stream = self.body_stream
+        if stream is None:
+            super().requestReceived(command, path, version)  # type: ignore[misc]
+            return
+        # The whole body is in; the request has been processing since its headers.
+        stream.end()
+        if self._finish_pending:
+            self._finish_pending = False
+            super().finish()  # type: ignore[misc]
+
+    def finish(self) -> None:
+        stream = self.body_stream
+        if stream is not None and not stream.ended and not self._finish_pending and not getattr(
+                self, "_disconnected", False):
+            # The answer is complete before the upload: twisted.web must not start
+            # reading the next request in the middle of this body. Drop the rest of it
+            # as it arrives and finish then.
+            self._finish_pending = True
+            stream.stop()
+            return
+        super().finish()  # type: ignore[misc]
+
+    def connectionLost(self, reason: Failure) -> None:  # noqa: N802
+        stream = self.body_stream
+        if stream is not None and not stream.ended:
+            stream.fail(Failure(UploadInterrupted(reason.getErrorMessage())))
+        super().connectionLost(reason)  # type: ignore[misc]
