@@ -92,7 +92,7 @@ class ResponseReader:
     """
 
     __slots__ = ("_sink", "_parser", "_phrase", "_headers", "_trailers", "_in_body", "_head_only", "done",
-                 "upgrade", "_code", "_framed")
+                 "upgrade", "_code", "_framed", "_seen")
 
     def __init__(self, sink: ResponseSink, head_only: bool = False) -> None:
         self._sink = sink
@@ -104,6 +104,8 @@ class ResponseReader:
         self._head_only = head_only
         self._code = 0
         self._framed = True
+        #: Bytes fed while the head is incomplete (for a 101 without upgrade headers).
+        self._seen: list[bytes] = []
         #: The response has ended (its ``end`` or ``upgraded`` event was sent).
         self.done = False
         #: The response was a 101: the bytes after its head belong to another protocol.
@@ -118,6 +120,8 @@ class ResponseReader:
         """Parse ``data``; raise :class:`ProtocolError` for bytes that are not HTTP."""
         if self.done:
             return
+        if not self._in_body:
+            self._seen.append(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -132,8 +136,19 @@ class ResponseReader:
                 raise cause
             raise
         except httptools.HttpParserError as error:
+            if self._code == 101 and not self.done:
+                # A 101 without ``Upgrade``/``Connection`` headers: llhttp pauses without
+                # an offset; the rest starts after the head's blank line.
+                seen = b"".join(self._seen)
+                self.done = True
+                self.upgrade = True
+                self._sink.upgraded(seen[seen.index(b"\r\n\r\n") + 4:])
+                return
             if not self.done:
                 raise ProtocolError(str(error)) from None
+        finally:
+            if self._in_body:
+                self._seen = []
 
     def eof(self) -> bool:
         """The connection ended: True if that ends this response properly (a
