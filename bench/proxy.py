@@ -29,6 +29,7 @@ Usage (root, from the repository root):
 from __future__ import annotations
 
 import argparse
+import tarfile
 import calendar
 import json
 import os
@@ -544,6 +545,48 @@ def bench_export(target: Target, container: str, agent_pid: int | None,
     return result
 
 
+def upload_body(size: int) -> bytes:
+    """A tar archive holding one ``size``-byte file of random bytes."""
+    info = tarfile.TarInfo("pa-bench-upload.bin")
+    info.size = size
+    payload = os.urandom(min(size, 1 << 20)) * (size // (1 << 20)) + os.urandom(size % (1 << 20))
+    return info.tobuf() + payload + b"\0" * (-size % 512) + b"\0" * 1024
+
+
+def bench_upload(target: Target, container: str, body: bytes, agent_pid: int | None) -> dict[str, float]:
+    """``PUT /containers/{id}/archive?path=/tmp`` with ``body``: MB/s from the first byte
+    sent to the answer, and the agent's RSS growth meanwhile (the body must stream, not
+    be held or spooled)."""
+    path = f"/v1.41/containers/{container}/archive?path=/tmp"
+    sampler = RssSampler(agent_pid) if agent_pid else None
+    conn = Connection(target, timeout=IO_TIMEOUT)
+    try:
+        if sampler:
+            sampler.__enter__()
+        cpu_before = cpu_seconds(agent_pid) if agent_pid else 0.0
+        start = time.perf_counter()
+        head = target.request_bytes("PUT", path, b"", {"Content-Type": "application/x-tar"})
+        head = head.replace(b"Content-Length: 0", b"Content-Length: %d" % len(body))
+        conn.sock.sendall(head)
+        view = memoryview(body)
+        for offset in range(0, len(body), 1 << 20):
+            conn.sock.sendall(view[offset:offset + (1 << 20)])
+        status_line = conn._readline()
+        elapsed = time.perf_counter() - start
+        agent_cpu = cpu_seconds(agent_pid) - cpu_before if agent_pid else 0.0
+        if b" 200 " not in status_line + b" ":
+            raise HTTPError(f"{target.label}: upload answered {status_line!r}")
+    finally:
+        if sampler:
+            sampler.__exit__()
+        conn.close()
+    result = {"bytes": len(body), "seconds": elapsed, "mb_per_s": len(body) / MB / elapsed}
+    if sampler:
+        result["agent_cpu_s_per_gb"] = agent_cpu / (len(body) / 1024**3)
+        result.update(rss_growth_mb=sampler.growth_mb, rss_peak_mb=sampler.peak_mb)
+    return result
+
+
 # ------------------------------------------------------------------ setup
 
 def free_port() -> int:
@@ -554,9 +597,13 @@ def free_port() -> int:
 
 def start_agent(daemon: DockerDaemon, data_dir: Path, log_path: Path) -> tuple[subprocess.Popen, int]:
     port = free_port()
-    command = [sys.executable, "-m", "portainer_agent", "--docker-host", daemon.url, "--host", "127.0.0.1",
+    # PA_BENCH_PROFILE=out.prof: the agent runs under cProfile (written when it stops).
+    profile = ["-m", "cProfile", "-o", os.environ["PA_BENCH_PROFILE"]] if os.environ.get("PA_BENCH_PROFILE") else []
+    command = [sys.executable, *profile, "-m", "portainer_agent", "--docker-host", daemon.url, "--host", "127.0.0.1",
                "--port", str(port), "--data-dir", str(data_dir), "--log-level", "INFO"]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    # PA_BENCH_AGENT_SRC=/path/to/checkout: measure another checkout's agent (before/after).
+    source = os.environ.get("PA_BENCH_AGENT_SRC") or str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": source}
     with open(log_path, "ab") as log:
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                    env=env, start_new_session=True)
@@ -690,11 +737,21 @@ def build_rows(runs: list[dict[str, Any]], args: argparse.Namespace) -> list[dic
     row("logs?follow=1 agent overhead per line (agent − direct receive), p50 / max", "ms", None, overhead,
         "p50 ≤ 5 ms", agent_text=f"{fmt(overhead)} / {fmt(overhead_max)}", met=below(overhead, 5))
     row(f"GET /containers/{{id}}/export (~{args.export_mb} MB) throughput", "MB/s", ("export", "mb_per_s"), None,
-        digits=0)
+        "agent ≥ 0.9× direct", digits=0)
+    rows[-1]["met"] = None if rows[-1]["ratio"] is None else rows[-1]["ratio"] >= 0.9
     row("  agent CPU per GB exported", "s", None, ("export", "agent", "agent_cpu_s_per_gb"))
     growth = worst("export", "agent", "rss_growth_mb")
     row("agent RSS growth during the export (worst run)", "MB", None, growth, "≤ 20 MB", digits=1,
         met=below(growth, 20))
+    if collect(runs, "upload", "agent", "mb_per_s"):
+        upload_mb = getattr(args, "upload_mb", args.export_mb)
+        row(f"PUT /containers/{{id}}/archive ({upload_mb} MB tar) throughput", "MB/s", ("upload", "mb_per_s"),
+            None, "agent ≥ 0.8× direct", digits=0)
+        rows[-1]["met"] = None if rows[-1]["ratio"] is None else rows[-1]["ratio"] >= 0.8
+        row("  agent CPU per GB uploaded", "s", None, ("upload", "agent", "agent_cpu_s_per_gb"))
+        upload_growth = worst("upload", "agent", "rss_growth_mb")
+        row("agent RSS growth during the upload (worst run)", "MB", None, upload_growth, "≤ 20 MB", digits=1,
+            met=below(upload_growth, 20))
     slow_mb = med("export_slow", "bytes")
     slow_growth = worst("export_slow", "rss_growth_mb")
     row(f"agent RSS growth, slow reader at {fmt(args.slow_rate, 1)} MB/s for {fmt(args.slow_seconds, 0)} s "
@@ -739,26 +796,37 @@ def one_run(index: int, args: argparse.Namespace, direct: Target, agent: Target,
     def say(text: str) -> None:
         print(f"[run {index + 1}/{args.runs}] {text}", file=sys.stderr, flush=True)
 
-    say(f"containers/json latency ({args.requests} requests per path, alternating)")
-    run["list"] = bench_list_latency(direct, agent, args.requests, agent_pid)
-    for c in (1, 16):
-        say(f"/_ping load, concurrency {c}")
-        run["ping"][f"c{c}"] = bench_ping(direct, agent, c, args.ping_seconds, agent_pid)
-        if not args.no_wrk:
-            run["ping_wrk"][f"c{c}"] = bench_ping_wrk(agent, c, args.ping_seconds)
-    say(f"logs follow ({args.log_seconds:g} s)")
-    run["logs"] = bench_logs(direct, agent, logger, args.log_seconds)
-    # The slow reader goes first: a full-speed export before it could leave the agent's
-    # allocator holding freed memory, which would hide growth from a later VmRSS baseline.
-    say("export, slow reader")
-    run["export_slow"] = bench_export(agent, big, agent_pid, slow_rate=args.slow_rate * MB,
-                                      slow_seconds=args.slow_seconds)
-    # The agent must still answer after the slow reader dropped its connection mid-body.
-    with Connection(agent, timeout=10) as conn:
-        conn.request("GET", "/_ping").expect(200)
-    say("export, full speed")
-    run["export"]["direct"] = bench_export(direct, big, None)
-    run["export"]["agent"] = bench_export(agent, big, agent_pid)
+    only = getattr(args, "only", None)
+    if only in (None, "list"):
+        say(f"containers/json latency ({args.requests} requests per path, alternating)")
+        run["list"] = bench_list_latency(direct, agent, args.requests, agent_pid)
+    if only in (None, "ping"):
+        for c in (1, 16):
+            say(f"/_ping load, concurrency {c}")
+            run["ping"][f"c{c}"] = bench_ping(direct, agent, c, args.ping_seconds, agent_pid)
+            if not args.no_wrk:
+                run["ping_wrk"][f"c{c}"] = bench_ping_wrk(agent, c, args.ping_seconds)
+    if only is None:
+        say(f"logs follow ({args.log_seconds:g} s)")
+        run["logs"] = bench_logs(direct, agent, logger, args.log_seconds)
+    if only in (None, "transfer"):
+        # The slow reader goes first: a full-speed export before it could leave the agent's
+        # allocator holding freed memory, which would hide growth from a later VmRSS baseline.
+        say("export, slow reader")
+        run["export_slow"] = bench_export(agent, big, agent_pid, slow_rate=args.slow_rate * MB,
+                                          slow_seconds=args.slow_seconds)
+        # The agent must still answer after the slow reader dropped its connection mid-body.
+        with Connection(agent, timeout=10) as conn:
+            conn.request("GET", "/_ping").expect(200)
+        say("export, full speed")
+        run["export"]["direct"] = bench_export(direct, big, None)
+        run["export"]["agent"] = bench_export(agent, big, agent_pid)
+        if args.upload_mb:
+            say(f"upload, {args.upload_mb} MB (PUT /containers/{{id}}/archive)")
+            body = upload_body(args.upload_mb * MB)
+            run["upload"] = {"direct": bench_upload(direct, big, body, None),
+                             "agent": bench_upload(agent, big, body, agent_pid)}
+            del body
     run["agent_rss_mb_after"] = read_rss_kb(agent_pid) / 1024
     return run
 
@@ -771,8 +839,8 @@ def merge(args: argparse.Namespace) -> int:
         data = json.loads(path.read_text())
         runs += data["runs"]
         loads += [data["machine"]["loadavg_before"][0], data["machine"]["loadavg_after"][0]]
-        for key in ("containers", "export_mb", "slow_rate", "slow_seconds"):
-            setattr(args, key, data["config"][key])
+        for key in ("containers", "export_mb", "slow_rate", "slow_seconds", "upload_mb"):
+            setattr(args, key, data["config"].get(key, 0))
     table = markdown(build_rows(runs, args), len(runs))
     table += (f"\n\n{len(args.merge)} invocations, {len(runs)} runs; 1-min load average "
               f"{min(loads):.1f}–{max(loads):.1f} at their starts and ends.")
@@ -791,6 +859,8 @@ def main() -> int:
     parser.add_argument("--ping-seconds", type=float, default=3.0)
     parser.add_argument("--log-seconds", type=float, default=6.0, help="follow logs this long (a line per 200 ms)")
     parser.add_argument("--export-mb", type=int, default=200)
+    parser.add_argument("--upload-mb", type=int, default=200, help="PUT /containers/{id}/archive size (0: skip)")
+    parser.add_argument("--only", choices=("list", "ping", "transfer"), help="measure only these rows")
     parser.add_argument("--slow-rate", type=float, default=2.0, help="slow reader speed, MB/s")
     parser.add_argument("--slow-seconds", type=float, default=5.0)
     parser.add_argument("--no-wrk", action="store_true", help="skip the wrk cross-check even if wrk is installed")
@@ -803,7 +873,7 @@ def main() -> int:
         return merge(args)
     if args.quick:
         args.runs, args.requests, args.ping_seconds, args.log_seconds = 1, 50, 1.0, 2.0
-        args.export_mb, args.slow_seconds, args.containers = 20, 2.0, 10
+        args.export_mb, args.slow_seconds, args.containers, args.upload_mb = 20, 2.0, 10, 20
     if os.geteuid() != 0:
         print("bench/proxy.py needs root (it starts dockerd): sudo /work/venv/bin/python bench/proxy.py",
               file=sys.stderr)
