@@ -606,7 +606,7 @@ def start_agent(daemon: DockerDaemon, data_dir: Path, log_path: Path) -> tuple[s
     env = {**os.environ, "PYTHONPATH": source}
     with open(log_path, "ab") as log:
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                   env=env, start_new_session=True)
+                                   env=env, start_new_session=True, cwd=source)
     ping = Target("agent", port=port)
     deadline = time.monotonic() + 30
     while True:

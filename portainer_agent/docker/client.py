@@ -50,6 +50,11 @@ READ_SIZE = 256 * 1024
 __all__ = ["DOCKER_HOST", "DockerClient", "DockerResponse", "Upgraded", "ProtocolError", "read_json"]
 
 
+#: One Failure for every normal end of a body: building one per response costs more than
+#: the rest of the end-of-response work (body protocols only ``check`` it).
+_RESPONSE_DONE = Failure(ResponseDone())
+
+
 class DockerResponse:
     """A response from the client: what ``IResponse`` offers (``code``, ``phrase``,
     ``headers``, ``length``, ``deliverBody``) plus ``raw_headers`` as received."""
@@ -213,7 +218,12 @@ class _Exchange:
     def start(self, connection: "_Connection") -> None:
         self._connection = connection
         connection.exchange = self
-        self._reader = wire.ResponseReader(self, head_only=self.method == b"HEAD")
+        reader = connection.reader
+        if reader is None:
+            reader = connection.reader = wire.ResponseReader(self, head_only=self.method == b"HEAD")
+        else:
+            reader.reset(self, head_only=self.method == b"HEAD")
+        self._reader = reader
         transport = connection.transport
         headers = self._headers
         body = self._body
@@ -304,7 +314,7 @@ class _Exchange:
             self._keep_alive = False
             self._stop_body()
         self._finished()
-        response._end(Failure(ResponseDone()))
+        response._end(_RESPONSE_DONE)
 
     def upgraded(self, rest: bytes) -> None:
         code, phrase, headers = self._upgrade_head
@@ -395,6 +405,8 @@ class _Connection(Protocol):
         self._paused = 0
         self.connected_ = False
         self.idle_timer: Any = None
+        #: The connection's response parser, reused from one exchange to the next.
+        self.reader: wire.ResponseReader | None = None
 
     def connectionMade(self) -> None:  # noqa: N802
         self.connected_ = True

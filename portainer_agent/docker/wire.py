@@ -95,8 +95,18 @@ class ResponseReader:
                  "upgrade", "_code", "_framed", "_seen")
 
     def __init__(self, sink: ResponseSink, head_only: bool = False) -> None:
-        self._sink = sink
+        self._head_only = False
         self._parser = httptools.HttpResponseParser(self)
+        self.reset(sink, head_only)
+
+    def reset(self, sink: ResponseSink, head_only: bool = False) -> None:
+        """Read the next response on the same connection (a kept-alive one): llhttp
+        goes on from where the last response ended, which saves building a parser per
+        request (~20% of the client's work for a small answer). After the answer to a
+        HEAD, whose head announced a body that never came, a fresh parser is needed."""
+        if self._head_only:
+            self._parser = httptools.HttpResponseParser(self)
+        self._sink = sink
         self._phrase = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._trailers: list[tuple[bytes, bytes]] = []
