@@ -97,7 +97,12 @@ def main() -> int:
     clock = Clock()
     upstream, flush = docker_upstream(clock, PING if args.path == "/_ping" else LIST)
     proxy = DockerProxy(upstream, "/canned.sock")
-    root = AgentRoot(docker=proxy, hijack=proxy, guard=None)
+    try:
+        root = AgentRoot(docker=proxy, hijack=proxy, guard=None)  # type: ignore[call-arg]
+    except TypeError:  # AgentRoot(destinations) since 9086998
+        from portainer_agent.proxy.dispatch import Destinations
+
+        root = AgentRoot(Destinations(proxy, proxy), guard=None)
     site = AgentSite(root, reactor=clock)
     channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
     transport = StringTransport()

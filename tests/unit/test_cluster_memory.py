@@ -20,6 +20,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from portainer_agent.cluster.member import Member
 from portainer_agent.http.root import AgentRoot
+from portainer_agent.docker.testing import MemoryDocker
 from portainer_agent.proxy.dispatch import Destinations
 from portainer_agent.proxy.fanout import UNREACHABLE_HEADER, FanOut
 from portainer_agent.proxy.local import DockerProxy
@@ -84,7 +85,7 @@ class Cluster:
         self.clock = Clock()
         self.cooperator = Cooperator(scheduler=lambda work: self.clock.callLater(0, work), started=True)
         self.dockers = {name: FakeDocker(list_of(name)) for name in ("node1", "node2", "node3")}
-        self.local_agent = RequestTraversalAgent(self.dockers[local.node_name])
+        self.local_agent = MemoryDocker(self.dockers[local.node_name], self.clock)
         self.network = PeerNetwork({n: d for n, d in self.dockers.items() if n != local.node_name})
         docker = DockerProxy(cast(Any, self.local_agent), SOCKET, cooperator=self.cooperator)
         policy = PeerTLSPolicy(lambda host, port: "00", authenticated=True)
