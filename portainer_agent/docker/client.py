@@ -404,7 +404,7 @@ class _Connection(Protocol):
         self._delegate: IProtocol | None = None
         self._paused = 0
         self.connected_ = False
-        self.idle_timer: Any = None
+        self.idle_since = 0.0
         #: The connection's response parser, reused from one exchange to the next.
         self.reader: wire.ResponseReader | None = None
 
@@ -513,6 +513,7 @@ class DockerClient:
         self._max_idle = max_idle
         self._idle_timeout = idle_timeout
         self._idle: list[_Connection] = []
+        self._sweeper: Any = None
         self._all: set[_Connection] = set()
         #: What this client talks to, for error messages (the socket path).
         self.label = label
@@ -555,9 +556,10 @@ class DockerClient:
     def close_idle(self) -> "Deferred[None]":
         """Close the kept-alive connections (on stop)."""
         idle, self._idle = self._idle, []
+        if self._sweeper is not None and self._sweeper.active():
+            self._sweeper.cancel()
+        self._sweeper = None
         for connection in idle:
-            if connection.idle_timer is not None and connection.idle_timer.active():
-                connection.idle_timer.cancel()
             connection.close()
         return succeed(None)
 
@@ -566,9 +568,6 @@ class DockerClient:
     def _start(self, exchange: _Exchange, fresh: bool = False) -> None:
         while self._idle and not fresh:
             connection = self._idle.pop()
-            if connection.idle_timer is not None and connection.idle_timer.active():
-                connection.idle_timer.cancel()
-            connection.idle_timer = None
             if connection.connected_ and connection.transport is not None:
                 connection.used += 1
                 exchange.start(connection)
@@ -596,22 +595,27 @@ class DockerClient:
         if len(self._idle) >= self._max_idle or not connection.connected_:
             connection.close()
             return
+        connection.idle_since = self._reactor.seconds()
         self._idle.append(connection)
-        connection.idle_timer = self._reactor.callLater(self._idle_timeout, self._expire, connection)
+        if self._sweeper is None:
+            # One timer for the pool, not one per request.
+            self._sweeper = self._reactor.callLater(self._idle_timeout, self._sweep)
 
-    def _expire(self, connection: _Connection) -> None:
-        connection.idle_timer = None
-        if connection in self._idle:
+    def _sweep(self) -> None:
+        """Close connections idle for longer than the idle timeout."""
+        self._sweeper = None
+        now = self._reactor.seconds()
+        for connection in [c for c in self._idle if now - c.idle_since >= self._idle_timeout]:
             self._idle.remove(connection)
             connection.close()
+        if self._idle:
+            oldest = min(c.idle_since for c in self._idle)
+            self._sweeper = self._reactor.callLater(max(0.0, oldest + self._idle_timeout - now), self._sweep)
 
     def _lost(self, connection: _Connection) -> None:
         self._all.discard(connection)
         if connection in self._idle:
             self._idle.remove(connection)
-        if connection.idle_timer is not None and connection.idle_timer.active():
-            connection.idle_timer.cancel()
-        connection.idle_timer = None
 
 
 def _cancel_connect(failure: Failure, connecting: Deferred[Any]) -> Failure:

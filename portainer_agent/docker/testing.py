@@ -42,8 +42,12 @@ class MemoryEndpoint:
         return succeed(client)
 
     def flush(self) -> None:
-        for pump in list(self.pumps):
-            pump.flush()
+        """Move bytes both ways on every connection, new ones made meanwhile included."""
+        count = -1
+        while count != len(self.pumps):
+            count = len(self.pumps)
+            for pump in list(self.pumps):
+                pump.flush()
 
 
 class MemoryDocker(DockerClient):

@@ -95,7 +95,8 @@ class _BodyRelay(Protocol):
             except RuntimeError:
                 pass
         if not self._clientGone and not request._disconnected:
-            if reason is None or reason.check(ResponseDone, PotentialDataLoss):
+            # isinstance, not Failure.check: check() computes qualified names every call.
+            if reason is None or isinstance(reason.value, (ResponseDone, PotentialDataLoss)):
                 request.finish()
             else:
                 # The upstream broke mid-body: the client must see a truncated
