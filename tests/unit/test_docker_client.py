@@ -291,3 +291,20 @@ class BlockingGetTests(SynchronousTestCase):
     def test_cut_answer_is_a_protocol_error(self) -> None:
         path = self.serve_once(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{")
         self.assertRaises(ProtocolError, get_json_blocking, path, "/info", 10)
+
+
+class QuietTests(SynchronousTestCase):
+    def test_no_factory_log_lines_per_connection(self) -> None:
+        # A connection per hijack used to log "Starting factory"/"Stopping factory" at INFO.
+        from twisted.python import log
+
+        from portainer_agent.docker.client import _ConnectionFactory
+
+        events: list[dict[str, Any]] = []
+        log.addObserver(events.append)
+        self.addCleanup(log.removeObserver, events.append)
+        factory = _ConnectionFactory(Protocol())
+        factory.doStart()
+        factory.doStop()
+        self.assertEqual([e for e in events if "factory" in str(e.get("message", "")).lower()
+                          or "factory" in str(e.get("log_format", "")).lower()], [])
