@@ -190,10 +190,6 @@ class _BodyWriter:
         self._transport.unregisterProducer()
 
 
-def _request_ok(method: bytes, target: bytes, host: bytes) -> None:
-    wire.check_request_line(method, target)
-
-
 class _Exchange:
     """One request and its response on one connection (a :class:`wire.ResponseSink`)."""
 
@@ -535,7 +531,7 @@ class DockerClient:
                 ) -> "Deferred[DockerResponse]":
         """Send a request; fires with the response once its head is in. Raises
         ValueError at once for a method or target that cannot go on the wire."""
-        _request_ok(method, target, self.host)
+        wire.check_request_line(method, target)
         exchange = _Exchange(self, method, target, headers, _as_body(body), upgrade=False)
         self._start(exchange)
         return exchange.result
@@ -544,7 +540,7 @@ class DockerClient:
                 ) -> "Deferred[Upgraded | DockerResponse]":
         """Send an upgrade request (``headers`` carry ``Upgrade``) on a fresh connection;
         fires with :class:`Upgraded` on 101, else with the (normal) response."""
-        _request_ok(method, target, self.host)
+        wire.check_request_line(method, target)
         exchange = _Exchange(self, method, target, headers, body, upgrade=True)
         self._start(exchange, fresh=True)
         return exchange.result

@@ -14,9 +14,9 @@ one read (64 kB) plus :data:`HIGH_WATER` per upload.
 Private Twisted names, used here only (and why): at ``gotLength`` time twisted.web has
 parsed the request line but only keeps it on the channel, as ``_command``, ``_path`` and
 ``_version``; the public ``method``/``uri``/``clientproto`` are set later, by
-``requestReceived``, once the whole body is in. Nothing else private is touched; the
-rest is the documented ``Request`` hooks ``gotLength``, ``handleContentChunk``,
-``requestReceived`` and ``finish``.
+``requestReceived``, once the whole body is in. ``Request._disconnected`` is read as
+everywhere in the proxy (no public "client gone" flag). The rest is the documented
+``Request`` hooks ``gotLength``, ``handleContentChunk``, ``requestReceived`` and ``finish``.
 """
 from __future__ import annotations
 
@@ -273,17 +273,20 @@ class StreamingUploads:
         stream.end()
         if self._finish_pending:
             self._finish_pending = False
-            super().finish()  # type: ignore[misc]
+            request: Any = self
+            if not request.finished and not request._disconnected:
+                super().finish()  # type: ignore[misc]
 
     def finish(self) -> None:
         stream = self.body_stream
-        if stream is not None and not stream.ended and not self._finish_pending and not getattr(
-                self, "_disconnected", False):
+        request: Any = self
+        if stream is not None and not stream.ended and not request._disconnected:
             # The answer is complete before the upload: twisted.web must not start
             # reading the next request in the middle of this body. Drop the rest of it
             # as it arrives and finish then.
-            self._finish_pending = True
-            stream.stop()
+            if not self._finish_pending:
+                self._finish_pending = True
+                stream.stop()
             return
         super().finish()  # type: ignore[misc]
 

@@ -18,7 +18,7 @@ from twisted.internet.task import Clock, Cooperator
 from twisted.internet.testing import StringTransport
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request, Site
+from twisted.web.server import NOT_DONE_YET, Request
 
 from portainer_agent.docker.testing import MemoryDocker
 from portainer_agent.http.site import AgentSite
