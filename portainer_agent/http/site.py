@@ -42,6 +42,17 @@ class AgentHTTPChannel(HTTPChannel):
 
     closed = False
 
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        # Read the client's TCP connection 256 kB at a time (Twisted's default: 64 kB), as
+        # the Docker socket is: an upload then crosses TLS, the channel and the Docker
+        # client in a quarter of the slices (measured: -22% CPU per GB uploaded, +25%
+        # upload throughput, bench/README.md). ``transport.transport`` is the TCP
+        # connection under TLS; ``bufferSize`` is public on it.
+        inner = getattr(self.transport, "transport", None)
+        if inner is not None and hasattr(inner, "bufferSize"):
+            inner.bufferSize = 256 * 1024
+
     def lineLengthExceeded(self, line: bytes) -> None:
         self._respondToBadRequestAndDisconnect()
 
