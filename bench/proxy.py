@@ -397,7 +397,7 @@ def bench_ping(direct: Target, agent: Target, concurrency: int, seconds: float, 
                 conn.close()
     result = {label: {"rps": count / elapsed, "requests": count, "seconds": elapsed, "concurrency": concurrency}
               for label, (count, elapsed) in totals.items()}
-    result["agent"]["agent_cpu_us_per_request"] = agent_cpu / max(1, totals["agent"][0]) * 1e6
+    result[agent.label]["agent_cpu_us_per_request"] = agent_cpu / max(1, totals[agent.label][0]) * 1e6
     return result
 
 
@@ -623,6 +623,27 @@ def start_agent(daemon: DockerDaemon, data_dir: Path, log_path: Path) -> tuple[s
         time.sleep(0.1)
 
 
+def start_relay(daemon: DockerDaemon, scratch: Path) -> tuple[subprocess.Popen, tuple[Target, int]]:
+    """socat: TLS (OpenSSL, C) on a local port to the Docker socket, the agent's certificate."""
+    data = scratch / "data"
+    pem = scratch / "relay.pem"
+    pem.write_bytes((data / "cert.pem").read_bytes() + (data / "key.pem").read_bytes())
+    port = free_port()
+    process = subprocess.Popen(["socat", f"OPENSSL-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr,cert={pem},verify=0,"
+                                f"nodelay", f"UNIX-CONNECT:{daemon.socket_path}"], stderr=subprocess.DEVNULL)
+    target = Target("relay", port=port)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with Connection(target, timeout=2) as conn:
+                conn.request("GET", "/_ping", signed=False).expect(200)
+                return process, (target, process.pid)
+        except (OSError, EOFError, HTTPError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
 def create_containers(direct: Target, count: int, workers: int = 4) -> list[str]:
     """``count`` running ``sleep 3600`` busybox containers, created and started in parallel."""
     ids: list[str] = []
@@ -731,6 +752,10 @@ def build_rows(runs: list[dict[str, Any]], args: argparse.Namespace) -> list[dic
             row("  same, agent measured with wrk (C client)", "req/s", None, ("ping_wrk", f"c{c}"), digits=0)
         row(f"  agent CPU per /_ping request (c={c})", "µs", None,
             ("ping", f"c{c}", "agent", "agent_cpu_us_per_request"), digits=0)
+    for c in (1, 16):
+        relay_ratio = _relay_ratio(runs, ("ping_relay", f"c{c}"), "rps")
+        if relay_ratio is not None:
+            row(f"  /_ping c={c} through socat (C TLS relay, no Python): relay / direct", "×", None, relay_ratio)
     row("logs?follow=1 line: receive − Docker timestamp, p50", "ms", ("logs", "p50_ms"), None)
     row("logs?follow=1 line: receive − Docker timestamp, p95", "ms", ("logs", "p95_ms"), None)
     overhead, overhead_max = med("logs", "overhead", "p50_ms"), worst("logs", "overhead", "max_ms")
@@ -752,12 +777,23 @@ def build_rows(runs: list[dict[str, Any]], args: argparse.Namespace) -> list[dic
         upload_growth = worst("upload", "agent", "rss_growth_mb")
         row("agent RSS growth during the upload (worst run)", "MB", None, upload_growth, "≤ 20 MB", digits=1,
             met=below(upload_growth, 20))
+    for key, what in (("export", "export"), ("upload", "upload")):
+        relay_ratio = _relay_ratio(runs, (key,), "mb_per_s")
+        if relay_ratio is not None:
+            row(f"  {what} through socat (C TLS relay, no Python): relay / direct", "×", None, relay_ratio)
     slow_mb = med("export_slow", "bytes")
     slow_growth = worst("export_slow", "rss_growth_mb")
     row(f"agent RSS growth, slow reader at {fmt(args.slow_rate, 1)} MB/s for {fmt(args.slow_seconds, 0)} s "
         f"(read {fmt((slow_mb or 0) / MB, 0)} MB, then drop; worst run)", "MB", None, slow_growth,
         "flat (≤ 2 MB)", digits=1, met=below(slow_growth, 2))
     return rows
+
+
+def _relay_ratio(runs: list[dict[str, Any]], prefix: tuple[str, ...], leaf: str) -> float | None:
+    """Median over runs of relay/direct (the socat floor), if measured."""
+    ratios = [r / d for r, d in zip(collect(runs, *prefix, "relay", leaf), collect(runs, *prefix, "direct", leaf))
+              if d]
+    return median(ratios) if ratios else None
 
 
 def markdown(rows: list[dict[str, Any]], runs: int) -> str:
@@ -790,8 +826,8 @@ def _json_safe(value: Any) -> Any:
 
 
 def one_run(index: int, args: argparse.Namespace, direct: Target, agent: Target, agent_pid: int,
-            logger: str, big: str) -> dict[str, Any]:
-    run: dict[str, Any] = {"ping": {}, "ping_wrk": {}, "export": {}}
+            logger: str, big: str, relay: "tuple[Target, int] | None" = None) -> dict[str, Any]:
+    run: dict[str, Any] = {"ping": {}, "ping_wrk": {}, "export": {}, "ping_relay": {}}
 
     def say(text: str) -> None:
         print(f"[run {index + 1}/{args.runs}] {text}", file=sys.stderr, flush=True)
@@ -804,6 +840,8 @@ def one_run(index: int, args: argparse.Namespace, direct: Target, agent: Target,
         for c in (1, 16):
             say(f"/_ping load, concurrency {c}")
             run["ping"][f"c{c}"] = bench_ping(direct, agent, c, args.ping_seconds, agent_pid)
+            if relay is not None:
+                run["ping_relay"][f"c{c}"] = bench_ping(direct, relay[0], c, args.ping_seconds, relay[1])
             if not args.no_wrk:
                 run["ping_wrk"][f"c{c}"] = bench_ping_wrk(agent, c, args.ping_seconds)
     if only is None:
@@ -821,11 +859,15 @@ def one_run(index: int, args: argparse.Namespace, direct: Target, agent: Target,
         say("export, full speed")
         run["export"]["direct"] = bench_export(direct, big, None)
         run["export"]["agent"] = bench_export(agent, big, agent_pid)
+        if relay is not None:
+            run["export"]["relay"] = bench_export(relay[0], big, None)
         if args.upload_mb:
             say(f"upload, {args.upload_mb} MB (PUT /containers/{{id}}/archive)")
             body = upload_body(args.upload_mb * MB)
             run["upload"] = {"direct": bench_upload(direct, big, body, None),
                              "agent": bench_upload(agent, big, body, agent_pid)}
+            if relay is not None:
+                run["upload"]["relay"] = bench_upload(relay[0], big, body, None)
             del body
     run["agent_rss_mb_after"] = read_rss_kb(agent_pid) / 1024
     return run
@@ -859,6 +901,8 @@ def main() -> int:
     parser.add_argument("--ping-seconds", type=float, default=3.0)
     parser.add_argument("--log-seconds", type=float, default=6.0, help="follow logs this long (a line per 200 ms)")
     parser.add_argument("--export-mb", type=int, default=200)
+    parser.add_argument("--relay", action="store_true",
+                        help="also measure a C TLS relay (socat) in front of the socket: the floor of the extra hop")
     parser.add_argument("--upload-mb", type=int, default=200, help="PUT /containers/{id}/archive size (0: skip)")
     parser.add_argument("--only", choices=("list", "ping", "transfer"), help="measure only these rows")
     parser.add_argument("--slow-rate", type=float, default=2.0, help="slow reader speed, MB/s")
@@ -890,6 +934,7 @@ def main() -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
     daemon: DockerDaemon | None = None
     agent_process: subprocess.Popen | None = None
+    relay_process: subprocess.Popen | None = None
     scratch = Path(tempfile.mkdtemp(prefix="pa-bench-agent-"))
     started = time.time()
     try:
@@ -910,8 +955,12 @@ def main() -> int:
         listed = call(agent, "GET", "/v1.41/containers/json?all=1")
         if len(listed) < args.containers:
             raise RuntimeError(f"agent lists {len(listed)} containers, expected >= {args.containers}")
+        relay_target = None
+        if args.relay:
+            relay_process, relay_target = start_relay(daemon, scratch)
         load_before = os.getloadavg()
-        runs = [one_run(i, args, direct, agent, agent_process.pid, logger, big) for i in range(args.runs)]
+        runs = [one_run(i, args, direct, agent, agent_process.pid, logger, big, relay_target)
+                for i in range(args.runs)]
         rows = build_rows(runs, args)
         table = markdown(rows, len(runs))
         problems = [line for line in (scratch / "agent.log").read_text(errors="replace").splitlines()
@@ -942,6 +991,9 @@ def main() -> int:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if agent_process is not None:
             terminate(agent_process.pid, 15, agent_process)
+        if relay_process is not None:
+            relay_process.terminate()
+            relay_process.wait(10)
         if daemon is not None:
             daemon.stop()
         if os.environ.get("PA_BENCH_KEEP_LOGS"):
