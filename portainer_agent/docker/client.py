@@ -220,7 +220,8 @@ class _Exchange:
         else:
             reader.reset(self, head_only=self.method == b"HEAD")
         self._reader = reader
-        transport = connection.transport
+        # A stream connection: also a consumer (registerProducer), which ITransport omits.
+        transport: Any = connection.transport
         headers = self._headers
         body = self._body
         data = body if isinstance(body, bytes) else getattr(body, "data", None)
@@ -250,10 +251,11 @@ class _Exchange:
         self._sending_body = False
         connection = self._connection
         assert connection is not None and self._writer is not None
-        if connection.transport is not None:
-            connection.transport.unregisterProducer()
+        transport: Any = connection.transport
+        if transport is not None:
+            transport.unregisterProducer()
             if self._writer._chunked:
-                connection.transport.write(wire.LAST_CHUNK)
+                transport.write(wire.LAST_CHUNK)
         self._writer.closed = True
         if self._reader is not None and self._reader.done and not self._upgrade:
             self._finished()
@@ -278,7 +280,7 @@ class _Exchange:
             self._sending_body = False
             if self._writer is not None:
                 self._writer.closed = True
-            transport = self._connection.transport if self._connection is not None else None
+            transport: Any = self._connection.transport if self._connection is not None else None
             if transport is not None:
                 transport.unregisterProducer()
             self._body.stopProducing()
@@ -489,7 +491,7 @@ class _ConnectionFactory(Factory):
     def __init__(self, protocol: Protocol) -> None:
         self._protocol = protocol
 
-    def buildProtocol(self, addr: IAddress) -> Protocol:  # noqa: N802
+    def buildProtocol(self, addr: IAddress | None) -> Protocol:  # noqa: N802
         return self._protocol
 
 
