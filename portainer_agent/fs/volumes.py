@@ -9,7 +9,6 @@ where that directory is mounted in the agent's container.
 """
 from __future__ import annotations
 
-import json
 from typing import Any, Generator
 from urllib.parse import quote
 
@@ -63,7 +62,7 @@ def mountpoint_from_inspect(volume_id: str, document: Any) -> str:
 
 
 class VolumeLocator:
-    """Finds a volume's directory through the agent's Docker client (treq-like)."""
+    """Finds a volume's directory through the agent's Docker client (``get_json``)."""
 
     def __init__(self, docker: Any, roots: VolumeRootMap) -> None:
         self._docker = docker
@@ -72,21 +71,12 @@ class VolumeLocator:
     @inlineCallbacks
     def locate(self, volume_id: str) -> Generator[Deferred[Any], Any, str]:
         check_volume_id(volume_id)
-        response = yield self._docker.get("http://docker/volumes/" + quote(volume_id, safe=""))
-        body = yield response.content()
-        if response.code == 404:
+        code, document = yield self._docker.get_json("/volumes/" + quote(volume_id, safe=""))
+        if code == 404:
             raise AgentError(404, "Invalid volume", f"No such volume: {volume_id}")
-        if response.code != 200:
-            raise AgentError(502, "Unable to inspect the volume", _docker_message(body) or f"Docker answered {response.code}")
-        try:
-            document = json.loads(body)
-        except ValueError:
-            raise AgentError(502, "Unable to inspect the volume", "Docker answered with invalid JSON") from None
+        if code != 200:
+            message = document.get("message") if isinstance(document, dict) else None
+            raise AgentError(502, "Unable to inspect the volume", str(message or f"Docker answered {code}"))
+        if not isinstance(document, dict):
+            raise AgentError(502, "Unable to inspect the volume", "Docker answered with invalid JSON")
         return self.roots.local_path(mountpoint_from_inspect(volume_id, document))
-
-
-def _docker_message(body: bytes) -> str:
-    try:
-        return str(json.loads(body).get("message") or "")
-    except (ValueError, AttributeError):
-        return ""

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from hypothesis import given, settings, strategies as st
-from treq.testing import StubTreq
+from portainer_agent.docker.testing import MemoryDocker
 from twisted.internet.defer import maybeDeferred
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -65,7 +65,7 @@ class BrowseHarness:
         self.outside.mkdir()
         (self.outside / "secret").write_bytes(b"secret")
         self.volumes = FakeVolumes({"vol1": str(self.data)})
-        self.docker = StubTreq(self.volumes)
+        self.docker = MemoryDocker(self.volumes)
         self.memory = Memory()
         case.addCleanup(self.memory.stop)
         locator = VolumeLocator(self.docker, VolumeRootMap.for_docker_root(str(self.docker_root), None))
