@@ -629,7 +629,8 @@ def start_relay(daemon: DockerDaemon, scratch: Path) -> tuple[subprocess.Popen, 
     pem = scratch / "relay.pem"
     pem.write_bytes((data / "cert.pem").read_bytes() + (data / "key.pem").read_bytes())
     port = free_port()
-    process = subprocess.Popen(["socat", f"OPENSSL-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr,cert={pem},verify=0,"
+    # -b: 256 kB per read/write, as the agent reads both sockets (socat's default is 8 kB).
+    process = subprocess.Popen(["socat", "-b", "262144", f"OPENSSL-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr,cert={pem},verify=0,"
                                 f"nodelay", f"UNIX-CONNECT:{daemon.socket_path}"], stderr=subprocess.DEVNULL)
     target = Target("relay", port=port)
     deadline = time.monotonic() + 10
