@@ -1,8 +1,8 @@
 """Docker's side of a console: ``exec start`` or ``attach`` upgraded to a raw stream.
 
 :func:`open_docker_stream` is the one place the console reaches Docker. It rides on the
-project's hijack client (:class:`~portainer_agent.proxy.splice.DockerUpgradeClient`
-over the unix socket, which parses Docker's answer head), so re-pointing the console at
+project's one Docker client (:meth:`~portainer_agent.docker.client.DockerClient.upgrade`
+over the unix socket, which parses Docker's answer), so re-pointing the console at
 another Docker client means changing this module only.
 """
 from __future__ import annotations
@@ -11,13 +11,16 @@ import json
 from typing import Any, Callable, Protocol
 
 import attrs
-from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
-from twisted.internet.interfaces import ITCPTransport
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IHalfCloseableProtocol, ITCPTransport
+from twisted.internet.protocol import Protocol as _Protocol
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
-from portainer_agent.proxy.splice import DockerUpgradeClient, SpliceEnd
+from portainer_agent.docker import wire
+from portainer_agent.docker.client import DockerClient, Upgraded, read_body
 from portainer_agent.errors import AgentError, bad_gateway_docker
+from portainer_agent.proxy.relay import failure_reason
 
 #: The body the original sends to ``exec start`` (reference-agent.md §7.6), newline included.
 EXEC_START_BODY = b'{"Tty":true,"Detach":false}\n'
@@ -69,10 +72,11 @@ def hangup_for(target: ConsoleTarget, inspected: dict[str, Any]) -> ConsoleTarge
 def upgrade_head(target: ConsoleTarget) -> bytes:
     """Pure: the raw HTTP/1.1 request asking Docker for the hijacked stream."""
     path, body = target.request_line()
-    return (
-        b"POST %s HTTP/1.1\r\nHost: docker\r\nContent-Type: application/json\r\n"
-        b"Connection: Upgrade\r\nUpgrade: tcp\r\nContent-Length: %d\r\n\r\n%s" % (path, len(body), body)
-    )
+    return wire.request_head(b"POST", path, wire.DOCKER_HOST, UPGRADE_HEADERS, wire.content_length(len(body))) + body
+
+
+#: The header lines of the upgrade request, as the original sends them.
+UPGRADE_HEADERS = ((b"Content-Type", b"application/json"), (b"Connection", b"Upgrade"), (b"Upgrade", b"tcp"))
 
 
 def refusal(target: ConsoleTarget, code: int, phrase: bytes, rest: bytes) -> AgentError:
@@ -90,27 +94,34 @@ def refusal(target: ConsoleTarget, code: int, phrase: bytes, rest: bytes) -> Age
     return AgentError(status, message, f"Unable to start the {target.kind} stream of {target.id}")
 
 
-class _ReceiverTransport:
-    """What the hijack splice writes Docker's bytes into: the receiver, not a socket."""
+@implementer(IHalfCloseableProtocol)
+class _ToReceiver(_Protocol):
+    """Docker's side of the upgraded connection: its bytes go to the receiver; its end
+    of stream (EOF or close) ends the console (no half-close)."""
 
     def __init__(self, receiver: StreamReceiver) -> None:
         self._receiver = receiver
         self._ended = False
 
-    def write(self, data: bytes) -> None:
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
         if not self._ended:
             self._receiver.dockerDataReceived(data)
 
-    def loseConnection(self) -> None:
+    def readConnectionLost(self) -> None:  # noqa: N802
+        self._end()
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:  # noqa: N802
+        pass
+
+    def connectionLost(self, reason: Failure | None = None) -> None:  # noqa: N802
+        self._end()
+
+    def _end(self) -> None:
         if not self._ended:
             self._ended = True
             self._receiver.dockerStreamEnded()
-
-    def registerProducer(self, producer: Any, streaming: bool) -> None:
-        pass
-
-    def unregisterProducer(self) -> None:
-        pass
 
 
 @attrs.define
@@ -121,28 +132,20 @@ class DockerStream:
 
     transport: ITCPTransport
     target: ConsoleTarget
-    _upstream: DockerUpgradeClient
-    _initial: bytes
+    _upgraded: Upgraded
 
     def start(self, receiver: StreamReceiver) -> None:
-        end = SpliceEnd()
-        # Docker's end of stream (EOF or close) ends the console: no half-close.
-        end.prefersHalfClose = False
-        end.makeConnection(_ReceiverTransport(receiver))  # type: ignore[arg-type]
-        end.peer = self._upstream
-        self._upstream.peer = end
-        if self._initial:
-            receiver.dockerDataReceived(self._initial)
+        if self._upgraded.rest:
+            receiver.dockerDataReceived(self._upgraded.rest)
+        self._upgraded.hand_over(_ToReceiver(receiver))
 
 
 def inspect_exec(docker: Any, target: ConsoleTarget) -> "Deferred[ConsoleTarget]":
-    """``GET /exec/{id}/json`` through the project's Docker HTTP client (treq): a missing
-    exec is refused before any upgrade, and a tty exec gets its hangup bytes."""
+    """``GET /exec/{id}/json`` through the project's Docker client (``get_json``): a
+    missing exec is refused before any upgrade, and a tty exec gets its hangup bytes."""
 
-    def answered(response: Any) -> Any:
-        return response.json().addCallback(checked, response.code)
-
-    def checked(document: Any, code: int) -> ConsoleTarget:
+    def checked(answer: tuple[int, Any]) -> ConsoleTarget:
+        code, document = answer
         if code != 200 or not isinstance(document, dict):
             raise refusal(target, code, b"", json.dumps(document).encode())
         return hangup_for(target, document)
@@ -153,54 +156,49 @@ def inspect_exec(docker: Any, target: ConsoleTarget) -> "Deferred[ConsoleTarget]
         raise AgentError(502, "Unable to inspect the exec instance via the Docker socket",
                          failure.getErrorMessage())
 
-    return docker.get(f"http://docker/exec/{target.id}/json").addCallback(answered).addErrback(unreachable)
+    return docker.get_json(f"/exec/{target.id}/json").addCallback(checked).addErrback(unreachable)
 
 
 def console_opener(reactor: Any, socket_path: str, docker: Any) -> Callable[[ConsoleTarget], "Deferred[DockerStream]"]:
     """How the console resources open Docker's side (wired in tap.py): exec instances
-    are inspected first (:func:`inspect_exec`), then the stream is upgraded."""
+    are inspected first (:func:`inspect_exec`, through ``docker``), then the stream is
+    upgraded on a connection of its own to the socket."""
+    upgrades = DockerClient.for_socket(reactor, socket_path)
 
     def open_stream(target: ConsoleTarget) -> "Deferred[DockerStream]":
         if target.kind != "exec":
-            return open_docker_stream(reactor, socket_path, target)
-        return inspect_exec(docker, target).addCallback(lambda t: open_docker_stream(reactor, socket_path, t))
+            return open_docker_stream(reactor, socket_path, target, upgrades)
+        return inspect_exec(docker, target).addCallback(
+            lambda t: open_docker_stream(reactor, socket_path, t, upgrades))
 
     return open_stream
 
 
-def open_docker_stream(reactor: Any, socket_path: str, target: ConsoleTarget) -> "Deferred[DockerStream]":
-    """Connect to the Docker socket and ask for ``target``'s stream.
+def open_docker_stream(reactor: Any, socket_path: str, target: ConsoleTarget,
+                       docker: DockerClient | None = None) -> "Deferred[DockerStream]":
+    """Ask Docker for ``target``'s stream (a new connection to the socket).
 
     Fires with a :class:`DockerStream` on ``101``; fails with an :class:`AgentError`
     (Docker's refusal, or 502 when the socket is unreachable). Cancelling it aborts the
     Docker connection (the client left first)."""
-    upstream = DockerUpgradeClient(upgrade_head(target))
+    client = docker if docker is not None else DockerClient.for_socket(reactor, socket_path)
+    path, body = target.request_line()
+    pending = client.upgrade(b"POST", path, UPGRADE_HEADERS, body)
+    result: Deferred[DockerStream] = Deferred(lambda _: pending.cancel())
 
-    def cancel(_: Deferred[DockerStream]) -> None:
-        if upstream.transport is not None:
-            upstream.transport.abortConnection()
-
-    result: Deferred[DockerStream] = Deferred(cancel)
-
-    def connectFailed(failure: Failure) -> None:
-        if not upstream.status.called:
-            upstream.status.errback(failure)
-
-    def answered(status: tuple[int, bytes, list[tuple[bytes, bytes]], bytes, bytes]) -> None:
-        code, phrase, _, _, rest = status
-        assert upstream.transport is not None  # Docker just answered on it
-        if result.called:  # cancelled meanwhile
-            upstream.transport.abortConnection()
-        elif code == 101:
-            result.callback(DockerStream(upstream.transport, target, upstream, rest))
-        else:
-            upstream.transport.abortConnection()
-            result.errback(Failure(refusal(target, code, phrase, rest)))
+    def answered(answer: Any) -> Any:
+        if isinstance(answer, Upgraded):
+            if result.called:  # cancelled meanwhile
+                answer.transport.abortConnection()
+            else:
+                result.callback(DockerStream(answer.transport, target, answer))
+            return None
+        return read_body(answer).addCallback(
+            lambda data: result.called or result.errback(Failure(refusal(target, answer.code, answer.phrase, data))))
 
     def failed(failure: Failure) -> None:
-        if not result.called:
-            result.errback(Failure(bad_gateway_docker(socket_path, failure.getErrorMessage())))
+        if not result.called and not failure.check(CancelledError):
+            result.errback(Failure(bad_gateway_docker(socket_path, failure_reason(failure))))
 
-    connectProtocol(UNIXClientEndpoint(reactor, socket_path, timeout=10), upstream).addErrback(connectFailed)
-    upstream.status.addCallbacks(answered, failed)
+    pending.addCallbacks(answered, failed).addErrback(failed)
     return result

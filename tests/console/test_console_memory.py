@@ -15,7 +15,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from treq.testing import StubTreq
+from portainer_agent.docker.testing import MemoryDocker
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import (AcceptConnection, BytesMessage, CloseConnection, Event, Ping, Pong, Request,
                             TextMessage)
@@ -352,7 +352,7 @@ class HangupTests(SynchronousTestCase):
 
 
 class OpenerTests(SynchronousTestCase):
-    """The exec inspection through a treq client over a fake Docker."""
+    """The exec inspection through the Docker client over a fake Docker, in memory."""
 
     def opener(self, answer: Any) -> tuple[Any, MemoryReactor]:
         def handler(request: Any) -> bytes:
@@ -362,7 +362,15 @@ class OpenerTests(SynchronousTestCase):
             return json.dumps(document).encode()
 
         reactor = MemoryReactor()
-        return console_opener(reactor, SOCKET, StubTreq(FakeDocker(handler))), reactor
+        docker = MemoryDocker(FakeDocker(handler))
+        open_stream = console_opener(reactor, SOCKET, docker)
+
+        def opening(target: ConsoleTarget) -> Any:
+            d = open_stream(target)
+            docker.flush()  # the inspection, in memory
+            return d
+
+        return opening, reactor
 
     def test_unknown_exec_is_refused_before_any_upgrade(self) -> None:
         opener, reactor = self.opener(lambda r: (404, {"message": "No such exec instance: ab"}))
