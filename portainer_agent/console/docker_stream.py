@@ -193,8 +193,12 @@ def open_docker_stream(reactor: Any, socket_path: str, target: ConsoleTarget,
             else:
                 result.callback(DockerStream(answer.transport, target, answer))
             return None
-        return read_body(answer).addCallback(
-            lambda data: result.called or result.errback(Failure(refusal(target, answer.code, answer.phrase, data))))
+
+        def refused(data: bytes) -> None:
+            if not result.called:
+                result.errback(Failure(refusal(target, answer.code, answer.phrase, data)))
+
+        return read_body(answer).addCallback(refused)
 
     def failed(failure: Failure) -> None:
         if not result.called and not failure.check(CancelledError):
