@@ -108,7 +108,7 @@ class AgentService(MultiService):
         self.tls = tls
         self.reactor = reactor
         self.exit_code = 0
-        #: The one client of the Docker socket (proxy, hijack, identity refresh, discovery).
+        #: The one client of the Docker socket (proxy, hijack, identity, discovery, volumes, console).
         self.docker = DockerClient.for_socket(reactor, config.docker_socket_path)
         self.guard = SignatureGuard.from_config(config)
         streams = OpenStreams()
