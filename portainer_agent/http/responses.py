@@ -8,6 +8,7 @@ from twisted.internet.interfaces import ITCPTransport
 from twisted.web.server import NOT_DONE_YET, Request
 
 from portainer_agent.errors import AgentError
+from portainer_agent.http.twisted_private import client_gone
 
 
 def write_json(request: Request, value: Any, status: int = 200) -> bytes:
@@ -31,7 +32,7 @@ def write_error(request: Request, error: AgentError) -> bytes:
 
 def finish_with_error(request: Request, error: AgentError) -> None:
     """Like :func:`write_error`, for an asynchronous (NOT_DONE_YET) request."""
-    if request._disconnected or request.finished:
+    if client_gone(request) or request.finished:
         return
     if request.startedWriting:
         # Headers already went out: all we can do is cut the response short.

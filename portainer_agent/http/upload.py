@@ -11,12 +11,10 @@ arrives in a :class:`RequestBodyStream`, which upstreams read through
 connection is paused (its transport stops reading), so the agent holds at most about
 one read (64 kB) plus :data:`HIGH_WATER` per upload.
 
-Private Twisted names, used here only (and why): at ``gotLength`` time twisted.web has
-parsed the request line but only keeps it on the channel, as ``_command``, ``_path`` and
-``_version``; the public ``method``/``uri``/``clientproto`` are set later, by
-``requestReceived``, once the whole body is in. ``Request._disconnected`` is read as
-everywhere in the proxy (no public "client gone" flag). The rest is the documented
-``Request`` hooks ``gotLength``, ``handleContentChunk``, ``requestReceived`` and ``finish``.
+At ``gotLength`` time twisted.web has parsed the request line but keeps it private on the
+channel (:func:`~portainer_agent.http.twisted_private.request_line`, with the other private
+names and why); the rest is the documented ``Request`` hooks ``gotLength``,
+``handleContentChunk``, ``requestReceived`` and ``finish``.
 """
 from __future__ import annotations
 
@@ -29,6 +27,8 @@ from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
+
+from portainer_agent.http.twisted_private import client_gone, request_line
 
 #: Bodies smaller than this (with a known length) are read whole before ``render``.
 STREAM_THRESHOLD = 64 * 1024
@@ -250,8 +250,7 @@ class StreamingUploads:
         decide = getattr(root, "body_goes_upstream", None)
         if decide is None:
             return False
-        # Private: the request line, parsed but kept on the channel until the body is in.
-        command, path, version = channel._command, channel._path, channel._version
+        command, path, version = request_line(channel)
         request.method, request.uri, request.clientproto = command, path, version
         request.path, _, query = path.partition(b"?")
         request.args = parse_qs(query, True) if query else {}
@@ -274,13 +273,13 @@ class StreamingUploads:
         if self._finish_pending:
             self._finish_pending = False
             request: Any = self
-            if not request.finished and not request._disconnected:
+            if not request.finished and not client_gone(request):
                 super().finish()  # type: ignore[misc]
 
     def finish(self) -> None:
         stream = self.body_stream
         request: Any = self
-        if stream is not None and not stream.ended and not request._disconnected:
+        if stream is not None and not stream.ended and not client_gone(request):
             # The answer is complete before the upload: twisted.web must not start
             # reading the next request in the middle of this body. Drop the rest of it
             # as it arrives and finish then.

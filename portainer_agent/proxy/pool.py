@@ -1,29 +1,17 @@
-"""The connection pool of twisted.web.client.Agent for peer agents (HTTPS), kept quiet.
-
-Private Twisted names, here only (and why): ``HTTPConnectionPool`` builds one
-``_HTTP11ClientFactory`` per new connection, and that factory logs "Starting factory" /
-"Stopping factory" at INFO for each one; the pool takes its factory class from its
-``_factory`` attribute, the only way to swap in a quiet one. If a Twisted release renames
-either, :func:`make_pool` fails at start (AttributeError/ImportError), not silently.
-"""
+"""The connection pool of twisted.web.client.Agent for peer agents (HTTPS), kept quiet
+(no "Starting factory" INFO line per connection: see
+:mod:`portainer_agent.http.twisted_private`)."""
 from __future__ import annotations
 
 from typing import Any
 
-from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.client import HTTPConnectionPool
 
-
-class _QuietClientFactory(_HTTP11ClientFactory):
-    """No "Starting factory" log line for every new connection to a peer."""
-
-    noisy = False
+from portainer_agent.http.twisted_private import quiet_pool
 
 
 def make_pool(reactor: Any, max_per_host: int = 16) -> HTTPConnectionPool:
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    if not hasattr(pool, "_factory"):
-        raise RuntimeError("twisted.web.client.HTTPConnectionPool has no _factory: update portainer_agent.proxy.pool")
-    pool._factory = _QuietClientFactory
+    pool = quiet_pool(HTTPConnectionPool(reactor, persistent=True))
     pool.maxPersistentPerHost = max_per_host
     pool.cachedConnectionTimeout = 120
     return pool

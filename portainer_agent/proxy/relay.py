@@ -22,6 +22,7 @@ from twisted.web.server import Request
 from portainer_agent.http.paths import forwardable_response_headers
 from portainer_agent.errors import AgentError
 from portainer_agent.http.responses import abort_client, finish_with_error
+from portainer_agent.http.twisted_private import client_gone
 
 log = Logger()
 
@@ -94,7 +95,7 @@ class _BodyRelay(Protocol):
                 request.unregisterProducer()
             except RuntimeError:
                 pass
-        if not self._clientGone and not request._disconnected:
+        if not self._clientGone and not client_gone(request):
             # isinstance, not Failure.check: check() computes qualified names every call.
             if reason is None or isinstance(reason.value, (ResponseDone, PotentialDataLoss)):
                 request.finish()
@@ -114,7 +115,7 @@ def relay_response(response: IResponse, request: Request) -> "Deferred[None]":
     done: Deferred[None] = Deferred()
     if request.method == b"HEAD" or response.code in NO_BODY_CODES:
         response.deliverBody(_Discard())
-        if not request._disconnected:
+        if not client_gone(request):
             request.finish()
         done.callback(None)
         return done
@@ -169,18 +170,18 @@ def relay_pending(pending: "Deferred[IResponse]", request: Request,
     request.notifyFinish().addErrback(lambda _: None if pending.called else pending.cancel())
 
     def relay(response: IResponse) -> Any:
-        if request._disconnected:
+        if client_gone(request):
             response.deliverBody(_Drop())
             return None
         return relay_response(response, request)
 
     def failed(failure: Failure) -> None:
-        if failure.check(CancelledError) or request._disconnected:
+        if failure.check(CancelledError) or client_gone(request):
             return
         finish_with_error(request, upstream_error(failure))
 
     def bug(failure: Failure) -> None:
-        if failure.check(CancelledError) or request._disconnected:
+        if failure.check(CancelledError) or client_gone(request):
             return
         log.failure("relaying an upstream response failed", failure)
         finish_with_error(request, AgentError(500, "Internal agent error", failure.getErrorMessage()))

@@ -12,10 +12,8 @@ connections are closed; a client that left without a TLS close_notify (a bare TC
 as docker-py's cancel does) gets its TCP connection closed at once instead of a TLS
 shutdown that would wait for an answer forever.
 
-Private Twisted names here (and why): ``take_over_transport`` reads the HTTP channel's
-``_dataBuffer`` (bytes the client sent after the request head, already read by
-twisted.web) so that they reach the new protocol; ``request._disconnected`` is read as
-the relay does (no public "client gone" flag on ``Request``).
+The private Twisted names this needs (the bytes twisted.web read past the request head,
+"client gone") are behind :mod:`portainer_agent.http.twisted_private`.
 """
 from __future__ import annotations
 
@@ -34,6 +32,7 @@ from portainer_agent.docker.client import DOCKER_HOST, DockerClient, Upgraded
 from portainer_agent.errors import AgentError, bad_gateway_docker
 from portainer_agent.http.paths import AGENT_RESPONSE_HEADERS, forwardable_request_headers
 from portainer_agent.http.responses import abort_client, finish_with_error
+from portainer_agent.http.twisted_private import client_gone, take_unread
 from portainer_agent.proxy.relay import Drop, failure_reason, relay_response
 
 log = Logger()
@@ -198,8 +197,7 @@ def take_over_transport(request: Request, protocol: Protocol) -> Any:
     # The concrete connection (TLS wrapper or TCP): its protocol attribute is swapped,
     # which no transport interface declares.
     transport: Any = channel.transport
-    buffered = b"".join(getattr(channel, "_dataBuffer", []))
-    channel._dataBuffer = []
+    buffered = take_unread(channel)
     channel.setTimeout(None)
     try:
         transport.unregisterProducer()
@@ -260,25 +258,25 @@ class HijackProxy:
         return NOT_DONE_YET
 
     def _failed(self, failure: Failure, request: Request, upstream_error: Callable[[Failure], AgentError]) -> None:
-        if failure.check(CancelledError) or request._disconnected:
+        if failure.check(CancelledError) or client_gone(request):
             return
         finish_with_error(request, upstream_error(failure))
 
     def _bug(self, failure: Failure, request: Request) -> None:
         log.failure("splicing an upgraded stream failed", failure)
-        if not request._disconnected:
+        if not client_gone(request):
             abort_client(request)
 
     def _answered(self, answer: Upgraded | Any, request: Request) -> None:
         if isinstance(answer, Upgraded):
-            if request._disconnected:
+            if client_gone(request):
                 answer.transport.abortConnection()
                 return
             self._splice(request, answer)
             return
         # A non-upgrade answer (404, 409 JSON, or an old-style raw stream): relayed as a
         # normal, streamed response; the connection is not reused.
-        if request._disconnected:
+        if client_gone(request):
             answer.deliverBody(Drop())
             return
         relay_response(answer, request)
