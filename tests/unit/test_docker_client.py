@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import tempfile
 import threading
@@ -278,7 +279,7 @@ class BlockingGetTests(SynchronousTestCase):
         thread = threading.Thread(target=serve, daemon=True)
         thread.start()
         self.addCleanup(thread.join, 10)
-        self.addCleanup(lambda: os.path.exists(path) and os.unlink(path))
+        self.addCleanup(shutil.rmtree, directory, True)
         return path
 
     def test_chunked_json(self) -> None:
