@@ -7,22 +7,20 @@ fails after an upgrade, fix that code (or drop the private use), then move the p
 
 The private uses (grep ``twisted\\..*\\._`` imports and ``._name`` on Twisted objects):
 
-* ``twisted.web._newclient``: ``HTTP11ClientProtocol``, ``Request``, ``_ensureValidMethod``,
-  ``_ensureValidURI`` (docker/client.py, ``DockerSocketAgent``'s short path);
 * ``twisted.web.client._HTTP11ClientFactory`` and ``HTTPConnectionPool._factory``
-  (docker/client.py, ``make_pool``: quiet factory, large reads);
+  (http/twisted_private.py, the quiet peer pool; see also tests/unit/test_twisted_private.py
+  for the names isolated there: the request line at ``gotLength``, unread bytes, client gone);
 * ``twisted.web.http._GenericHTTPChannelProtocol`` (http/site.py, ``AgentSite.protocol``);
 * ``HTTPChannel._respondToBadRequestAndDisconnect`` (http/site.py, ``AgentHTTPChannel``);
-* ``Request._disconnected`` (http/responses.py, http/streaming.py, proxy/relay.py,
-  proxy/fanout.py, proxy/splice.py);
+* ``Request._disconnected`` (http/responses.py, proxy/relay.py, proxy/fanout.py,
+  proxy/splice.py, http/browse.py, http/filesend.py, console/resource.py);
 * ``HTTPChannel._dataBuffer`` (proxy/splice.py, ``take_over_transport``);
-* ``twisted.web.http._ChunkedTransferDecoder`` (proxy/splice.py, non-101 answers);
 * ``TLSMemoryBIOProtocol._flushReceiveBIO`` and the state it uses (``_lostTLSConnection``,
   ``_tlsConnection``, ``_shutdownTLS``, ``_tlsShutdownFinished``, ``_aborted``,
   ``_flushSendBIO``) (tls/server.py, ``HalfCloseTLSProtocol``);
 * ``Request.gotLength``/``handleContentChunk`` as the body hooks (security/body.py);
-* the unix connection's ``bufferSize`` as its read size (docker/client.py,
-  ``_LargeReadClientProtocol``: public name, undocumented meaning).
+* a connection's ``bufferSize`` as its read size (docker/client.py, http/site.py: public
+  name, undocumented meaning).
 """
 from __future__ import annotations
 
@@ -42,7 +40,6 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web import http
 from twisted.web.client import HTTPConnectionPool
-from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
@@ -100,51 +97,6 @@ class VersionTests(SynchronousTestCase):
         self.assertTrue(low <= version < high, _loud(
             f"outside the range the private-API canaries were checked against ({low} <= v < {high})",
             "every module listed in this file's docstring"))
-
-
-class NewClientTests(SynchronousTestCase):
-    """docker/client.py: ``DockerSocketAgent`` builds ``_newclient.Request`` itself."""
-
-    def test_validation_helpers(self) -> None:
-        try:
-            from twisted.web._newclient import _ensureValidMethod, _ensureValidURI
-        except ImportError as error:
-            self.fail(_loud(f"_newclient validation helpers are gone ({error})", "docker/client.py"))
-        self.assertEqual(_ensureValidMethod(b"GET"), b"GET")
-        self.assertEqual(_ensureValidURI(b"http://docker/containers/json"), b"http://docker/containers/json")
-        for bad in (b"http://docker/x\x7f", b"http://docker/a b"):
-            with self.assertRaises(ValueError, msg=_loud(f"_ensureValidURI accepts {bad!r}", "docker/client.py")):
-                _ensureValidURI(bad)
-        with self.assertRaises(ValueError, msg=_loud("_ensureValidMethod accepts b'GE T'", "docker/client.py")):
-            _ensureValidMethod(b"GE T")
-
-    def test_request_and_protocol_write_the_request_we_build(self) -> None:
-        try:
-            from twisted.web._newclient import HTTP11ClientProtocol, Request as ClientRequest
-        except ImportError as error:
-            self.fail(_loud(f"_newclient classes are gone ({error})", "docker/client.py"))
-        headers = Headers({b"host": [b"docker"], b"x-one": [b"1"]})
-        try:
-            request = ClientRequest(b"GET", b"/containers/json", headers, None, persistent=True)
-        except TypeError as error:
-            self.fail(_loud(f"_newclient.Request(method, uri, headers, bodyProducer, persistent=) "
-                            f"changed ({error})", "docker/client.py DockerSocketAgent.request"))
-        quiescent: list[Any] = []
-        protocol = HTTP11ClientProtocol(quiescent.append)
-        transport = StringTransport()
-        protocol.makeConnection(transport)
-        response = protocol.request(request)
-        self.assertIsInstance(response, Deferred)
-        written = transport.value()
-        self.assertTrue(written.startswith(b"GET /containers/json HTTP/1.1\r\n"),
-                        _loud(f"HTTP11ClientProtocol wrote {written[:60]!r}", "docker/client.py"))
-        self.assertEqual(written.lower().count(b"\r\nhost: docker\r\n"), 1,
-                         _loud("the Host header we pass is not written exactly once", "docker/client.py"))
-        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
-        self.assertEqual(self.successResultOf(response).code, 200)
-        self.assertEqual(quiescent, [protocol],
-                         _loud("a persistent HTTP11ClientProtocol no longer calls its quiescent callback",
-                               "docker/client.py (connection reuse through the pool)"))
 
 
 class PoolFactoryTests(SynchronousTestCase):
@@ -272,22 +224,6 @@ class RequestTests(SynchronousTestCase):
         self.assertEqual(calls, [("gotLength", 5), ("chunk", b"hel"), ("chunk", b"lo")],
                          _loud("Request.gotLength/handleContentChunk are no longer called as body hooks",
                                "security/body.py DiscardUnauthenticatedBody"))
-
-
-class ChunkedDecoderTests(SynchronousTestCase):
-    def test_decodes_and_reports_the_bytes_after_the_last_chunk(self) -> None:
-        try:
-            from twisted.web.http import _ChunkedTransferDecoder
-        except ImportError as error:
-            self.fail(_loud(f"_ChunkedTransferDecoder is gone ({error})", "proxy/splice.py"))
-        data: list[bytes] = []
-        finished: list[bytes] = []
-        decoder = _ChunkedTransferDecoder(data.append, finished.append)
-        decoder.dataReceived(b"5\r\nhello\r\n")
-        decoder.dataReceived(b"1\r\n!\r\n0\r\n\r\nextra")
-        self.assertEqual((b"".join(data), finished), (b"hello!", [b"extra"]),
-                         _loud("_ChunkedTransferDecoder(dataCallback, finishCallback) behaves differently",
-                               "proxy/splice.py (non-101 answers)"))
 
 
 class TLSShimTests(SynchronousTestCase):
