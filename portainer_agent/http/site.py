@@ -52,6 +52,10 @@ class AgentHTTPChannel(HTTPChannel):
         inner = getattr(self.transport, "transport", None)
         if inner is not None and hasattr(inner, "bufferSize"):
             inner.bufferSize = 256 * 1024
+        # Answers go out as the head then the body (the head is flushed early for streams):
+        # without TCP_NODELAY the body's last small segment can wait for the client's ACK.
+        if inner is not None and hasattr(inner, "setTcpNoDelay"):
+            inner.setTcpNoDelay(True)
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self._respondToBadRequestAndDisconnect()

@@ -72,3 +72,16 @@ class PrivateNamesTests(SynchronousTestCase):
     def test_quiet_pool(self) -> None:
         pool = quiet_pool(HTTPConnectionPool(Clock()))
         self.assertFalse(pool._factory.noisy)
+
+    def test_pool_connections_are_built_by_our_factory_without_nagle(self) -> None:
+        pool = quiet_pool(HTTPConnectionPool(Clock()))
+        quiescent: list[object] = []
+        factory = pool._factory(quiescent.append, None)  # as HTTPConnectionPool._newConnection builds it
+        protocol = factory.buildProtocol(None)
+        transport = StringTransport()
+        delays: list[bool] = []
+        transport.setTcpNoDelay = delays.append  # type: ignore[attr-defined]
+        protocol.makeConnection(transport)
+        self.assertEqual(delays, [True])
+        # the pool's quiescent callback reaches the protocol (a private attribute of the factory)
+        self.assertIs(protocol._quiescentCallback.__self__, quiescent)  # type: ignore[attr-defined]
