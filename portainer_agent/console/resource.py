@@ -31,6 +31,7 @@ from wsproto.events import AcceptConnection
 from wsproto.handshake import H11Handshake
 from wsproto.utilities import RemoteProtocolError
 
+from portainer_agent.http.twisted_private import client_gone
 from portainer_agent.console.docker_stream import ConsoleTarget, DockerStream
 from portainer_agent.console.session import ConsoleSession
 from portainer_agent.proxy.splice import take_over_transport
@@ -119,7 +120,7 @@ class ConsoleResource:
     def _accept(self, stream: DockerStream, request: Request, handshake: H11Handshake,
                 target: ConsoleTarget) -> None:
         """Docker upgraded: accept the websocket and join the two ends (same reactor turn)."""
-        if request._disconnected:
+        if client_gone(request):
             stream.transport.abortConnection()
             return
         agent_headers = [(name, values[0]) for name, values in request.responseHeaders.getAllRawHeaders()

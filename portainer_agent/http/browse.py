@@ -28,6 +28,7 @@ from twisted.web.http import parse_qs
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from portainer_agent.http.twisted_private import client_gone
 from portainer_agent.errors import AgentError
 from portainer_agent.fs.jail import Jail, PathRefused, split_path
 from portainer_agent.fs.upload import UploadForm, boundary_of, feed_from_file
@@ -228,7 +229,7 @@ class BrowseEndpoint(Resource):
     def _get(self, call: BrowseCall, request: Request) -> Generator[Deferred[Any], Any, None]:
         with (yield self.service.open_jail(call)) as jail:
             opened = jail.open_file(split_path(call.path))
-        if request._disconnected:
+        if client_gone(request):
             os.close(opened.fd)
             return
         send_file(request, opened.fd, opened.size, opened.mtime, opened.name)
@@ -290,14 +291,14 @@ def _with_rename_body(call: BrowseCall, request: Request) -> BrowseCall:
 
 
 def _finish_bytes(request: Request, body: bytes) -> None:
-    if request._disconnected or request.finished:
+    if client_gone(request) or request.finished:
         return
     request.write(body)
     request.finish()
 
 
 def _finish_empty(request: Request) -> None:
-    if request._disconnected or request.finished:
+    if client_gone(request) or request.finished:
         return
     write_empty(request, 204)
 

@@ -16,6 +16,7 @@ from twisted.web import http
 from twisted.web.server import Request
 from zope.interface import implementer
 
+from portainer_agent.http.twisted_private import client_gone
 from portainer_agent.http.responses import abort_client
 
 CHUNK = 256 * 1024
@@ -117,7 +118,7 @@ class FileRangeProducer:
                 if self._remaining == 0:
                     self._close()
                     request.unregisterProducer()
-                    if not request._disconnected and not request.finished:
+                    if not client_gone(request) and not request.finished:
                         request.finish()
                     return
                 data = os.pread(self._fd, min(self._chunk, self._remaining), self._offset)
@@ -144,7 +145,7 @@ class FileRangeProducer:
 
 def _finish_empty(request: Request, fd: int) -> None:
     os.close(fd)
-    if not request._disconnected and not request.finished:
+    if not client_gone(request) and not request.finished:
         request.finish()
 
 

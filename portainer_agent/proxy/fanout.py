@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IResponse
 from twisted.web.server import NOT_DONE_YET, Request
 
+from portainer_agent.http.twisted_private import client_gone
 from portainer_agent.cluster.member import Member
 from portainer_agent.errors import AgentError
 from portainer_agent.http.responses import finish_with_error
@@ -92,7 +93,7 @@ class FanOut:
         return answer
 
     def _answer(self, results: list[tuple[bool, Any]], request: Request, members: Sequence[Member]) -> None:
-        if request._disconnected:
+        if client_gone(request):
             return
         answers: list[NodeAnswer] = []
         failures: list[NodeFailure] = []
