@@ -1,4 +1,6 @@
-"""The HTTP site: request factory, access log, in-flight tracking for shutdown."""
+"""The HTTP site: request factory, access log, metrics, in-flight tracking for
+shutdown, and the request-head deadline (a client that drips header bytes is cut off;
+Twisted's idle timeout is reset by every byte, so it alone never fires for one)."""
 from __future__ import annotations
 
 import time
@@ -15,6 +17,7 @@ from twisted.web.server import Request, Site
 
 from portainer_agent.http.responses import abort_client
 from portainer_agent.http.upload import StreamingUploads
+from portainer_agent.metrics import UNROUTED, AgentMetrics
 from portainer_agent.security.body import DiscardUnauthenticatedBody
 
 log = Logger(namespace="portainer_agent.access")
@@ -41,6 +44,12 @@ class AgentHTTPChannel(HTTPChannel):
     """
 
     closed = False
+    #: Seconds a request line and its headers may take from their first byte (None: no limit).
+    head_timeout: float | None = None
+    #: Called with a reason when a deadline cuts the connection (metrics).
+    on_cut: Callable[[str], None] | None = None
+    _awaiting_head = True
+    _head_timer: Any = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -56,8 +65,40 @@ class AgentHTTPChannel(HTTPChannel):
     def lineLengthExceeded(self, line: bytes) -> None:
         self._respondToBadRequestAndDisconnect()
 
+    def dataReceived(self, data: bytes) -> None:
+        # The head deadline starts with the first byte of a request (an idle kept-alive
+        # connection is the idle timeout's business) and ends with its last header.
+        # A request being handled (a stream such as ``logs -f``) is never timed here.
+        if self._awaiting_head and self._head_timer is None and self.head_timeout and not self._handlingRequest:
+            self._head_timer = self.callLater(self.head_timeout, self._head_timed_out)
+        super().dataReceived(data)
+
+    def allHeadersReceived(self) -> None:
+        self._awaiting_head = False
+        self._cancel_head_timer()
+        super().allHeadersReceived()
+
+    def requestDone(self, request: Any) -> None:
+        self._awaiting_head = True  # before super(): it may parse a pipelined head at once
+        super().requestDone(request)
+
+    def _cancel_head_timer(self) -> None:
+        timer, self._head_timer = self._head_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.closed or self.transport is None:
+            return
+        log.debug("cut a connection whose request head took over {timeout}s", timeout=self.head_timeout)
+        if self.on_cut is not None:
+            self.on_cut("header_timeout")
+        self.transport.abortConnection()  # type: ignore[attr-defined]
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.closed = True
+        self._cancel_head_timer()
         super().connectionLost(reason)
 
 
@@ -70,6 +111,9 @@ class OpenStreams:
 
     def __bool__(self) -> bool:
         return bool(self._streams)
+
+    def __len__(self) -> int:
+        return len(self._streams)
 
     def track(self, stream: Any) -> Callable[[], None]:
         """Register ``stream`` (a protocol with a transport); returns its remover."""
@@ -94,11 +138,16 @@ class AgentSite(Site):
         # HTTPFactory builds ``_GenericHTTPChannelProtocol(HTTPChannel())`` with no
         # public seam for the channel class; this is the same, with our channel.
         channel = AgentHTTPChannel()
+        channel.head_timeout = self.head_timeout
+        if self.metrics is not None:
+            channel.on_cut = self.metrics.connection_cut
         self.channels.add(channel)
         return _GenericHTTPChannelProtocol(channel)
 
     def __init__(self, resource: Any, access_log: bool = False, streams: OpenStreams | None = None,
+                 metrics: AgentMetrics | None = None, head_timeout: float | None = None,
                  **kwargs: Any) -> None:
+        """``timeout`` (a Site argument) is the idle timeout of kept-alive connections."""
         # No parsing of multipart/form bodies into request.args: twisted.web would read
         # the whole body into memory (a volume upload is streamed by its handler).
         kwargs.setdefault("parsePOSTFormSubmission", False)
@@ -107,11 +156,30 @@ class AgentSite(Site):
         self.inflight: set[Request] = set()
         self.channels: "weakref.WeakSet[AgentHTTPChannel]" = weakref.WeakSet()
         self.streams = streams if streams is not None else OpenStreams()
+        self.metrics = metrics
+        self.head_timeout = head_timeout
+        if metrics is not None:
+            metrics.watch_connections(self.open_connections, lambda: len(self.streams))
+
+    def open_connections(self) -> int:
+        return sum(1 for channel in list(self.channels) if not channel.closed and channel.transport is not None)
 
     def getResourceFor(self, request: Request) -> Any:
         self.inflight.add(request)
-        request.notifyFinish().addBoth(lambda _: self.inflight.discard(request))
+        finished = request.notifyFinish()
+        finished.addBoth(lambda _: self.inflight.discard(request))
+        if self.metrics is not None:
+            finished.addCallbacks(lambda _: self._measure(request, True), lambda _: self._measure(request, False))
         return super().getResourceFor(request)
+
+    def _measure(self, request: Request, completed: bool) -> None:
+        """Count a finished request under its route kind (set by the root resource)."""
+        assert self.metrics is not None
+        route = getattr(request, "agentRoute", None)
+        kind = route.kind.value if route is not None else UNROUTED
+        started = getattr(request, "startedAt", None)
+        duration = time.monotonic() - started if started is not None else 0.0
+        self.metrics.request_finished(kind, request.method, request.code, duration, request.sentLength, completed)
 
     def log(self, request: http.Request) -> None:
         if not self._accessLog:
