@@ -166,10 +166,10 @@ class AgentSite(Site):
 
     def getResourceFor(self, request: Request) -> Any:
         self.inflight.add(request)
-        finished = request.notifyFinish()
-        finished.addBoth(lambda _: self.inflight.discard(request))
+        request.notifyFinish().addBoth(lambda _: self.inflight.discard(request))
         if self.metrics is not None:
-            finished.addCallbacks(lambda _: self._measure(request, True), lambda _: self._measure(request, False))
+            request.notifyFinish().addCallbacks(lambda _: self._measure(request, True),
+                                                lambda _: self._measure(request, False))
         return super().getResourceFor(request)
 
     def _measure(self, request: Request, completed: bool) -> None:
