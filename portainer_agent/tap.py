@@ -212,6 +212,8 @@ class AgentService(MultiService):
         self.exit_code = 1
         if self.reactor.running:
             self.reactor.stop()
+        else:  # twistd starts services before the reactor runs
+            self.reactor.callWhenRunning(self.reactor.stop)
 
     @inlineCallbacks
     def stopService(self) -> Any:
