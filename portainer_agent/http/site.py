@@ -15,8 +15,10 @@ from twisted.web import http
 from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
 from twisted.web.server import Request, Site
 
+from portainer_agent.errors import AgentError
 from portainer_agent.http.responses import abort_client
 from portainer_agent.http.upload import StreamingUploads
+from portainer_agent.http.root import AGENT_HEADERS
 from portainer_agent.metrics import UNROUTED, AgentMetrics
 from portainer_agent.security.body import DiscardUnauthenticatedBody
 
@@ -34,14 +36,44 @@ class AgentRequest(DiscardUnauthenticatedBody, StreamingUploads, Request):
         self.startedAt = time.monotonic()
 
 
-class AgentHTTPChannel(HTTPChannel):
-    """HTTPChannel whose answer to an over-long request line or header actually closes.
+#: Limits on a request head; above them the agent answers 414 or 431 and closes.
+MAX_LINE_LENGTH = 16384  # the request line, and each header line
+MAX_HEAD_SIZE = 32768  # the request line plus all headers
+MAX_HEADERS = 100
 
-    Twisted's default (``LineReceiver.lineLengthExceeded``) calls
-    ``transport.loseConnection()`` while the channel is still the transport's registered
-    producer; over TLS that defers the shutdown forever, so the client hangs until the
-    idle timeout. Answer 400 and close the way the channel does for other bad requests.
+
+def refusal_response(status: int, message: str, details: str) -> bytes:
+    """A complete HTTP/1.1 answer for a request the parser refused: agent headers,
+    Docker-style JSON, ``Connection: close``."""
+    body = AgentError(status, message, details).body()
+    head = [b"HTTP/1.1 %d %s" % (status, http.RESPONSES.get(status, b"Error")),
+            b"Content-Type: application/json", b"Content-Length: %d" % len(body), b"Connection: close",
+            b"Date: " + http.datetimeToString()]
+    head += [name + b": " + value for name, value in AGENT_HEADERS]
+    return b"\r\n".join(head) + b"\r\n\r\n" + body
+
+
+class AgentHTTPChannel(HTTPChannel):
+    """HTTPChannel with the agent's limits and its own answer to a refused request.
+
+    * A request the parser refuses (a malformed request line or header, both
+      ``Content-Length`` and ``Transfer-Encoding``, two ``Content-Length`` values, a bare
+      LF...) gets a Docker-style JSON 400 with the agent headers, not Twisted's bare
+      28-byte ``400 Bad Request``; an over-long request line a 414, too many or too
+      large headers a 431; then the connection closes.
+    * An over-long line actually closes: Twisted's default
+      (``LineReceiver.lineLengthExceeded``) calls ``transport.loseConnection()`` while
+      the channel is still the transport's registered producer, which over TLS defers
+      the shutdown forever.
+    * The request head must complete within ``head_timeout`` of its first byte.
+
+    ``_respondToBadRequestAndDisconnect`` is private Twisted API, the one place all
+    parser refusals go through (covered by the refusal tests).
     """
+
+    MAX_LENGTH = MAX_LINE_LENGTH
+    totalHeadersSize = MAX_HEAD_SIZE
+    maxHeaders = MAX_HEADERS
 
     closed = False
     #: Seconds a request line and its headers may take from their first byte (None: no limit).
@@ -50,6 +82,9 @@ class AgentHTTPChannel(HTTPChannel):
     on_cut: Callable[[str], None] | None = None
     _awaiting_head = True
     _head_timer: Any = None
+    #: Why the next refusal happens, when the parser would only say "bad request".
+    _refusal: tuple[int, str, str] | None = None
+    _line_count = 0
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -63,7 +98,33 @@ class AgentHTTPChannel(HTTPChannel):
             inner.bufferSize = 256 * 1024
 
     def lineLengthExceeded(self, line: bytes) -> None:
+        if self._line_count == 0:
+            self._refusal = (414, "Request-URI Too Long",
+                             f"the request line is longer than {self.MAX_LENGTH} bytes")
+        else:
+            self._refusal = (431, "Request Header Fields Too Large",
+                             f"a header line is longer than {self.MAX_LENGTH} bytes")
         self._respondToBadRequestAndDisconnect()
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
+            self._refusal = (431, "Request Header Fields Too Large",
+                             f"the request head is larger than {self.totalHeadersSize} bytes")
+        self._line_count += 1
+        super().lineReceived(line)
+
+    def headerReceived(self, line: bytes) -> bool:
+        if self._receivedHeaderCount >= self.maxHeaders:
+            self._refusal = (431, "Request Header Fields Too Large", f"more than {self.maxHeaders} headers")
+        return super().headerReceived(line)
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        status, message, details = self._refusal or (
+            400, "Bad request", "the request could not be parsed: malformed request line or header, or "
+                                "conflicting Content-Length/Transfer-Encoding")
+        if self.transport is not None and not self.closed:
+            self.transport.write(refusal_response(status, message, details))
+        self.loseConnection()
 
     def dataReceived(self, data: bytes) -> None:
         # The head deadline starts with the first byte of a request (an idle kept-alive
@@ -75,6 +136,7 @@ class AgentHTTPChannel(HTTPChannel):
 
     def allHeadersReceived(self) -> None:
         self._awaiting_head = False
+        self._line_count = 0
         self._cancel_head_timer()
         super().allHeadersReceived()
 
@@ -165,6 +227,10 @@ class AgentSite(Site):
         return sum(1 for channel in list(self.channels) if not channel.closed and channel.transport is not None)
 
     def getResourceFor(self, request: Request) -> Any:
+        # twisted.web announces "TwistedWeb/<version>"; the original agent (Go) sends no
+        # Server header, and the version helps only an attacker. Proxied answers carry
+        # Docker's own.
+        request.responseHeaders.removeHeader(b"server")
         self.inflight.add(request)
         request.notifyFinish().addBoth(lambda _: self.inflight.discard(request))
         if self.metrics is not None:

@@ -206,3 +206,59 @@ class TLSLimitsTests(SynchronousTestCase):
         first.connectionLost(Failure(ConnectionDone()))
         again, _ = self.connect()
         self.assertIsNotNone(again)
+
+
+class ParserRefusalTests(SynchronousTestCase):
+    """Requests twisted.web's parser refuses are answered like every other agent error."""
+
+    def refused(self, raw: bytes) -> tuple[int, dict[bytes, bytes], dict[str, str], Connection]:
+        import json
+
+        conn = Connection(AgentSite(Root(), reactor=Clock()))
+        conn.send(raw)
+        head, _, body = conn.transport.value().partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        headers = dict(line.split(b": ", 1) for line in lines[1:])
+        self.assertTrue(conn.cut, "the connection stays open")
+        return int(lines[0].split()[1]), headers, json.loads(body), conn
+
+    def assertAgentError(self, raw: bytes, status: int, message: str) -> None:
+        code, headers, body, _ = self.refused(raw)
+        self.assertEqual(code, status, body)
+        self.assertEqual(body["message"], message)
+        self.assertTrue(body["details"])
+        self.assertEqual(headers[b"Portainer-Agent-Api-Version"], b"2")
+        self.assertEqual(headers[b"Portainer-Agent-Platform"], b"1")
+        self.assertEqual(headers[b"Content-Type"], b"application/json")
+        self.assertEqual(headers[b"Connection"], b"close")
+        self.assertNotIn(b"Server", headers)
+
+    def test_conflicting_framing_and_malformed_headers_are_json_400(self) -> None:
+        cases = [
+            b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            b"GET / HTTP/1.1\r\nX-Bad: a\nb\r\n\r\n",
+            b"GET / HTTP/1.1\r\nno colon here\r\n\r\n",
+            b"NOT-A-REQUEST-LINE\r\n\r\n",
+        ]
+        for raw in cases:
+            self.assertAgentError(raw, 400, "Bad request")
+
+    def test_oversize_heads_are_414_and_431(self) -> None:
+        self.assertAgentError(b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\n\r\n", 414, "Request-URI Too Long")
+        self.assertAgentError(b"GET /" + b"a" * 20000, 414, "Request-URI Too Long")  # no line end yet
+        self.assertAgentError(b"GET / HTTP/1.1\r\nX-Big: " + b"b" * 20000 + b"\r\n\r\n", 431,
+                              "Request Header Fields Too Large")
+        many = b"".join(b"X-%d: v\r\n" % i for i in range(101))
+        self.assertAgentError(b"GET / HTTP/1.1\r\n" + many + b"\r\n", 431, "Request Header Fields Too Large")
+        large = b"".join(b"X-%d: %s\r\n" % (i, b"v" * 1000) for i in range(40))
+        self.assertAgentError(b"GET / HTTP/1.1\r\n" + large + b"\r\n", 431, "Request Header Fields Too Large")
+
+    def test_limits_leave_normal_requests_alone(self) -> None:
+        conn = Connection(AgentSite(Root(), reactor=Clock()))
+        headers = b"".join(b"X-%d: %s\r\n" % (i, b"v" * 200) for i in range(99))
+        conn.send(b"GET /" + b"a" * 8000 + b" HTTP/1.1\r\nHost: a\r\n" + headers + b"\r\n")
+        self.assertTrue(conn.transport.value().startswith(b"HTTP/1.1 200 OK"))
+        self.assertNotIn(b"\r\nServer:", conn.transport.value())
+        self.assertFalse(conn.cut)
