@@ -18,13 +18,14 @@ closed as soon as they are accepted, before any TLS work.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from OpenSSL.SSL import Error as SSLError
 from OpenSSL.SSL import WantReadError, ZeroReturnError
 from twisted.internet import ssl
 from twisted.internet.interfaces import IHalfCloseableProtocol, IListeningPort, IStreamServerEndpoint
 from twisted.internet.defer import Deferred
+from twisted.internet.protocol import connectionDone
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.protocols.policies import ProtocolWrapper
@@ -69,7 +70,7 @@ class HalfCloseTLSProtocol(BufferingTLSTransport):
     _handshakeTimer: Any = None
 
     def makeConnection(self, transport: Any) -> None:
-        factory: HalfCloseTLSFactory = self.factory
+        factory = cast(HalfCloseTLSFactory, self.factory)
         if factory.handshake_timeout is not None and factory.clock is not None:
             self._handshakeTimer = factory.clock.callLater(factory.handshake_timeout, self._handshakeTimedOut)
         super().makeConnection(transport)
@@ -90,11 +91,12 @@ class HalfCloseTLSProtocol(BufferingTLSTransport):
         self._handshakeTimer = None
         if self._handshakeDone or self._lostTLSConnection:
             return
-        if self.factory.on_cut is not None:
-            self.factory.on_cut("tls_handshake_timeout")
+        on_cut = cast(HalfCloseTLSFactory, self.factory).on_cut
+        if on_cut is not None:
+            on_cut("tls_handshake_timeout")
         self.abortConnection()
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancelHandshakeTimer()
         super().connectionLost(reason)
 
