@@ -243,6 +243,22 @@ class StreamsTests(HardeningCase, SynchronousTestCase):
             self.assertTrue(chunk, "the events stream was closed")
             received += chunk
 
+    def test_exec_and_logs_follow_outlive_both_timeouts(self) -> None:
+        # The workload pauses for 3 s, three times both timeouts, before it prints.
+        container = self.agent.docker("run", "-d", "busybox:local", "sh", "-c",
+                                      "sleep 3; echo late-line; sleep 60").stdout.strip()
+        self.addCleanup(self.agent.docker, "rm", "-f", container, check=False)
+        logs = subprocess.Popen(["docker", "--tls", "logs", "-f", container], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=self.agent.docker_env())
+        self.addCleanup(logs.kill)
+        executed = self.agent.docker("exec", container, "sh", "-c", "sleep 3; echo exec-done", timeout=30)
+        self.assertEqual(executed.stdout.strip(), "exec-done")
+        assert logs.stdout is not None
+        readable, _, _ = select.select([logs.stdout], [], [], 20)
+        self.assertTrue(readable, "logs -f printed nothing in 20 s")
+        self.assertEqual(logs.stdout.readline().strip(), b"late-line")
+        self.assertIsNone(logs.poll(), "logs -f ended")
+
     def test_idle_kept_alive_connection_is_closed(self) -> None:
         sock = tls_connect(self.agent.port)
         self.sockets.append(sock)
