@@ -65,16 +65,16 @@ class MetricsAndHealthTests(RealDockerTestCase, SynchronousTestCase):
 
         def counted() -> bool:
             after.update(scrape(self.metrics_port))
-            return grew("portainer_agent_requests_total", kind="docker", method="GET", status="4xx") >= 2
+            return grew("portainer_agent_requests_total", kind="local", method="GET", status="4xx") >= 2
 
         wait_for(counted, 10, "the requests to be counted")
         self.assertEqual(grew("portainer_agent_requests_total", kind="ping", method="GET", status="2xx"), 1)
-        self.assertEqual(grew("portainer_agent_requests_total", kind="docker", method="GET", status="2xx"), 1)
+        self.assertEqual(grew("portainer_agent_requests_total", kind="local", method="GET", status="2xx"), 1)
         self.assertEqual(grew("portainer_agent_signature_failures_total", reason="missing"), 1)
         # once paired, another key is refused before it is parsed: "unauthorized"
         self.assertEqual(grew("portainer_agent_signature_failures_total", reason="unauthorized"), 1)
-        self.assertGreater(grew("portainer_agent_response_bytes_total", kind="docker"), 0)
-        self.assertGreaterEqual(grew("portainer_agent_request_duration_seconds_count", kind="docker"), 3)
+        self.assertGreater(grew("portainer_agent_response_bytes_total", kind="local"), 0)
+        self.assertGreaterEqual(grew("portainer_agent_request_duration_seconds_count", kind="local"), 3)
         self.assertIn(("portainer_agent_open_connections", ()), after)
 
     def test_metrics_are_not_on_the_api_port(self) -> None:

@@ -47,15 +47,15 @@ class AgentMetricsTests(SynchronousTestCase):
 
     def test_labels_are_bounded(self) -> None:
         metrics = AgentMetrics()
-        metrics.request_finished("docker", b"BREW", 418, 0.2, 10)
-        metrics.request_finished("docker", b"GET", 200, 0.2, 5, completed=False)
+        metrics.request_finished("local", b"BREW", 418, 0.2, 10)
+        metrics.request_finished("local", b"GET", 200, 0.2, 5, completed=False)
         found = samples(metrics)
         self.assertEqual(found[("portainer_agent_requests_total",
-                                (("kind", "docker"), ("method", "other"), ("status", "4xx")))], 1)
+                                (("kind", "local"), ("method", "other"), ("status", "4xx")))], 1)
         self.assertEqual(found[("portainer_agent_requests_total",
-                                (("kind", "docker"), ("method", "GET"), ("status", "aborted")))], 1)
-        self.assertEqual(found[("portainer_agent_response_bytes_total", (("kind", "docker"),))], 15)
-        self.assertEqual(found[("portainer_agent_request_duration_seconds_count", (("kind", "docker"),))], 2)
+                                (("kind", "local"), ("method", "GET"), ("status", "aborted")))], 1)
+        self.assertEqual(found[("portainer_agent_response_bytes_total", (("kind", "local"),))], 15)
+        self.assertEqual(found[("portainer_agent_request_duration_seconds_count", (("kind", "local"),))], 2)
 
     def test_signature_reasons(self) -> None:
         cases = {("Missing request signature headers", "Unauthorized"): "missing",
@@ -150,10 +150,10 @@ class SiteRecordingTests(SynchronousTestCase):
         found = samples(metrics)
         self.assertEqual(found[("portainer_agent_requests_total", (("kind", "ping"), ("method", "GET"), ("status", "2xx")))], 1)
         self.assertEqual(found[("portainer_agent_requests_total", (("kind", "unrouted"), ("method", "GET"), ("status", "2xx")))], 1)
-        self.assertEqual(found.get(("portainer_agent_requests_total", (("kind", "docker"), ("method", "GET"), ("status", "aborted")))), None)
+        self.assertEqual(found.get(("portainer_agent_requests_total", (("kind", "local"), ("method", "GET"), ("status", "aborted")))), None)
         other.connectionLost(Failure(ConnectionDone()))  # the client of the stream leaves
         found = samples(metrics)
-        self.assertEqual(found[("portainer_agent_requests_total", (("kind", "docker"), ("method", "GET"), ("status", "aborted")))], 1)
+        self.assertEqual(found[("portainer_agent_requests_total", (("kind", "local"), ("method", "GET"), ("status", "aborted")))], 1)
         self.assertEqual(found[("portainer_agent_open_connections", ())], 1)
 
 
