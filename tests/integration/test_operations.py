@@ -115,11 +115,8 @@ class HardeningCase(RealDockerTestCase):
                                 args=["--log-level", "INFO", "--metrics-addr", f"127.0.0.1:{cls.metrics_port}",
                                       *cls.agent_args])
 
-    @classmethod
-    def tearDownClass(cls) -> None:
-        super().tearDownClass()
-
     def setUp(self) -> None:
+        super().setUp()  # brings the class fixture up under trial's runner
         self.sockets: list[socket.socket] = []
         # The baseline includes the kept-alive upstream connection to Docker (pooled).
         self.assertEqual(self.agent.request("GET", "/_ping")[0], 200)
