@@ -18,8 +18,9 @@ ENV PATH=/opt/agent/bin:$PATH \
 VOLUME /data
 EXPOSE 9001 9002
 STOPSIGNAL SIGTERM
-# Probes the API port from AGENT_PORT (default 9001) on loopback, or on AGENT_HOST when the
-# agent listens on one specific address.
-HEALTHCHECK --interval=30s --timeout=5s --start-period=20s \
-  CMD python3 -c "import os,ssl,urllib.request as u; h=os.environ.get('AGENT_HOST') or '127.0.0.1'; h={'0.0.0.0':'127.0.0.1','::':'[::1]'}.get(h,'['+h+']' if ':' in h else h); u.urlopen('https://%s:%s/ping' % (h, os.environ.get('AGENT_PORT') or '9001'), context=ssl._create_unverified_context(), timeout=4)" || exit 1
+# `portainer-agent healthcheck` reads the agent's own options and environment (AGENT_HOST,
+# AGENT_PORT, DOCKER_HOST): /ping over TLS on the API port, /_ping on the Docker socket.
+HEALTHCHECK --interval=30s --timeout=10s --start-period=20s \
+  CMD ["portainer-agent", "healthcheck"]
+# The console script, not twistd: a foreground process logging to stderr, no pid file.
 ENTRYPOINT ["portainer-agent"]

@@ -1,4 +1,5 @@
-"""The ``portainer-agent`` console script (also ``python -m portainer_agent``).
+"""The ``portainer-agent`` console script (also ``python -m portainer_agent``), and its
+``healthcheck`` subcommand.
 
 Parses options (bad values: one line on stderr, exit 2), starts logging, builds the
 agent (Docker unreachable: one line, exit 1), runs the reactor; SIGTERM/SIGINT stop
@@ -14,15 +15,18 @@ from twisted.python import usage
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from portainer_agent.options import AgentOptions
+    from portainer_agent.options import AgentOptions, report_usage_error
 
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["healthcheck"]:
+        from portainer_agent.healthcheck import main as healthcheck
+
+        return healthcheck(args[1:], os.environ)
     options = AgentOptions(os.environ)
     try:
-        options.parseOptions(list(sys.argv[1:] if argv is None else argv))
+        options.parseOptions(args)
     except usage.UsageError as error:
-        print(f"portainer-agent: error: {error}", file=sys.stderr)
-        print("portainer-agent: try --help", file=sys.stderr)
-        return 2
+        return report_usage_error(error)
     config = options.config
     assert config is not None
 

@@ -59,6 +59,11 @@ class Config:
     # cluster routing (issue 8)
     peer_timeout: float = 5.0
     aggregate_timeout: float = 10.0
+    # operations (issue 11)
+    metrics_addr: tuple[str, int] | None = None
+    header_timeout: float = 30.0
+    idle_timeout: float = 60.0
+    max_connections: int = 4096
 
     # console (issue 10)
     console_ping_interval: float = 30.0

@@ -68,10 +68,6 @@ def make_observer(level: str = "INFO", fmt: str = "text", out: IO[str] | None = 
 
 
 def start_logging(level: str, fmt: str, out: IO[str] | None = None) -> None:
-    """Begin global logging (console script). Under twistd, twistd owns this."""
+    """Begin global logging (console script). Under twistd, twistd begins logging, with
+    the observer :func:`portainer_agent.twistd.twistd_log_observer` gives it."""
     globalLogBeginner.beginLoggingTo([make_observer(level, fmt, out)], redirectStandardIO=False)
-
-
-def json_stdout() -> ILogObserver:
-    """For ``twistd --logger=portainer_agent.logs.json_stdout``."""
-    return make_observer("INFO", "json", sys.stdout)

@@ -16,7 +16,10 @@ from typing import Any, Callable, Mapping
 import attrs
 from twisted.python import usage
 
-from portainer_agent.config import Config, default_data_dir
+from portainer_agent.config import Config
+
+#: What ``--help`` and the README show for --data-dir: the rule, not this machine's path.
+DATA_DIR_DEFAULT_TEXT = "$XDG_STATE_HOME/portainer-agent, else ~/.local/state/portainer-agent (image: /data)"
 from portainer_agent.durations import parse_go_duration
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARN", "ERROR")
@@ -99,6 +102,24 @@ def _text(text: str) -> str:
     return text
 
 
+def _listen_address(text: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port``) for a plain-HTTP listener such as the metrics one."""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"expected host:port, got {text!r}")
+    return _ip(host.strip("[]")), _port(port)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise ValueError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise ValueError(f"must be at least 1: {value}")
+    return value
+
+
 def _flag(text: str) -> bool:
     value = text.strip().lower()
     if value in ("1", "true", "yes", "on"):
@@ -125,7 +146,7 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("host", "AGENT_HOST", "host", _ip, "address the agent API listens on", "0.0.0.0"),
     OptionSpec("port", "AGENT_PORT", "port", _port, "agent API port (HTTPS)", "9001"),
     OptionSpec("docker-host", "DOCKER_HOST", "docker_host", _docker_host, "Docker API socket", "unix:///var/run/docker.sock"),
-    OptionSpec("data-dir", "AGENT_DATA_DIR", "data_dir", _path, "where the agent keeps its TLS key and state", str(default_data_dir())),
+    OptionSpec("data-dir", "AGENT_DATA_DIR", "data_dir", _path, "where the agent keeps its TLS key and state", DATA_DIR_DEFAULT_TEXT),
     OptionSpec("tls-cert", "AGENT_TLS_CERT", "tls_cert", _existing_file, "PEM certificate for the API (else self-signed, made at start)", "generated"),
     OptionSpec("tls-key", "AGENT_TLS_KEY", "tls_key", _existing_file, "PEM private key for --tls-cert", "generated"),
     OptionSpec("tls-ca", "AGENT_TLS_CA", "tls_ca", _existing_file, "PEM CA: require client certificates signed by it (mutual TLS)", "none"),
@@ -147,6 +168,11 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("volumes-root", "AGENT_VOLUMES_ROOT", "volumes_root", _absolute_path, "where <DockerRootDir>/volumes is mounted for the agent", "the same path"),
     OptionSpec("host-root", "AGENT_HOST_ROOT", "host_root", _absolute_path, "where the host's / is mounted: host browsing and /host/info stay beneath it", "/host"),
     OptionSpec("console-ping", "AGENT_CONSOLE_PING_INTERVAL", "console_ping_interval", _duration, "websocket console keepalive ping interval (0: none)", "30s"),
+    # operations (issue 11)
+    OptionSpec("metrics-addr", "AGENT_METRICS_ADDR", "metrics_addr", _listen_address, "serve Prometheus metrics over plain HTTP on host:port (e.g. 127.0.0.1:9003)", "off"),
+    OptionSpec("header-timeout", "AGENT_HEADER_TIMEOUT", "header_timeout", _positive_duration, "a request line and its headers must arrive within this time", "30s"),
+    OptionSpec("idle-timeout", "AGENT_IDLE_TIMEOUT", "idle_timeout", _positive_duration, "close a kept-alive connection idle for this long", "60s"),
+    OptionSpec("max-connections", "AGENT_MAX_CONNECTIONS", "max_connections", _positive_int, "refuse new API connections above this many open ones", "4096"),
 )
 
 _BY_FLAG = {spec.flag: spec for spec in OPTIONS}
@@ -183,11 +209,21 @@ def build_config(flags: Mapping[str, str | None], environ: Mapping[str, str]) ->
     return Config(**values)
 
 
+def report_usage_error(error: Exception, program: str = "portainer-agent") -> int:
+    """One line (and a hint) on stderr for a bad option; the exit status for it (2)."""
+    import sys
+
+    print(f"{program}: error: {error}", file=sys.stderr)
+    print(f"{program}: try --help", file=sys.stderr)
+    return 2
+
+
 class AgentOptions(usage.Options):
     """``portainer-agent`` / ``twistd portainer-agent`` options (see :data:`OPTIONS`)."""
 
     synopsis = "[options]"
-    longdesc = "Every option is also an environment variable; the flag wins."
+    longdesc = ("Every option is also an environment variable; the flag wins. "
+                "`portainer-agent healthcheck [options]` checks a running agent (exit 0 or 1).")
     optParameters = [
         [spec.flag, None, None, f"{spec.help} [env {spec.env}; default {spec.default_text}]"]
         for spec in OPTIONS

@@ -28,6 +28,7 @@ from portainer_agent.proxy.local import DockerProxy
 from portainer_agent.http.root import AgentRoot
 from portainer_agent.http.site import AgentSite, OpenStreams
 from portainer_agent.options import AgentOptions
+from portainer_agent.twistd import TwistdAgentOptions, exit_like_the_console_script, twistd_log_observer
 from portainer_agent.tls.certs import TLSIdentity, load_or_generate
 from portainer_agent.security.guard import SignatureGuard
 from portainer_agent.security.shutdown import SecurityShutdown
@@ -45,6 +46,9 @@ from portainer_agent.http.hostinfo import HostInfoResource
 from portainer_agent.console.docker_stream import console_opener
 from portainer_agent.console.resource import ConsoleResource
 from portainer_agent.console.sessions import ConsoleSessions
+from portainer_agent.connections import RefusalLog, connection_cap, raise_open_file_limit
+from portainer_agent.http.metrics_endpoint import MetricsListenerService
+from portainer_agent.metrics import AgentMetrics
 
 log = Logger()
 
@@ -101,9 +105,14 @@ class ApiListenerService(Service):
 class AgentService(MultiService):
     """The whole agent. Children are stopped in reverse order of addition."""
 
-    def __init__(self, config: Config, identity: NodeIdentity, tls: TLSIdentity, reactor: Any) -> None:
+    #: Under twistd: the observer twistd should log to (see :meth:`setServiceParent`).
+    twistd_log_observer: Any = None
+
+    def __init__(self, config: Config, identity: NodeIdentity, tls: TLSIdentity, reactor: Any,
+                 open_file_limit: int | None = None) -> None:
         super().__init__()
         self.config = config
+        self.metrics = AgentMetrics()
         self.identity = identity
         self.tls = tls
         self.reactor = reactor
@@ -111,19 +120,27 @@ class AgentService(MultiService):
         #: The one client of the Docker socket (proxy, hijack, identity, discovery, volumes, console).
         self.docker = DockerClient.for_socket(reactor, config.docker_socket_path)
         self.guard = SignatureGuard.from_config(config)
+        self.guard.on_refused = self.metrics.signature_refused
         streams = OpenStreams()
         self.docker_proxy = DockerProxy(self.docker, config.docker_socket_path)
         self.hijack = HijackProxy(self.docker, track=streams.track)
         self.destinations = Destinations(self.docker_proxy, self.hijack)
         self.root = AgentRoot(self.destinations, guard=self.guard)
-        self.site = AgentSite(self.root, access_log=config.log_level == "DEBUG", streams=streams, reactor=reactor)
+        self.site = AgentSite(self.root, access_log=config.log_level == "DEBUG", streams=streams, reactor=reactor,
+                              metrics=self.metrics, head_timeout=config.header_timeout, timeout=config.idle_timeout)
         ca_pem = config.tls_ca.read_bytes() if config.tls_ca else None
         inner = (TCP6ServerEndpoint if ":" in config.host else TCP4ServerEndpoint)(
             reactor, config.port, backlog=128, interface=config.host
         )
+        self.max_connections = connection_cap(config.max_connections, open_file_limit or 2**20)
+        if self.max_connections < config.max_connections:
+            log.warn("--max-connections lowered from {configured} to {cap} to fit the open-file limit ({limit})",
+                     configured=config.max_connections, cap=self.max_connections, limit=open_file_limit)
+        refusals = RefusalLog(reactor, self.max_connections, on_refused=self.metrics.connection_refused)
         self.api = ApiListenerService(
-            TLSServerEndpoint(inner, server_options(tls, ca_pem)), self.site, reactor, config.shutdown_grace,
-            f"{config.host}:{config.port}", on_fatal=self.fatal,
+            TLSServerEndpoint(inner, server_options(tls, ca_pem), clock=reactor, max_connections=self.max_connections,
+                              refusals=refusals, on_cut=self.metrics.connection_cut),
+            self.site, reactor, config.shutdown_grace, f"{config.host}:{config.port}", on_fatal=self.fatal,
         )
         self.api.setName("api")
         self.api.setServiceParent(self)
@@ -131,7 +148,7 @@ class AgentService(MultiService):
         self.security_shutdown.setName("security-shutdown")
         self.security_shutdown.setServiceParent(self)
         # Cluster membership (issue 5): stopped before the API drains, so peers see our leave first.
-        self.cluster = build_cluster_service(config, identity, tls, reactor, self.docker)
+        self.cluster = build_cluster_service(config, identity, tls, reactor, self.docker, metrics=self.metrics)
         if self.cluster is not None:
             self.cluster.setServiceParent(self)
         self.root.endpoints[b"/agents"] = AgentsResource(self.cluster.view if self.cluster is not None else None)
@@ -150,6 +167,12 @@ class AgentService(MultiService):
             self.root.endpoints[b"/websocket/" + kind.encode()] = ConsoleResource(
                 kind, console_opener(reactor, config.docker_socket_path, self.docker), reactor,
                 config.console_ping_interval, track=self.consoles.track)
+        # Metrics (issue 11): a plain-HTTP listener of its own, only when asked for.
+        if config.metrics_addr is not None:
+            self.metrics_listener = MetricsListenerService(reactor, config.metrics_addr, self.metrics,
+                                                           on_fatal=self.fatal)
+            self.metrics_listener.setName("metrics")
+            self.metrics_listener.setServiceParent(self)
 
     def _wire_cluster_routing(self, view: MembershipView) -> None:
         """Target forwarding, manager operations and aggregation (Swarm only)."""
@@ -166,6 +189,17 @@ class AgentService(MultiService):
         self.destinations.fanout = FanOut(self.reactor, self.docker_proxy, peers, self.config.aggregate_timeout)
         self.root.cluster = lambda: ClusterSnapshot.of(view)
 
+    def setServiceParent(self, parent: Any) -> None:  # noqa: N802
+        """Under twistd, the parent is the Application: give it our log observer, which
+        twistd's logger uses unless ``--logger``/``--syslog`` chose another, so both
+        entry points log with the same level and format."""
+        super().setServiceParent(parent)
+        from twisted.logger import ILogObserver
+
+        if self.twistd_log_observer is not None and hasattr(parent, "setComponent"):
+            if parent.getComponent(ILogObserver, None) is None:
+                parent.setComponent(ILogObserver, self.twistd_log_observer)
+
     def close_api_for_security(self) -> "Deferred[None]":
         """Security shutdown (--secret-timeout): refuse requests on connections still
         open, stop listening, keep the process running."""
@@ -178,6 +212,8 @@ class AgentService(MultiService):
         self.exit_code = 1
         if self.reactor.running:
             self.reactor.stop()
+        else:  # twistd starts services before the reactor runs
+            self.reactor.callWhenRunning(self.reactor.stop)
 
     @inlineCallbacks
     def stopService(self) -> Any:
@@ -211,19 +247,26 @@ def build_agent_service(config: Config, reactor: Any) -> AgentService:
     except (OSError, ValueError) as error:
         raise StartupError(f"cannot prepare the TLS certificate in {config.data_dir}: {error}") from error
     log.info("TLS certificate SPKI sha256 {fingerprint}", fingerprint=tls.fingerprint)
-    return AgentService(config, identity, tls, reactor)
+    open_files = raise_open_file_limit()
+    return AgentService(config, identity, tls, reactor, open_file_limit=open_files)
 
 
 # -- twistd plugin entry points -------------------------------------------------------
 
-Options = AgentOptions
+Options = TwistdAgentOptions
 
 
 def makeService(options: AgentOptions) -> AgentService:
+    """twistd's entry point; :mod:`portainer_agent.twistd` makes it behave like the
+    console script (logging, exit codes)."""
     from twisted.internet import reactor
 
     assert options.config is not None
+    twistd_options = getattr(options, "parent", None) or {}
     try:
-        return build_agent_service(options.config, reactor)
+        service = build_agent_service(options.config, reactor)
     except StartupError as error:
         raise SystemExit(f"portainer-agent: {error}") from None
+    service.twistd_log_observer = twistd_log_observer(options.config, twistd_options)
+    exit_like_the_console_script(reactor, lambda: service.exit_code)
+    return service

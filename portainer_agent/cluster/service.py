@@ -138,8 +138,11 @@ class ClusterService(Service):
         refresh_identity: Callable[[], "Deferred[Any]"] | None = None,
         docker: Any = None,
         resolve: Resolver | None = None,
+        metrics: Any = None,
     ) -> None:
         self.reactor = reactor
+        #: An :class:`~portainer_agent.metrics.AgentMetrics` (None: not measured).
+        self.metrics = metrics
         self.identity = identity
         self.api_port = api_port
         self.cluster_port = cluster_port
@@ -208,9 +211,17 @@ class ClusterService(Service):
             log.warn("no cluster key (set AGENT_SECRET or --cluster-key): cluster membership is unauthenticated; "
                      "anyone reaching port {port} can join", port=self.cluster_port)
         local = self._local_member(advertise)
-        self.node = SwimNode(local, self.reactor, self.transport, self.settings)
+        probes: Any = self.transport
+        if self.metrics is not None:
+            from portainer_agent.metrics import TimedPings
+
+            probes = TimedPings(self.transport, self.metrics, self.reactor.seconds)
+        self.node = SwimNode(local, self.reactor, probes, self.settings)
         self.transport.node = self.node
         self.node.add_listener(self._member_changed)
+        if self.metrics is not None:
+            self.node.add_listener(self.metrics.member_changed)
+            self.metrics.watch_members(self.node.members)
         yield self._listen()
         if not self.running:  # stopped while we were starting
             listening: Any = self.port
@@ -340,7 +351,8 @@ def _log_transitions(old: Member | None, new: Member) -> None:
                  state=new.state.value)
 
 
-def build_cluster_service(config: Any, identity: Any, tls: Any, reactor: Any, docker: Any) -> ClusterService | None:
+def build_cluster_service(config: Any, identity: Any, tls: Any, reactor: Any, docker: Any,
+                          metrics: Any = None) -> ClusterService | None:
     """The membership service for the agent's ``Config`` (None, logged, outside a Swarm)."""
     if not identity.in_swarm:
         log.info("the engine is not in a Swarm: cluster membership is off and /agents answers 503")
@@ -364,6 +376,7 @@ def build_cluster_service(config: Any, identity: Any, tls: Any, reactor: Any, do
         settings=SwimSettings(probe_interval=config.probe_interval, probe_timeout=config.probe_timeout),
         refresh_identity=lambda: fetch_identity(docker),
         docker=docker,
+        metrics=metrics,
     )
     service.setName("cluster")
     return service

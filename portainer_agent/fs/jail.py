@@ -241,9 +241,14 @@ class Jail:
 
     def store(self, staged: AtomicFile, directory: tuple[str, ...], name: str) -> None:
         """Move a synced staged file to ``directory/name`` (directory created if
-        missing), copying when they are on different filesystems."""
-        check_name(name)
-        target = self.open_dir(directory, create=True)
+        missing), copying when they are on different filesystems. The staged file is
+        consumed (committed or dropped) whatever happens, a refused name included."""
+        try:
+            check_name(name)
+            target = self.open_dir(directory, create=True)
+        except BaseException:
+            staged.abort()
+            raise
         try:
             try:
                 staged.commit(target, name)

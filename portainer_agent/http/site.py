@@ -1,4 +1,6 @@
-"""The HTTP site: request factory, access log, in-flight tracking for shutdown."""
+"""The HTTP site: request factory, access log, metrics, in-flight tracking for
+shutdown. The connection-level rules (head deadline, limits, refusals) are the
+channel's, in :mod:`portainer_agent.http.channel`."""
 from __future__ import annotations
 
 import time
@@ -6,15 +8,15 @@ import weakref
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.web import http
-from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
+from twisted.web.http import _GenericHTTPChannelProtocol
 from twisted.web.server import Request, Site
 
+from portainer_agent.http.channel import AgentHTTPChannel
 from portainer_agent.http.responses import abort_client
 from portainer_agent.http.upload import StreamingUploads
+from portainer_agent.metrics import UNROUTED, AgentMetrics
 from portainer_agent.security.body import DiscardUnauthenticatedBody
 
 log = Logger(namespace="portainer_agent.access")
@@ -31,40 +33,6 @@ class AgentRequest(DiscardUnauthenticatedBody, StreamingUploads, Request):
         self.startedAt = time.monotonic()
 
 
-class AgentHTTPChannel(HTTPChannel):
-    """HTTPChannel whose answer to an over-long request line or header actually closes.
-
-    Twisted's default (``LineReceiver.lineLengthExceeded``) calls
-    ``transport.loseConnection()`` while the channel is still the transport's registered
-    producer; over TLS that defers the shutdown forever, so the client hangs until the
-    idle timeout. Answer 400 and close the way the channel does for other bad requests.
-    """
-
-    closed = False
-
-    def connectionMade(self) -> None:
-        super().connectionMade()
-        # Read the client's TCP connection 256 kB at a time (Twisted's default: 64 kB), as
-        # the Docker socket is: an upload then crosses TLS, the channel and the Docker
-        # client in a quarter of the slices (measured: -22% CPU per GB uploaded, +25%
-        # upload throughput, bench/README.md). ``transport.transport`` is the TCP
-        # connection under TLS; ``bufferSize`` is public on it.
-        inner = getattr(self.transport, "transport", None)
-        if inner is not None and hasattr(inner, "bufferSize"):
-            inner.bufferSize = 256 * 1024
-        # Answers go out as the head then the body (the head is flushed early for streams):
-        # without TCP_NODELAY the body's last small segment can wait for the client's ACK.
-        if inner is not None and hasattr(inner, "setTcpNoDelay"):
-            inner.setTcpNoDelay(True)
-
-    def lineLengthExceeded(self, line: bytes) -> None:
-        self._respondToBadRequestAndDisconnect()
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.closed = True
-        super().connectionLost(reason)
-
-
 class OpenStreams:
     """Hijacked streams still open: no longer twisted.web Requests, so the site cannot
     see them; a graceful stop cuts them after the grace period."""
@@ -74,6 +42,9 @@ class OpenStreams:
 
     def __bool__(self) -> bool:
         return bool(self._streams)
+
+    def __len__(self) -> int:
+        return len(self._streams)
 
     def track(self, stream: Any) -> Callable[[], None]:
         """Register ``stream`` (a protocol with a transport); returns its remover."""
@@ -98,11 +69,16 @@ class AgentSite(Site):
         # HTTPFactory builds ``_GenericHTTPChannelProtocol(HTTPChannel())`` with no
         # public seam for the channel class; this is the same, with our channel.
         channel = AgentHTTPChannel()
+        channel.head_timeout = self.head_timeout
+        if self.metrics is not None:
+            channel.on_cut = self.metrics.connection_cut
         self.channels.add(channel)
         return _GenericHTTPChannelProtocol(channel)
 
     def __init__(self, resource: Any, access_log: bool = False, streams: OpenStreams | None = None,
+                 metrics: AgentMetrics | None = None, head_timeout: float | None = None,
                  **kwargs: Any) -> None:
+        """``timeout`` (a Site argument) is the idle timeout of kept-alive connections."""
         # No parsing of multipart/form bodies into request.args: twisted.web would read
         # the whole body into memory (a volume upload is streamed by its handler).
         kwargs.setdefault("parsePOSTFormSubmission", False)
@@ -111,11 +87,34 @@ class AgentSite(Site):
         self.inflight: set[Request] = set()
         self.channels: "weakref.WeakSet[AgentHTTPChannel]" = weakref.WeakSet()
         self.streams = streams if streams is not None else OpenStreams()
+        self.metrics = metrics
+        self.head_timeout = head_timeout
+        if metrics is not None:
+            metrics.watch_connections(self.open_connections, lambda: len(self.streams))
+
+    def open_connections(self) -> int:
+        return sum(1 for channel in list(self.channels) if not channel.closed and channel.transport is not None)
 
     def getResourceFor(self, request: Request) -> Any:
+        # twisted.web announces "TwistedWeb/<version>"; the original agent (Go) sends no
+        # Server header, and the version helps only an attacker. Proxied answers carry
+        # Docker's own.
+        request.responseHeaders.removeHeader(b"server")
         self.inflight.add(request)
         request.notifyFinish().addBoth(lambda _: self.inflight.discard(request))
+        if self.metrics is not None:
+            request.notifyFinish().addCallbacks(lambda _: self._measure(request, True),
+                                                lambda _: self._measure(request, False))
         return super().getResourceFor(request)
+
+    def _measure(self, request: Request, completed: bool) -> None:
+        """Count a finished request under its route kind (set by the root resource)."""
+        assert self.metrics is not None
+        route = getattr(request, "agentRoute", None)
+        kind = route.kind.value if route is not None else UNROUTED
+        started = getattr(request, "startedAt", None)
+        duration = time.monotonic() - started if started is not None else 0.0
+        self.metrics.request_finished(kind, request.method, request.code, duration, request.sentLength, completed)
 
     def log(self, request: http.Request) -> None:
         if not self._accessLog:

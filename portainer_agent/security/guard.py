@@ -13,7 +13,7 @@ Refusals follow the reference wire format, which Portainer relies on (it greps
 """
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
@@ -58,6 +58,8 @@ class SignatureGuard:
     def __init__(self, notary: Notary) -> None:
         self.notary = notary
         self._closed_because: str | None = None
+        #: Told ``(message, details)`` of every refusal (metrics); never header values.
+        self.on_refused: Callable[[str, str], None] | None = None
 
     @classmethod
     def from_config(cls, config: object) -> "SignatureGuard":
@@ -80,6 +82,14 @@ class SignatureGuard:
 
     def check(self, request: RequestLike) -> None:
         """Return if the request is authenticated, else raise a 403 :class:`AgentError`."""
+        try:
+            self._check(request)
+        except AgentError as error:
+            if self.on_refused is not None:
+                self.on_refused(error.message, str(error.details or ""))
+            raise
+
+    def _check(self, request: RequestLike) -> None:
         if self._closed_because is not None:
             raise AgentError(403, INVALID_SIGNATURE_MESSAGE, self._closed_because)
         public_key = _first_header(request, PUBLIC_KEY_HEADER)

@@ -11,21 +11,27 @@ Two things beyond Twisted's defaults:
   half-close for protocols that can take one (the hijack splice), and keeps writing.
   It overrides the private ``_flushReceiveBIO``: covered by the end-to-end
   ``docker exec`` over TLS tests.
+
+And two limits for a server exposed on the Swarm network (:mod:`portainer_agent.connections`):
+the TLS handshake must complete within a deadline, and connections above a cap are
+closed as soon as they are accepted, before any TLS work.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from OpenSSL.SSL import Error as SSLError
 from OpenSSL.SSL import WantReadError, ZeroReturnError
 from twisted.internet import ssl
 from twisted.internet.interfaces import IHalfCloseableProtocol, IListeningPort, IStreamServerEndpoint
 from twisted.internet.defer import Deferred
+from twisted.internet.protocol import connectionDone
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.protocols.policies import ProtocolWrapper
 from zope.interface import implementer
 
+from portainer_agent.connections import TLS_HANDSHAKE_TIMEOUT, RefusalLog
 from portainer_agent.tls.certs import TLSIdentity
 
 MODERN_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
@@ -61,6 +67,38 @@ class HalfCloseTLSProtocol(BufferingTLSTransport):
     #: The peer closed its TCP side (a FIN, with or without close_notify before it):
     #: it will never answer our close_notify, so closing must not wait for one.
     tcpFinReceived = False
+    _handshakeTimer: Any = None
+
+    def makeConnection(self, transport: Any) -> None:
+        factory = cast(HalfCloseTLSFactory, self.factory)
+        if factory.handshake_timeout is not None and factory.clock is not None:
+            self._handshakeTimer = factory.clock.callLater(factory.handshake_timeout, self._handshakeTimedOut)
+        super().makeConnection(transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        # ``_handshakeDone`` is TLSMemoryBIOProtocol's own flag (private; covered by
+        # the handshake-deadline tests).
+        if self._handshakeTimer is not None and self._handshakeDone:
+            self._cancelHandshakeTimer()
+
+    def _cancelHandshakeTimer(self) -> None:
+        timer, self._handshakeTimer = self._handshakeTimer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _handshakeTimedOut(self) -> None:
+        self._handshakeTimer = None
+        if self._handshakeDone or self._lostTLSConnection:
+            return
+        on_cut = cast(HalfCloseTLSFactory, self.factory).on_cut
+        if on_cut is not None:
+            on_cut("tls_handshake_timeout")
+        self.abortConnection()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._cancelHandshakeTimer()
+        super().connectionLost(reason)
 
     def _wrappedHalfCloseable(self) -> IHalfCloseableProtocol | None:
         return IHalfCloseableProtocol(self.wrappedProtocol, None)
@@ -117,16 +155,44 @@ class HalfCloseTLSProtocol(BufferingTLSTransport):
 
 
 class HalfCloseTLSFactory(TLSMemoryBIOFactory):
+    """TLS server factory with a handshake deadline and a cap on open connections
+    (``WrappingFactory.protocols`` holds the connections open now)."""
+
     protocol = HalfCloseTLSProtocol
+
+    def __init__(self, options: Any, isClient: bool, wrappedFactory: Any, clock: Any = None,
+                 handshake_timeout: float | None = TLS_HANDSHAKE_TIMEOUT, max_connections: int | None = None,
+                 refusals: RefusalLog | None = None, on_cut: Any = None) -> None:
+        super().__init__(options, isClient, wrappedFactory, clock)
+        self.clock = self._clock  # the reactor unless a clock was given
+        self.handshake_timeout = handshake_timeout
+        self.max_connections = max_connections
+        self.refusals = refusals
+        #: Called with a reason when a deadline cuts a connection (metrics).
+        self.on_cut = on_cut
+
+    def buildProtocol(self, addr: Any) -> Any:  # noqa: N802
+        if self.max_connections is not None and len(self.protocols) >= self.max_connections:
+            # None: the listening port closes the socket at once (a clean refusal).
+            if self.refusals is not None:
+                self.refusals.refused()
+            return None
+        return super().buildProtocol(addr)
 
 
 @implementer(IStreamServerEndpoint)
 class TLSServerEndpoint:
     """Compose TLS over any stream server endpoint (TCP, UNIX, systemd)."""
 
-    def __init__(self, inner: IStreamServerEndpoint, options: ssl.CertificateOptions) -> None:
+    def __init__(self, inner: IStreamServerEndpoint, options: ssl.CertificateOptions, clock: Any = None,
+                 handshake_timeout: float | None = TLS_HANDSHAKE_TIMEOUT, max_connections: int | None = None,
+                 refusals: RefusalLog | None = None, on_cut: Any = None) -> None:
         self._inner = inner
         self._options = options
+        self._limits = dict(clock=clock, handshake_timeout=handshake_timeout, max_connections=max_connections,
+                            refusals=refusals, on_cut=on_cut)
+        self.factory: HalfCloseTLSFactory | None = None
 
     def listen(self, factory: Any) -> "Deferred[IListeningPort]":
-        return self._inner.listen(HalfCloseTLSFactory(self._options, False, factory))
+        self.factory = HalfCloseTLSFactory(self._options, False, factory, **self._limits)
+        return self._inner.listen(self.factory)

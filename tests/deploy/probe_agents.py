@@ -58,5 +58,20 @@ for address in addresses:
         checks["docker_info"].update({key: info["body"].get(key) for key in ("Name", "DockerRootDir", "ServerVersion")})
     unsigned = request(address, "/v1.41/info", False)
     checks["unsigned_info_status"] = unsigned.get("status", unsigned.get("error"))
+    metrics_port = os.environ.get("PROBE_METRICS_PORT")
+    if metrics_port:  # the plain-HTTP metrics listener (AGENT_METRICS_ADDR)
+        connection = http.client.HTTPConnection(address, int(metrics_port), timeout=10)
+        try:
+            connection.request("GET", "/metrics")
+            response = connection.getresponse()
+            text = response.read().decode("utf-8", "replace")
+            checks["metrics"] = {"status": response.status,
+                                 "lines": [line for line in text.splitlines()
+                                           if line.startswith(("portainer_agent_requests_total",
+                                                               "portainer_agent_cluster_members"))]}
+        except (OSError, http.client.HTTPException) as error:
+            checks["metrics"] = {"error": repr(error)}
+        finally:
+            connection.close()
     result["agents"][address] = checks
 print(json.dumps(result, indent=1))

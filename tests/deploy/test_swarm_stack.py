@@ -101,6 +101,7 @@ class SwarmStackTests(SynchronousLabTestCase):
             "DOCKER_VOLUMES": str(lab.root / "{{.Node.Hostname}}" / "data" / "volumes"),
             "PORTAINER_REPLICAS": "0",
             "AGENT_IMAGE": TAG,
+            "AGENT_METRICS_ADDR": "0.0.0.0:9003",
         }
         lab.docker("node1", "stack", "deploy", "--resolve-image", "never", "-c", str(STACK), STACK_NAME, env=env)
         lab.wait_for(lambda: cls._healthy_nodes() == NAMES, timeout=420, interval=3,
@@ -125,7 +126,7 @@ class SwarmStackTests(SynchronousLabTestCase):
         """Run probe_agents.py in the prober container: every tasks.agent address, /ping,
         signed /agents and signed /v1.41/info."""
         result = self.lab.docker("node2", "exec", "-i", "-e", f"PROBE_HEADERS={json.dumps(self.lab.signed_headers())}",
-                                 type(self)._prober, "python3", "-", input=PROBE.read_text(), timeout=120)
+                                 "-e", "PROBE_METRICS_PORT=9003", type(self)._prober, "python3", "-", input=PROBE.read_text(), timeout=120)
         return json.loads(result.stdout)
 
     def agent_log_tails(self) -> str:
@@ -176,6 +177,32 @@ class SwarmStackTests(SynchronousLabTestCase):
             seen_nodes.add(checks["docker_info"]["Name"])
             self.assertEqual(checks["unsigned_info_status"], 403)
         self.assertEqual(seen_nodes, NAMES)
+
+    def test_metrics_on_every_agent(self) -> None:
+        """AGENT_METRICS_ADDR: each agent serves /metrics (plain HTTP) on the overlay network,
+        counting the probe's own requests and the 3 alive members."""
+        report = self.probe()
+        self.assertEqual(len(report["agents"]), 3, report)
+        for address, checks in report["agents"].items():
+            metrics = checks["metrics"]
+            self.assertEqual(metrics.get("status"), 200, (address, metrics))
+            self.assertIn('portainer_agent_requests_total{kind="ping",method="GET",status="2xx"}',
+                          " ".join(metrics["lines"]), address)
+            self.assertIn('portainer_agent_cluster_members{state="alive"} 3.0', metrics["lines"], address)
+
+    def test_healthcheck_command_in_the_image(self) -> None:
+        """The image's HEALTHCHECK is ``portainer-agent healthcheck``; run it by hand too."""
+        node = self.lab.node("node1")
+        container = self.lab.docker(node, "ps", "-q", "--filter", f"name={SERVICE}.").stdout.split()[0]
+        inspect = json.loads(self.lab.docker(node, "inspect", container).stdout)[0]
+        self.assertEqual(inspect["Config"]["Healthcheck"]["Test"], ["CMD", "portainer-agent", "healthcheck"])
+        self.assertEqual(inspect["State"]["Health"]["Status"], "healthy")
+        result = self.lab.docker(node, "exec", container, "portainer-agent", "healthcheck", check=False)
+        self.assertEqual((result.returncode, result.stdout.strip()), (0, "healthy"), result.stderr)
+        broken = self.lab.docker(node, "exec", "-e", "DOCKER_HOST=unix:///nonexistent.sock", container,
+                                 "portainer-agent", "healthcheck", check=False)
+        self.assertEqual(broken.returncode, 1)
+        self.assertIn("Docker at unix:///nonexistent.sock", broken.stderr)
 
     def test_volumes_mount_is_the_nodes(self) -> None:
         node = self.lab.node("node3")

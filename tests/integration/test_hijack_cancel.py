@@ -23,6 +23,7 @@ def open_fds(pid: int) -> int:
 
 class HijackCancelTests(RealDockerTestCase, SynchronousTestCase):
     def setUp(self) -> None:
+        super().setUp()  # brings the class fixture (the agent) up under trial's runner
         assert self.agent is not None
         self.pid = self.agent.proc.pid
         self.containers: list[str] = []

@@ -46,11 +46,39 @@ class AgentHTTPTests(RealDockerTestCase, SynchronousTestCase):
             self.assertAgentHeadersOnce(headers)
 
     def test_over_long_request_line_or_header_is_refused_at_once(self) -> None:
-        for path, headers in (("/" + "a" * 20000, {}), ("/_ping", {"X-Big": "b" * 20000})):
-            # The 400 has no length: reading it ends only when the agent closes the
-            # connection, so an agent that answers but does not close fails on the timeout.
-            status, _, body = self.agent.request("GET", path, headers=headers, timeout=10)
-            self.assertEqual((status, body), (400, b""))
+        for path, headers, expected in (("/" + "a" * 20000, {}, 414), ("/_ping", {"X-Big": "b" * 20000}, 431)):
+            status, response_headers, body = self.agent.request("GET", path, headers=headers, timeout=10)
+            self.assertEqual(status, expected)
+            self.assertEqual(response_headers["Connection"], "close")
+            self.assertAgentHeadersOnce(response_headers)
+            self.assertIn("message", json.loads(body))
+
+    def test_requests_the_parser_refuses_are_json_with_agent_headers(self) -> None:
+        import ssl as ssl_module
+
+        for raw in (b"POST /_ping HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\nabc",
+                    b"GET /_ping HTTP/1.1\r\nX-Bare: a\nb\r\n\r\n"):
+            sock = socket.create_connection(("127.0.0.1", self.agent.port), timeout=10)
+            context = ssl_module.create_default_context()
+            context.check_hostname, context.verify_mode = False, ssl_module.CERT_NONE
+            with context.wrap_socket(sock) as tls:
+                tls.sendall(raw)
+                answer = b""
+                while True:  # the agent closes after answering (else: the 10 s timeout fails the test)
+                    chunk = tls.recv(65536)
+                    if not chunk:
+                        break
+                    answer += chunk
+            head, _, body = answer.partition(b"\r\n\r\n")
+            self.assertTrue(head.startswith(b"HTTP/1.1 400 "), head)
+            self.assertIn(b"Portainer-Agent-Api-Version: 2", head)
+            self.assertNotIn(b"TwistedWeb", head)
+            self.assertEqual(json.loads(body)["message"], "Bad request")
+
+    def test_no_server_version_disclosed(self) -> None:
+        for path, signed in (("/ping", False), ("/v2/host/nothing", True), ("/version", False)):
+            _, headers, _ = self.agent.request("GET", path, signed=signed)
+            self.assertNotIn("TwistedWeb", headers.get("Server", ""), path)
 
     def test_agent_errors_are_docker_style_json(self) -> None:
         status, headers, body = self.agent.request("GET", "/v2/host/nothing")

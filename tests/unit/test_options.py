@@ -36,6 +36,10 @@ BAD_VALUES = {
     "volumes-root": "relative/volumes",
     "host-root": "host",
     "console-ping": "1 minute",
+    "metrics-addr": "9003",
+    "header-timeout": "0s",
+    "idle-timeout": "soon",
+    "max-connections": "0",
 }
 
 

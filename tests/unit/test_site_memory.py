@@ -100,19 +100,20 @@ class ChannelAndRequestTests(SiteTestCase):
         self.assertEqual(request.args, {b"q": [b"x"]})
         self.assertEqual(resource.seen[0][1], body)
 
-    def test_over_long_request_line_gets_a_400_and_a_close(self) -> None:
+    def test_over_long_request_line_gets_a_414_and_a_close(self) -> None:
         site, resource, _ = self.make_site()
         connection = Connection(site)
         connection.send(b"GET /" + b"a" * 20_000)
-        self.assertEqual(connection.wire, b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        self.assertTrue(connection.wire.startswith(b"HTTP/1.1 414 "), connection.wire)
+        self.assertIn(b'"message": "Request-URI Too Long"', connection.wire)
         self.assertFalse(connection.open)
         self.assertEqual(resource.requests, [])
 
-    def test_over_long_header_gets_a_400_and_a_close(self) -> None:
+    def test_over_long_header_gets_a_431_and_a_close(self) -> None:
         site, resource, _ = self.make_site()
         connection = Connection(site)
         connection.send(b"GET / HTTP/1.1\r\nX-Big: " + b"b" * 20_000 + b"\r\n")
-        self.assertEqual(connection.wire, b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        self.assertTrue(connection.wire.startswith(b"HTTP/1.1 431 "), connection.wire)
         self.assertFalse(connection.open)
 
     def test_channel_knows_when_its_connection_is_gone(self) -> None:

@@ -11,7 +11,12 @@ The private uses (grep ``twisted\\..*\\._`` imports and ``._name`` on Twisted ob
   (http/twisted_private.py, the quiet peer pool; see also tests/unit/test_twisted_private.py
   for the names isolated there: the request line at ``gotLength``, unread bytes, client gone);
 * ``twisted.web.http._GenericHTTPChannelProtocol`` (http/site.py, ``AgentSite.protocol``);
-* ``HTTPChannel._respondToBadRequestAndDisconnect`` (http/site.py, ``AgentHTTPChannel``);
+* ``HTTPChannel._respondToBadRequestAndDisconnect`` as the one path of every parser refusal,
+  and the parser state ``_handlingRequest``, ``_receivedHeaderSize``,
+  ``_receivedHeaderCount`` (http/channel.py, ``AgentHTTPChannel``: head deadline, 414/431);
+* ``TLSMemoryBIOProtocol._handshakeDone`` (tls/server.py, the TLS handshake deadline);
+* ``reactor._exitSignal``, re-raised by ``twisted.scripts.twistd.runApp`` (twistd.py, exit 0
+  after SIGTERM under twistd);
 * ``Request._disconnected`` (http/responses.py, proxy/relay.py, proxy/fanout.py,
   proxy/splice.py, http/browse.py, http/filesend.py, console/resource.py);
 * ``HTTPChannel._dataBuffer`` (proxy/splice.py, ``take_over_transport``);
@@ -165,13 +170,13 @@ class ChannelTests(SynchronousTestCase):
         channel = protocol._channel
         method: Any = getattr(channel, "_respondToBadRequestAndDisconnect", None)
         self.assertTrue(callable(method), _loud("HTTPChannel._respondToBadRequestAndDisconnect is gone",
-                                                "http/site.py AgentHTTPChannel.lineLengthExceeded"))
+                                                "http/channel.py AgentHTTPChannel"))
         method()
         self.assertEqual(transport.value(), b"HTTP/1.1 400 Bad Request\r\n\r\n",
                          _loud("_respondToBadRequestAndDisconnect writes something else",
-                               "http/site.py AgentHTTPChannel"))
+                               "http/channel.py AgentHTTPChannel"))
         self.assertTrue(transport.disconnecting, _loud("_respondToBadRequestAndDisconnect no longer closes",
-                                                       "http/site.py AgentHTTPChannel"))
+                                                       "http/channel.py AgentHTTPChannel"))
 
     def test_pipelined_bytes_wait_in_the_data_buffer(self) -> None:
         # take_over_transport hands bytes that arrived after an upgrade request's head
@@ -261,3 +266,47 @@ class ReadSizeTests(SynchronousTestCase):
         self.assertIn("self.bufferSize", source, _loud(
             "the unix client connection no longer reads bufferSize bytes at a time",
             "docker/client.py _LargeReadClientProtocol (256 kB reads from the Docker socket)"))
+
+
+class OperationsPrivateAPITests(SynchronousTestCase):
+    """http/channel.py, tls/server.py and twistd.py (issue 11)."""
+
+    def test_parser_refusals_all_go_through_one_method(self) -> None:
+        source = inspect.getsource(http.HTTPChannel)
+        where = "http/channel.py AgentHTTPChannel (JSON 400/414/431 answers)"
+        self.assertNotIn("400 Bad Request", source.replace(
+            inspect.getsource(http.HTTPChannel._respondToBadRequestAndDisconnect), ""),
+            _loud("HTTPChannel writes a 400 outside _respondToBadRequestAndDisconnect", where))
+        for name in ("_receivedHeaderSize", "_receivedHeaderCount", "maxHeaders", "totalHeadersSize"):
+            self.assertIn(f"self.{name}", source, _loud(f"HTTPChannel no longer uses {name}", where))
+
+    def test_handling_request_is_true_while_a_request_is_answered(self) -> None:
+        resource = _Pending()
+        protocol, _ = _connected_site(resource)
+        channel = protocol._channel
+        self.assertIs(channel._handlingRequest, False, _loud("HTTPChannel._handlingRequest is gone",
+                                                             "http/channel.py (head deadline)"))
+        protocol.dataReceived(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+        self.assertIs(channel._handlingRequest, True, _loud("_handlingRequest is not set while answering",
+                                                            "http/channel.py (head deadline)"))
+        resource.requests[0].finish()
+        self.assertIs(channel._handlingRequest, False)
+
+    def test_tls_handshake_done_flag(self) -> None:
+        self.assertIs(getattr(tls.TLSMemoryBIOProtocol, "_handshakeDone", None), False,
+                      _loud("TLSMemoryBIOProtocol._handshakeDone is no longer a False class default",
+                            "tls/server.py HalfCloseTLSProtocol (TLS handshake deadline)"))
+        self.assertIn("self._handshakeDone = True", inspect.getsource(tls.TLSMemoryBIOProtocol._checkHandshakeStatus),
+                      _loud("_handshakeDone is no longer set by _checkHandshakeStatus",
+                            "tls/server.py HalfCloseTLSProtocol (TLS handshake deadline)"))
+
+    def test_twistd_reraises_the_reactor_exit_signal(self) -> None:
+        from twisted.scripts import twistd
+
+        where = "twistd.py exit_like_the_console_script (exit 0 after SIGTERM under twistd)"
+        self.assertIn("runner._exitSignal", inspect.getsource(twistd.runApp),
+                      _loud("twistd.runApp no longer reads the runner's _exitSignal", where))
+        from twisted.application import app
+
+        self.assertIn("reactor._exitSignal", inspect.getsource(app.ApplicationRunner.startReactor),
+                      _loud("ApplicationRunner no longer takes _exitSignal from the reactor", where))

@@ -1,0 +1,107 @@
+"""``portainer-agent healthcheck``: is the agent on this machine healthy? (exit 0 or 1)
+
+Made for the image's ``HEALTHCHECK`` and for humans: it reads the same options and
+environment variables as the agent, so it probes what the agent was told to serve:
+
+* the API answers ``GET /ping`` with 204 over TLS on ``--host``/``--port`` (a wildcard
+  host is probed on loopback; the certificate is self-signed, so it is not verified:
+  the check is liveness, not identity);
+* Docker answers ``GET /_ping`` on ``--docker-host``, the socket the agent uses.
+
+Failure: one line saying what failed, exit 1. Blocking standard-library I/O: a
+one-shot command has no use for a reactor.
+"""
+from __future__ import annotations
+
+import http.client
+import socket
+import ssl
+import sys
+from typing import IO, Mapping, Sequence
+
+from twisted.python import usage
+
+from portainer_agent.config import Config
+
+TIMEOUT = 4.0
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("docker", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self._path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+def probe_host(host: str) -> str:
+    """Where to reach an agent listening on ``host`` from this machine."""
+    return {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+
+
+def check_api(host: str, port: int, timeout: float = TIMEOUT) -> str | None:
+    """None when the API answers ``/ping`` with 204, else what went wrong."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    target = probe_host(host)
+    shown = f"[{target}]:{port}" if ":" in target else f"{target}:{port}"
+    connection = http.client.HTTPSConnection(target, port, timeout=timeout, context=context)
+    try:
+        connection.request("GET", "/ping")
+        response = connection.getresponse()
+        response.read()
+    except (OSError, http.client.HTTPException) as error:
+        return f"agent API https://{shown}/ping: {error or type(error).__name__}"
+    finally:
+        connection.close()
+    if response.status != 204:
+        return f"agent API https://{shown}/ping answered {response.status}, expected 204"
+    return None
+
+
+def check_docker(socket_path: str, timeout: float = TIMEOUT) -> str | None:
+    """None when Docker answers ``/_ping`` with 200 on ``socket_path``."""
+    connection = _UnixHTTPConnection(socket_path, timeout)
+    try:
+        connection.request("GET", "/_ping")
+        response = connection.getresponse()
+        response.read()
+    except (OSError, http.client.HTTPException) as error:
+        return f"Docker at unix://{socket_path}: {error or type(error).__name__}"
+    finally:
+        connection.close()
+    if response.status != 200:
+        return f"Docker at unix://{socket_path} answered /_ping with {response.status}"
+    return None
+
+
+def run(config: Config, timeout: float = TIMEOUT) -> str | None:
+    """The first failure, or None when the agent is healthy."""
+    return check_api(config.host, config.port, timeout) or check_docker(config.docker_socket_path, timeout)
+
+
+def main(argv: Sequence[str], environ: Mapping[str, str], out: IO[str] | None = None) -> int:
+    from portainer_agent.options import AgentOptions, report_usage_error
+
+    options = AgentOptions(environ)
+    try:
+        options.parseOptions(list(argv))
+    except usage.UsageError as error:
+        return report_usage_error(error, "portainer-agent healthcheck")
+    assert options.config is not None
+    failure = run(options.config)
+    stream = out if out is not None else sys.stderr
+    if failure is not None:
+        print(f"unhealthy: {failure}", file=stream)
+        return 1
+    print("healthy", file=out if out is not None else sys.stdout)
+    return 0

@@ -1,0 +1,93 @@
+"""The metrics listener: ``GET /metrics`` in Prometheus format on its own plain-HTTP port.
+
+Separate from the API on purpose: Prometheus does not sign requests, and the signed
+API port must never answer anything unsigned but ``/ping``. Off unless
+``--metrics-addr`` is given; bind it to loopback or a monitoring network.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+
+from portainer_agent.metrics import AgentMetrics
+
+log = Logger()
+
+
+class MetricsResource(Resource):
+    """``/metrics``: the exposition of one :class:`AgentMetrics`; anything else 404."""
+
+    isLeaf = True
+
+    def __init__(self, metrics: AgentMetrics) -> None:
+        super().__init__()
+        self._metrics = metrics
+
+    def render(self, request: Request) -> bytes:
+        if request.path.rstrip(b"/") != b"/metrics":
+            request.setResponseCode(404)
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return b"not found: try /metrics\n"
+        if request.method not in (b"GET", b"HEAD"):
+            request.setResponseCode(405)
+            request.setHeader(b"allow", b"GET, HEAD")
+            return b""
+        accept = request.getHeader(b"accept")
+        body, content_type = self._metrics.exposition(accept.decode("latin-1") if accept else None)
+        request.setHeader(b"content-type", content_type.encode())
+        return b"" if request.method == b"HEAD" else body
+
+
+class MetricsSite(Site):
+    noisy = False
+
+    def log(self, request: Any) -> None:  # scrapes are not worth an access line
+        pass
+
+
+class MetricsListenerService(Service):
+    """Listens on ``(host, port)``; a failure to bind is fatal, like the API's."""
+
+    def __init__(self, reactor: Any, address: tuple[str, int], metrics: AgentMetrics,
+                 on_fatal: Callable[[str], None] | None = None) -> None:
+        self._reactor = reactor
+        self.address = address
+        self.site = MetricsSite(MetricsResource(metrics), reactor=reactor)
+        self._on_fatal = on_fatal
+        self.port: IListeningPort | None = None
+
+    @property
+    def describe(self) -> str:
+        host, port = self.address
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def startService(self) -> None:  # noqa: N802
+        super().startService()
+        host, port = self.address
+        endpoint = (TCP6ServerEndpoint if ":" in host else TCP4ServerEndpoint)(self._reactor, port, interface=host)
+        endpoint.listen(self.site).addCallbacks(self._listening, self._failed)
+
+    def _listening(self, port: IListeningPort) -> None:
+        self.port = port
+        log.info("metrics listening on http://{address}/metrics", address=self.describe)
+
+    def _failed(self, failure: Failure) -> None:
+        message = f"cannot listen for metrics on {self.describe}: {failure.getErrorMessage()}"
+        log.error(message)
+        if self._on_fatal is not None:
+            self._on_fatal(message)
+
+    def stopService(self) -> "Deferred[Any]":  # noqa: N802
+        super().stopService()
+        port, self.port = self.port, None
+        if port is None:
+            return succeed(None)
+        return maybeDeferred(port.stopListening)

@@ -1,0 +1,226 @@
+"""Every Prometheus metric the agent exposes, in one place, with a small API.
+
+Why one module: the names are an operator-facing contract (dashboards, alerts), so they
+are declared together and documented in the README from this list. The metrics live
+in a :class:`prometheus_client.CollectorRegistry` of their own (not the library's
+global one), handed to whoever records into it: tests build an isolated
+:class:`AgentMetrics` each, and the exposition carries only agent metrics.
+
+Callers record facts (``request_finished``, ``forward_error``...); they never touch
+the metric objects, so labels stay bounded (methods, reasons and route kinds come from
+fixed sets; the only open label is a peer's node name, bounded by the cluster size).
+
+Names (all prefixed ``portainer_agent_``):
+
+=========================================  =========  ==============================================
+name                                        type       labels
+=========================================  =========  ==============================================
+requests_total                              counter    kind, method, status (``2xx``... ``aborted``)
+request_duration_seconds                    histogram  kind
+response_bytes_total                        counter    kind (body bytes sent to clients)
+open_connections                            gauge      (API connections open now)
+open_hijacked_streams                       gauge      (attach/exec streams open now)
+connections_refused_total                   counter    reason (``max_connections``)
+connections_cut_total                       counter    reason (``header_timeout``, ``tls_handshake_timeout``)
+signature_failures_total                    counter    reason
+cluster_members                             gauge      state (alive, suspect, dead, left)
+cluster_state_changes_total                 counter    state (the state entered)
+cluster_probe_rtt_seconds                   histogram
+forwarded_requests_total                    counter    node, kind
+forward_duration_seconds                    histogram  kind
+forward_errors_total                        counter    node, reason
+=========================================  =========  ==============================================
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Iterable, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import choose_encoder
+
+PREFIX = "portainer_agent"
+
+#: Methods counted under their own name; anything else is ``other`` (bounded labels).
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+
+#: Request durations: from a ping (ms) to a long pull or build; streams land in +Inf.
+DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+#: Membership probe round trips: LAN latencies up to the probe timeout.
+RTT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
+
+UNROUTED = "unrouted"
+
+
+def method_label(method: bytes | str) -> str:
+    text = method.decode("latin-1") if isinstance(method, bytes) else method
+    return text if text in KNOWN_METHODS else "other"
+
+
+def status_label(code: int | None, completed: bool = True) -> str:
+    """``2xx``.. ``5xx``; ``aborted`` when the client left before the answer ended."""
+    if not completed:
+        return "aborted"
+    if code is None or not 100 <= code <= 599:
+        return "other"
+    return f"{code // 100}xx"
+
+
+def signature_refusal_reason(message: str, details: str) -> str:
+    """A bounded label for a refused signature, from the 403 the guard answers."""
+    if message.startswith("Missing"):
+        return "missing"
+    if details.startswith("Invalid public key"):
+        return "bad_public_key"
+    if details.startswith("Invalid signature"):
+        return "bad_signature_encoding"
+    if details == "Unauthorized":
+        return "unauthorized"
+    return "api_closed"
+
+
+class _MembersByState:
+    """Collector: cluster size by state, read from the membership at scrape time
+    (no gauge to keep in step with every gossip update)."""
+
+    def __init__(self, members: Callable[[], Iterable[Any]]) -> None:
+        self._members = members
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        family = GaugeMetricFamily(f"{PREFIX}_cluster_members", "Cluster members known, by state", labels=["state"])
+        counts = {"alive": 0, "suspect": 0, "dead": 0, "left": 0}
+        for member in self._members():
+            counts[member.state.value] = counts.get(member.state.value, 0) + 1
+        for state, count in sorted(counts.items()):
+            family.add_metric([state], count)
+        yield family
+
+    def describe(self) -> Iterable[GaugeMetricFamily]:
+        return []
+
+
+class AgentMetrics:
+    """The agent's metrics in ``registry`` (a new one by default)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self._requests = Counter(f"{PREFIX}_requests", "API requests answered, by route kind, method and status class",
+                                 ["kind", "method", "status"], registry=r)
+        self._duration = Histogram(f"{PREFIX}_request_duration_seconds", "API request duration, by route kind",
+                                   ["kind"], buckets=DURATION_BUCKETS, registry=r)
+        self._bytes = Counter(f"{PREFIX}_response_bytes", "Response body bytes sent to API clients, by route kind",
+                              ["kind"], registry=r)
+        self._open_connections = Gauge(f"{PREFIX}_open_connections", "API connections open now", registry=r)
+        self._open_streams = Gauge(f"{PREFIX}_open_hijacked_streams", "Hijacked (attach/exec) streams open now",
+                                   registry=r)
+        self._refused = Counter(f"{PREFIX}_connections_refused", "API connections refused, by reason", ["reason"],
+                                registry=r)
+        self._cut = Counter(f"{PREFIX}_connections_cut", "API connections cut by a deadline, by reason", ["reason"],
+                            registry=r)
+        self._signature_failures = Counter(f"{PREFIX}_signature_failures", "Requests refused by the signature check",
+                                           ["reason"], registry=r)
+        self._state_changes = Counter(f"{PREFIX}_cluster_state_changes",
+                                      "Member liveness changes seen, by the state entered", ["state"],
+                                      registry=r)
+        self._probe_rtt = Histogram(f"{PREFIX}_cluster_probe_rtt_seconds", "Membership probe round-trip time",
+                                    buckets=RTT_BUCKETS, registry=r)
+        self._forwarded = Counter(f"{PREFIX}_forwarded_requests", "Requests forwarded to a peer agent, by node and kind",
+                                  ["node", "kind"], registry=r)
+        self._forward_duration = Histogram(f"{PREFIX}_forward_duration_seconds",
+                                           "Duration of requests forwarded to peers, by route kind", ["kind"],
+                                           buckets=DURATION_BUCKETS, registry=r)
+        self._forward_errors = Counter(f"{PREFIX}_forward_errors", "Forwarding failures, by peer node and reason",
+                                       ["node", "reason"], registry=r)
+        self._members_collector: _MembersByState | None = None
+
+    # -- HTTP site -----------------------------------------------------------------
+
+    def request_finished(self, kind: str, method: bytes | str, status: int | None, duration: float,
+                         sent_bytes: int, completed: bool = True) -> None:
+        """One API request ended (answered, or the client left: ``completed=False``)."""
+        self._requests.labels(kind, method_label(method), status_label(status, completed)).inc()
+        self._duration.labels(kind).observe(duration)
+        if sent_bytes:
+            self._bytes.labels(kind).inc(sent_bytes)
+
+    def watch_connections(self, open_connections: Callable[[], float], open_streams: Callable[[], float]) -> None:
+        """Read both gauges at scrape time from the site's own bookkeeping."""
+        self._open_connections.set_function(open_connections)
+        self._open_streams.set_function(open_streams)
+
+    def connection_refused(self, reason: str = "max_connections") -> None:
+        self._refused.labels(reason).inc()
+
+    def connection_cut(self, reason: str) -> None:
+        self._cut.labels(reason).inc()
+
+    # -- security ------------------------------------------------------------------
+
+    def signature_refused(self, message: str, details: str) -> None:
+        self._signature_failures.labels(signature_refusal_reason(message, details)).inc()
+
+    # -- cluster membership ----------------------------------------------------------
+
+    def watch_members(self, members: Callable[[], Iterable[Any]]) -> None:
+        """Report cluster size by state from ``members()`` (SwimNode.members) at scrape time."""
+        if self._members_collector is None:
+            self._members_collector = _MembersByState(members)
+            self.registry.register(self._members_collector)  # type: ignore[arg-type]
+        else:
+            self._members_collector._members = members
+
+    def member_changed(self, old: Any, new: Any) -> None:
+        """A SwimNode listener: count liveness transitions (suspect, dead... included)."""
+        if old is None or old.state is not new.state:
+            self._state_changes.labels(new.state.value).inc()
+
+    def probe_round_trip(self, seconds: float) -> None:
+        self._probe_rtt.observe(seconds)
+
+    # -- forwarding to peers (called by the routing/forwarding code) ---------------------
+
+    def forwarded(self, node: str, kind: str, seconds: float) -> None:
+        """A request forwarded to ``node``'s agent finished after ``seconds``."""
+        self._forwarded.labels(node, kind).inc()
+        self._forward_duration.labels(kind).observe(seconds)
+
+    def forward_error(self, node: str, reason: str) -> None:
+        """Forwarding to ``node`` failed; ``reason`` from a fixed set (``connect``,
+        ``tls``, ``timeout``, ``unknown_node``, ``upstream_closed``...)."""
+        self._forward_errors.labels(node, reason).inc()
+
+    # -- exposition ------------------------------------------------------------------
+
+    def exposition(self, accept: str | None = None) -> tuple[bytes, str]:
+        """The body and content type of a scrape (text format, or OpenMetrics if asked)."""
+        encoder, content_type = choose_encoder(accept or "")
+        return encoder(self.registry), content_type
+
+
+class TimedPings:
+    """Wraps a membership transport to time direct probes (``ping``) into the RTT
+    histogram; every other attribute is the wrapped transport's."""
+
+    def __init__(self, transport: Any, metrics: AgentMetrics, clock: Callable[[], float] = time.monotonic) -> None:
+        self._transport = transport
+        self._metrics = metrics
+        self._clock = clock
+
+    def ping(self, peer: Any, updates: Any) -> Any:
+        started = self._clock()
+
+        def observed(result: Any) -> Any:
+            self._metrics.probe_round_trip(self._clock() - started)
+            return result
+
+        return self._transport.ping(peer, updates).addCallback(observed)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+def describe(metrics: AgentMetrics) -> Mapping[str, str]:
+    """Metric family names to their help text (for docs and tests)."""
+    return {m.name: m.documentation for m in metrics.registry.collect()}
