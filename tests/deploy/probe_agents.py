@@ -51,11 +51,27 @@ result["addresses"] = addresses
 result["agents"] = {}
 for address in addresses:
     checks = {"ping": request(address, "/ping", False), "agents": request(address, "/agents", True)}
-    # The Docker API through the agent: proves the node's socket is mounted (Name = its node).
+    # /info is a Swarm-manager operation (routed to a manager): it proves routing works.
     info = request(address, "/v1.41/info", True)
     checks["docker_info"] = {key: info.get(key) for key in ("status", "error")}
     if isinstance(info.get("body"), dict):
         checks["docker_info"].update({key: info["body"].get(key) for key in ("Name", "DockerRootDir", "ServerVersion")})
+        checks["docker_info"]["ControlAvailable"] = (info["body"].get("Swarm") or {}).get("ControlAvailable")
+    # The node's own engine (a node operation, target = the agent's own node): its running
+    # containers carry its Swarm node ID, which proves the right socket is mounted.
+    members = checks["agents"].get("body") if isinstance(checks["agents"].get("body"), list) else []
+    own = next((m for m in members if isinstance(m, dict) and m.get("Self")), None)
+    if own is not None:
+        saved = dict(headers)
+        headers["X-PortainerAgent-Target"] = own["NodeName"]
+        local = request(address, "/v1.41/containers/json", True)
+        headers.clear()
+        headers.update(saved)
+        listed = local.get("body") if isinstance(local.get("body"), list) else []
+        checks["own_node"] = {"NodeName": own["NodeName"], "NodeID": own.get("NodeID"),
+                              "status": local.get("status"),
+                              "container_node_ids": sorted({(c.get("Labels") or {}).get("com.docker.swarm.node.id")
+                                                            for c in listed if isinstance(c, dict)} - {None})}
     unsigned = request(address, "/v1.41/info", False)
     checks["unsigned_info_status"] = unsigned.get("status", unsigned.get("error"))
     metrics_port = os.environ.get("PROBE_METRICS_PORT")
