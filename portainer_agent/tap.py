@@ -184,7 +184,7 @@ class AgentService(MultiService):
         policy = PeerTLSPolicy(pin_for, authenticated=self.config.cluster_key is not None, clock=self.reactor,
                                handshake_timeout=self.config.peer_timeout)
         peers = PeerForwarder(self.reactor, policy, pool, lambda: view.local.node_name, self.hijack,
-                              connect_timeout=self.config.peer_timeout)
+                              connect_timeout=self.config.peer_timeout, metrics=self.metrics)
         self.destinations.peers = peers
         self.destinations.fanout = FanOut(self.reactor, self.docker_proxy, peers, self.config.aggregate_timeout)
         self.root.cluster = lambda: ClusterSnapshot.of(view)

@@ -73,7 +73,7 @@ class FanOut:
 
     def _leg(self, request: Request, member: Member, local: bool) -> "Deferred[NodeAnswer]":
         try:
-            sent = self._local.send(request) if local else self._peers.send(request, member)
+            sent = self._local.send(request) if local else self._peers.send(request, member, "aggregate")
         except AgentError as error:
             sent = Deferred()
             sent.errback(Failure(error))

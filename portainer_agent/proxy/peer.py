@@ -14,18 +14,18 @@ anyone, so, like the original agent, the connection is not verified (logged once
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl, task
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed, ResponseNeverReceived
 from twisted.web.iweb import IAgent, IPolicyForHTTPS, IResponse
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
@@ -151,12 +151,39 @@ def failed_before_sending(failure: Failure) -> bool:
     return bool(failure.check(ConnectError, DNSLookupError, PeerPinMissing))
 
 
+def forward_failure_kind(failure: Failure) -> str:
+    """Pure: the ``reason`` label of a forwarding failure (a small fixed set, for metrics)."""
+    if failure.check(PeerPinMissing):
+        return "tls"
+    if failure.check(ConnectError, DNSLookupError):
+        return "connect"
+    if failure.check(TimeoutError):
+        return "timeout"
+    if failure.check(CancelledError):
+        return "cancelled"
+    reasons = getattr(failure.value, "reasons", None) or []
+    if any(r.check(SSL.Error) for r in reasons):
+        return "tls"
+    if failure.check(ResponseNeverReceived, ResponseFailed):
+        return "upstream_closed"
+    return "other"
+
+
+class ForwardMetrics(Protocol):
+    """What forwarding reports (:class:`portainer_agent.metrics.AgentMetrics`)."""
+
+    def forwarded(self, node: str, kind: str, seconds: float) -> None: ...
+
+    def forward_error(self, node: str, reason: str) -> None: ...
+
+
 class PeerForwarder:
     """Sends requests to peer agents: plain (streamed) HTTP and upgraded streams."""
 
     def __init__(self, reactor: Any, policy: PeerTLSPolicy, pool: HTTPConnectionPool, local_name: Callable[[], str],
                  hijack: HijackProxy, connect_timeout: float = 5.0, cooperator: Any = task,
-                 agent: IAgent | None = None) -> None:
+                 agent: IAgent | None = None, metrics: ForwardMetrics | None = None) -> None:
+        self._metrics = metrics
         self._reactor = reactor
         self._policy = policy
         self._local_name = local_name
@@ -170,17 +197,35 @@ class PeerForwarder:
         return {TARGET_HEADER: member.node_name.encode("utf-8"),
                 FORWARDED_HEADER: self._local_name().encode("utf-8")}
 
-    def send(self, request: Request, member: Member) -> "Deferred[IResponse]":
-        """An independent copy of ``request`` to ``member``'s agent."""
+    def send(self, request: Request, member: Member, kind: str = "forward") -> "Deferred[IResponse]":
+        """An independent copy of ``request`` to ``member``'s agent (``kind``: the route kind
+        it serves, for the metrics: forward, manager, aggregate)."""
         body = request_body_producer(request, self._cooperator)
         try:
-            return self.agent.request(request.method, peer_base_url(member) + request.uri,
-                                      upstream_headers(request, self._marks(member)), body)
+            pending = self.agent.request(request.method, peer_base_url(member) + request.uri,
+                                         upstream_headers(request, self._marks(member)), body)
         except PeerPinMissing as error:
             # Agent asks the policy while building the request, synchronously.
-            return _failed(error)
+            pending = _failed(error)
         except ValueError as error:
             raise AgentError(400, "Invalid request URL or method", str(error)) from None
+        if self._metrics is not None:
+            self._observe(pending, member.node_name, kind)
+        return pending
+
+    def _observe(self, pending: "Deferred[IResponse]", node: str, kind: str) -> None:
+        metrics, started = self._metrics, self._reactor.seconds()
+        assert metrics is not None
+
+        def answered(response: IResponse) -> IResponse:
+            metrics.forwarded(node, kind, self._reactor.seconds() - started)
+            return response
+
+        def failed(failure: Failure) -> Failure:
+            metrics.forward_error(node, forward_failure_kind(failure))
+            return failure
+
+        pending.addCallbacks(answered, failed)
 
     def render(self, request: Request, member: Member) -> Any:
         """Forward ``request`` to ``member`` and relay its answer."""
@@ -196,7 +241,7 @@ class PeerForwarder:
 
         def attempt(index: int) -> None:
             member = candidates[index]
-            pending = self.send(request, member)
+            pending = self.send(request, member, "manager")
             pending.addCallbacks(answer.callback, retry, errbackArgs=(index, member))
 
         def retry(failure: Failure, index: int, member: Member) -> None:
@@ -232,8 +277,12 @@ class PeerForwarder:
         inner = HostnameEndpoint(self._reactor, member.api_addr, member.api_port, timeout=self._timeout)
         endpoint = wrapClientTLS(creator, inner)
         host = peer_base_url(member)[len(b"https://"):]
-        return self._hijack.open(request, endpoint, host, self._marks(member),
-                                 lambda f: self._unreachable(member, f))
+        def unreachable(failure: Failure) -> AgentError:
+            if self._metrics is not None:
+                self._metrics.forward_error(member.node_name, forward_failure_kind(failure))
+            return self._unreachable(member, failure)
+
+        return self._hijack.open(request, endpoint, host, self._marks(member), unreachable)
 
 
 def _failed(error: Exception) -> "Deferred[IResponse]":

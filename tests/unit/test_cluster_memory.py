@@ -20,6 +20,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from portainer_agent.cluster.member import Member
 from portainer_agent.http.root import AgentRoot
+from portainer_agent.metrics import AgentMetrics
 from portainer_agent.docker.testing import MemoryDocker
 from portainer_agent.proxy.dispatch import Destinations
 from portainer_agent.proxy.fanout import UNREACHABLE_HEADER, FanOut
@@ -82,6 +83,7 @@ class Cluster:
     """The agent of ``local`` in a 3-node cluster, all in memory."""
 
     def __init__(self, local: Member = NODE3, timeout: float = 10.0) -> None:
+        self.metrics = AgentMetrics()
         self.clock = Clock()
         self.cooperator = Cooperator(scheduler=lambda work: self.clock.callLater(0, work), started=True)
         self.dockers = {name: FakeDocker(list_of(name)) for name in ("node1", "node2", "node3")}
@@ -91,7 +93,7 @@ class Cluster:
         policy = PeerTLSPolicy(lambda host, port: "00", authenticated=True)
         self.peers = PeerForwarder(self.clock, policy, cast(Any, None), lambda: local.node_name,
                                    cast(Any, RecordingHandler()), cooperator=self.cooperator,
-                                   agent=cast(IAgent, self.network))
+                                   agent=cast(IAgent, self.network), metrics=self.metrics)
         self.snapshot = ClusterSnapshot(local, (NODE1, NODE2, NODE3))
         destinations = Destinations(docker, RecordingHandler(), self.peers,
                                     FanOut(self.clock, docker, self.peers, timeout))
@@ -267,6 +269,20 @@ class ForwardingTests(SynchronousTestCase):
         self.assertEqual(error["message"], "Unable to reach any agent on a manager node")
         self.assertIn("node1", error["details"])
         self.assertIn("node2", error["details"])
+
+    def test_forwards_and_their_failures_are_counted_per_node(self) -> None:
+        cluster = self.cluster()
+        cluster.get("/containers/x/json", headers={"X-PortainerAgent-Target": "node1"})
+        cluster.get("/networks")
+        cluster.network.refused.add("node2")
+        cluster.get("/containers/x/json", headers={"X-PortainerAgent-Target": "node2"})
+        cluster.get("/services")  # node1 is the leader: it answers
+        value = cluster.metrics.registry.get_sample_value
+        self.assertEqual(value("portainer_agent_forwarded_requests_total", {"node": "node1", "kind": "forward"}), 1)
+        self.assertEqual(value("portainer_agent_forwarded_requests_total", {"node": "node1", "kind": "aggregate"}), 1)
+        self.assertEqual(value("portainer_agent_forwarded_requests_total", {"node": "node1", "kind": "manager"}), 1)
+        self.assertEqual(value("portainer_agent_forward_errors_total", {"node": "node2", "reason": "connect"}), 1)
+        self.assertEqual(value("portainer_agent_forward_duration_seconds_count", {"kind": "forward"}), 1)
 
     def test_a_forwarded_request_for_another_node_is_refused_not_forwarded(self) -> None:
         cluster = self.cluster()
