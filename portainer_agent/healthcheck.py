@@ -14,7 +14,6 @@ one-shot command has no use for a reactor.
 from __future__ import annotations
 
 import http.client
-import socket
 import ssl
 import sys
 from typing import IO, Mapping, Sequence
@@ -22,24 +21,10 @@ from typing import IO, Mapping, Sequence
 from twisted.python import usage
 
 from portainer_agent.config import Config
+from portainer_agent.docker.client import get_json_blocking
+from portainer_agent.docker.wire import ProtocolError
 
 TIMEOUT = 4.0
-
-
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("docker", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self._path)
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
 
 
 def probe_host(host: str) -> str:
@@ -69,18 +54,14 @@ def check_api(host: str, port: int, timeout: float = TIMEOUT) -> str | None:
 
 
 def check_docker(socket_path: str, timeout: float = TIMEOUT) -> str | None:
-    """None when Docker answers ``/_ping`` with 200 on ``socket_path``."""
-    connection = _UnixHTTPConnection(socket_path, timeout)
+    """None when Docker answers ``/_ping`` with 200 on ``socket_path`` (through the agent's
+    one Docker client, its blocking start-up form)."""
     try:
-        connection.request("GET", "/_ping")
-        response = connection.getresponse()
-        response.read()
-    except (OSError, http.client.HTTPException) as error:
+        code, _ = get_json_blocking(socket_path, "/_ping", timeout)
+    except (OSError, ProtocolError) as error:
         return f"Docker at unix://{socket_path}: {error or type(error).__name__}"
-    finally:
-        connection.close()
-    if response.status != 200:
-        return f"Docker at unix://{socket_path} answered /_ping with {response.status}"
+    if code != 200:
+        return f"Docker at unix://{socket_path} answered /_ping with {code}"
     return None
 
 
