@@ -44,7 +44,6 @@ from proxy import (  # noqa: E402  (bench/proxy.py: the shared client and helper
     _tls_context,
     cpu_seconds,
     create_containers,
-    median,
     percentile,
 )
 

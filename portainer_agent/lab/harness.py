@@ -39,7 +39,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar, Union
+from typing import Any, Callable, Mapping, Sequence, TypeVar, Union
 
 import attrs
 
@@ -55,7 +55,6 @@ from portainer_agent.lab.dockerd import (
     processes_under,
     run_docker,
     terminate,
-    wait_for_exit,
 )
 from portainer_agent.testing.signing import (
     PORTAINER_MESSAGE,

@@ -10,7 +10,6 @@ import ssl
 import time
 from typing import Any, ClassVar
 
-from twisted.trial.unittest import SkipTest
 
 from portainer_agent.lab.harness import Lab
 from portainer_agent.lab.testing import SynchronousLabTestCase

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.integration.entrypoints import ENTRY_POINTS, run, start_agent, wait_for
+from tests.integration.entrypoints import ENTRY_POINTS, run, start_agent
 from tests.integration.support import RealDockerTestCase, free_port
 
 

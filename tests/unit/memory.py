@@ -160,3 +160,17 @@ def raw_request(method: bytes, target: bytes, headers: Sequence[tuple[bytes, byt
     if body or method in (b"POST", b"PUT"):
         lines.append(b"Content-Length: %d" % len(body))
     return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+class HeldOpen(Resource):
+    """Holds every request open (NOT_DONE_YET), so tests can look at it mid-flight."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[Request] = []
+
+    def render(self, request: Request) -> Any:
+        self.requests.append(request)
+        return NOT_DONE_YET

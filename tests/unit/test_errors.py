@@ -11,11 +11,12 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request, Site
+from twisted.web.server import Request, Site
 
 from portainer_agent.errors import AgentError, bad_gateway_docker, not_found
 from portainer_agent.http.responses import finish_with_error
+
+from .memory import HeldOpen
 
 
 class AgentErrorTests(SynchronousTestCase):
@@ -65,23 +66,11 @@ class AgentErrorTests(SynchronousTestCase):
         self.assertEqual(json.loads(error.body())["details"], "Connection refused")
 
 
-class Pending(Resource):
-    isLeaf = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.requests: list[Request] = []
-
-    def render(self, request: Request) -> Any:
-        self.requests.append(request)
-        return NOT_DONE_YET
-
-
 class FinishWithErrorTests(SynchronousTestCase):
     """``finish_with_error``: how an error found after ``render`` returned reaches the client."""
 
     def open_request(self) -> tuple[Request, StringTransport]:
-        resource = Pending()
+        resource = HeldOpen()
         protocol = Site(resource, reactor=Clock()).buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
         transport = StringTransport()
         protocol.makeConnection(transport)

@@ -13,21 +13,11 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request, Site
+from twisted.web.server import Request, Site
 
 from portainer_agent.http.twisted_private import client_gone, quiet_pool, request_line, take_unread
 
-
-class Hold(Resource):
-    isLeaf = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.requests: list[Request] = []
-
-    def render(self, request: Request) -> Any:
-        self.requests.append(request)
-        return NOT_DONE_YET
+from .memory import HeldOpen
 
 
 def channel_for(resource: Resource, request_factory: Any = Request) -> tuple[Any, StringTransport]:
@@ -48,12 +38,12 @@ class PrivateNamesTests(SynchronousTestCase):
                 seen.append(request_line(self.channel))
                 super().gotLength(length)
 
-        channel, _ = channel_for(Hold(), Spy)
+        channel, _ = channel_for(HeldOpen(), Spy)
         channel.dataReceived(b"PUT /v1.41/x?y=1 HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\n")
         self.assertEqual(seen, [(b"PUT", b"/v1.41/x?y=1", b"HTTP/1.1")])
 
     def test_unread_bytes_after_a_request_in_progress(self) -> None:
-        hold = Hold()
+        hold = HeldOpen()
         channel, _ = channel_for(hold)
         channel.dataReceived(b"POST /exec/1/start HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\nstdin bytes")
         [request] = hold.requests
@@ -61,7 +51,7 @@ class PrivateNamesTests(SynchronousTestCase):
         self.assertEqual(take_unread(request.channel), b"")
 
     def test_client_gone(self) -> None:
-        hold = Hold()
+        hold = HeldOpen()
         channel, _ = channel_for(hold)
         channel.dataReceived(b"GET /events HTTP/1.1\r\nHost: a\r\n\r\n")
         [request] = hold.requests

@@ -46,7 +46,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web import http
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request, Site
+from twisted.web.server import Request, Site
+
+from .memory import HeldOpen
 
 #: The Twisted releases these canaries were last checked against (pyproject.toml's pin).
 TESTED = ((26, 10), (27, 0))
@@ -71,20 +73,6 @@ def _body_digest(function: Any) -> str:
         body = body[1:]
     code = "\n".join(ast.unparse(statement) for statement in body)
     return hashlib.sha256(code.encode()).hexdigest()[:16]
-
-
-class _Pending(Resource):
-    """Holds every request open (NOT_DONE_YET), so tests can look at it mid-flight."""
-
-    isLeaf = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.requests: list[Request] = []
-
-    def render(self, request: Request) -> Any:
-        self.requests.append(request)
-        return NOT_DONE_YET
 
 
 def _connected_site(resource: Resource) -> tuple[Any, StringTransport]:
@@ -152,7 +140,7 @@ class ChannelTests(SynchronousTestCase):
             def protocol(self) -> Any:  # type: ignore[override]
                 return _GenericHTTPChannelProtocol(MyChannel())
 
-        resource = _Pending()
+        resource = HeldOpen()
         site = MySite(resource, reactor=Clock())
         protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
         self.assertIsInstance(protocol, _GenericHTTPChannelProtocol,
@@ -166,7 +154,7 @@ class ChannelTests(SynchronousTestCase):
         self.assertIs(resource.requests[0].channel, channel)
 
     def test_respond_to_bad_request_and_disconnect(self) -> None:
-        protocol, transport = _connected_site(_Pending())
+        protocol, transport = _connected_site(HeldOpen())
         channel = protocol._channel
         method: Any = getattr(channel, "_respondToBadRequestAndDisconnect", None)
         self.assertTrue(callable(method), _loud("HTTPChannel._respondToBadRequestAndDisconnect is gone",
@@ -181,7 +169,7 @@ class ChannelTests(SynchronousTestCase):
     def test_pipelined_bytes_wait_in_the_data_buffer(self) -> None:
         # take_over_transport hands bytes that arrived after an upgrade request's head
         # (the client's first stdin bytes) to the splice; they sit in ``_dataBuffer``.
-        resource = _Pending()
+        resource = HeldOpen()
         protocol, _ = _connected_site(resource)
         channel = protocol._channel
         protocol.dataReceived(b"POST /exec/x/start HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n"
@@ -197,7 +185,7 @@ class ChannelTests(SynchronousTestCase):
 
 class RequestTests(SynchronousTestCase):
     def test_disconnected_flag_follows_the_connection(self) -> None:
-        resource = _Pending()
+        resource = HeldOpen()
         protocol, _ = _connected_site(resource)
         protocol.dataReceived(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
         [request] = resource.requests
@@ -221,7 +209,7 @@ class RequestTests(SynchronousTestCase):
                 calls.append(("chunk", data))
                 super().handleContentChunk(data)
 
-        site = Site(_Pending(), requestFactory=Watching, reactor=Clock())
+        site = Site(HeldOpen(), requestFactory=Watching, reactor=Clock())
         protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
         protocol.makeConnection(StringTransport())
         protocol.dataReceived(b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhel")
@@ -281,7 +269,7 @@ class OperationsPrivateAPITests(SynchronousTestCase):
             self.assertIn(f"self.{name}", source, _loud(f"HTTPChannel no longer uses {name}", where))
 
     def test_handling_request_is_true_while_a_request_is_answered(self) -> None:
-        resource = _Pending()
+        resource = HeldOpen()
         protocol, _ = _connected_site(resource)
         channel = protocol._channel
         self.assertIs(channel._handlingRequest, False, _loud("HTTPChannel._handlingRequest is gone",
