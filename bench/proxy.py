@@ -24,7 +24,7 @@ table over the runs of several invocations. See bench/README.md for what each ro
 
 Usage (root, from the repository root):
 
-    sudo /work/venv/bin/python bench/proxy.py [--runs 3] [--json out.json] [--quick]
+    sudo .venv/bin/python bench/proxy.py [--runs 3] [--json out.json] [--quick]
 """
 from __future__ import annotations
 
@@ -920,7 +920,7 @@ def main() -> int:
         args.runs, args.requests, args.ping_seconds, args.log_seconds = 1, 50, 1.0, 2.0
         args.export_mb, args.slow_seconds, args.containers, args.upload_mb = 20, 2.0, 10, 20
     if os.geteuid() != 0:
-        print("bench/proxy.py needs root (it starts dockerd): sudo /work/venv/bin/python bench/proxy.py",
+        print("bench/proxy.py needs root (it starts dockerd): sudo .venv/bin/python bench/proxy.py",
               file=sys.stderr)
         return 2
     missing = missing_tools()

@@ -4,7 +4,7 @@ Puts the agent's `/containers/json` latency ratio in context: the extra process 
 alone cost something before any Python runs. Needs root (a real dockerd) and `socat`
 (`apt-get install socat`). Bounded: 300 alternating requests per path; cleans up after itself.
 
-    sudo /work/venv/bin/python bench/relay_floor.py
+    sudo .venv/bin/python bench/relay_floor.py
 """
 from __future__ import annotations
 

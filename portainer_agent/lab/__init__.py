@@ -5,7 +5,7 @@
 - :mod:`portainer_agent.lab.testing`: :class:`LabTestCase`, a lab shared by a test class.
 - :mod:`portainer_agent.lab.cli`: ``portainer-agent-lab up|status|down``.
 
-Needs root, ``dockerd`` and ``busybox-static`` (see /work/shared/lab/README.md).
+Needs root, ``dockerd`` and ``busybox-static``.
 """
 from portainer_agent.lab.dockerd import DockerDaemon, DockerDaemonError, make_workdir
 

@@ -6,7 +6,7 @@ folders, see :func:`make_workdir`). Without a named namespace the daemon runs in
 anonymous one (``unshare --net``), so its ``docker0`` bridge and iptables rules never touch
 the host or another daemon. With a named namespace (the lab's nodes) it is entered with
 ``nsenter --net=...`` because ``ip netns exec`` remounts ``/sys`` and hides the cgroup
-mounts dockerd needs (see /work/shared/lab/README.md).
+mounts dockerd needs.
 
 Typical single-daemon use from a trial test::
 
