@@ -8,14 +8,13 @@ makes the TLS identity, and returns one ``MultiService`` holding the API listene
 """
 from __future__ import annotations
 
-from typing import Any, Callable, cast
+from typing import Any, Callable
 
-from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
-from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.web.client import HTTPConnectionPool
 
 from portainer_agent import __version__
@@ -48,6 +47,7 @@ from portainer_agent.console.resource import ConsoleResource
 from portainer_agent.console.sessions import ConsoleSessions
 from portainer_agent.connections import RefusalLog, connection_cap, raise_open_file_limit
 from portainer_agent.http.metrics_endpoint import MetricsListenerService
+from portainer_agent.listening import ListenerService
 from portainer_agent.metrics import AgentMetrics
 
 log = Logger()
@@ -57,48 +57,19 @@ class StartupError(Exception):
     """The agent cannot start; the message says why, in one line."""
 
 
-class ApiListenerService(Service):
+class ApiListenerService(ListenerService):
     """Listens for the agent API; on stop, stops accepting and drains in-flight
     requests within a bounded grace period."""
 
     def __init__(self, endpoint: IStreamServerEndpoint, site: AgentSite, clock: Any, grace: float,
                  describe: str, on_fatal: Callable[[str], None] | None = None) -> None:
-        self._endpoint = endpoint
-        self.site = site
+        super().__init__(endpoint, site, describe, what="agent API", url=f"https://{describe}", on_fatal=on_fatal)
         self._clock = clock
         self._grace = grace
-        self._describe = describe
-        self._on_fatal = on_fatal
-        self.port: IListeningPort | None = None
-
-    def startService(self) -> None:
-        super().startService()
-        listening = self._endpoint.listen(self.site)
-        listening.addCallbacks(self._listening, self._failed)
-
-    def _listening(self, port: IListeningPort) -> None:
-        self.port = port
-        log.info("agent API listening on https://{address}", address=self._describe)
-
-    def _failed(self, failure: Failure) -> None:
-        message = f"cannot listen on {self._describe}: {failure.getErrorMessage()}"
-        log.error(message)
-        if self._on_fatal is not None:
-            self._on_fatal(message)
-
-    def stop_listening(self) -> "Deferred[None]":
-        """Close the listening port (the process keeps running)."""
-        port, self.port = self.port, None
-        if port is None:
-            return succeed(None)
-        # maybeDeferred unwraps the Deferred that stopListening may return; its overloads
-        # cannot say so for a ``Deferred[None] | None`` result.
-        return cast("Deferred[None]", maybeDeferred(port.stopListening))
 
     @inlineCallbacks
     def stopService(self) -> Any:
-        super().stopService()
-        yield self.stop_listening()
+        yield super().stopService()
         yield self.site.drain(self._clock, self._grace)
 
 

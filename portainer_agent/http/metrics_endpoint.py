@@ -8,18 +8,13 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from twisted.application.service import Service
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
-from twisted.internet.interfaces import IListeningPort
-from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from portainer_agent.listening import ListenerService
 from portainer_agent.metrics import AgentMetrics
 
-log = Logger()
 
 
 class MetricsResource(Resource):
@@ -53,41 +48,15 @@ class MetricsSite(Site):
         pass
 
 
-class MetricsListenerService(Service):
-    """Listens on ``(host, port)``; a failure to bind is fatal, like the API's."""
+class MetricsListenerService(ListenerService):
+    """Listens on ``(host, port)`` (plain HTTP); a failure to bind is fatal, like the API's."""
 
     def __init__(self, reactor: Any, address: tuple[str, int], metrics: AgentMetrics,
                  on_fatal: Callable[[str], None] | None = None) -> None:
-        self._reactor = reactor
+        host, port = address
+        describe = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        endpoint = (TCP6ServerEndpoint if ":" in host else TCP4ServerEndpoint)(reactor, port, interface=host)
+        super().__init__(endpoint, MetricsSite(MetricsResource(metrics), reactor=reactor), describe,
+                         what="metrics", url=f"http://{describe}/metrics", cannot="cannot listen for metrics on",
+                         on_fatal=on_fatal)
         self.address = address
-        self.site = MetricsSite(MetricsResource(metrics), reactor=reactor)
-        self._on_fatal = on_fatal
-        self.port: IListeningPort | None = None
-
-    @property
-    def describe(self) -> str:
-        host, port = self.address
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-    def startService(self) -> None:  # noqa: N802
-        super().startService()
-        host, port = self.address
-        endpoint = (TCP6ServerEndpoint if ":" in host else TCP4ServerEndpoint)(self._reactor, port, interface=host)
-        endpoint.listen(self.site).addCallbacks(self._listening, self._failed)
-
-    def _listening(self, port: IListeningPort) -> None:
-        self.port = port
-        log.info("metrics listening on http://{address}/metrics", address=self.describe)
-
-    def _failed(self, failure: Failure) -> None:
-        message = f"cannot listen for metrics on {self.describe}: {failure.getErrorMessage()}"
-        log.error(message)
-        if self._on_fatal is not None:
-            self._on_fatal(message)
-
-    def stopService(self) -> "Deferred[Any]":  # noqa: N802
-        super().stopService()
-        port, self.port = self.port, None
-        if port is None:
-            return succeed(None)
-        return maybeDeferred(port.stopListening)
