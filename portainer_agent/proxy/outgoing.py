@@ -55,11 +55,14 @@ def request_body_producer(request: Request, cooperator: Any = task) -> IBodyProd
 
 
 def upstream_header_lines(request: Request, extra: dict[bytes, bytes] | None = None) -> list[tuple[bytes, bytes]]:
-    """The request's end-to-end headers as ``(name, value)`` lines, then ``extra``."""
+    """The request's end-to-end headers as ``(name, value)`` lines, then ``extra``, whose
+    names replace the client's (the target header set for a peer, say)."""
     raw = request.requestHeaders
+    replaced = {name.lower() for name in (extra or {})}
     lines = [
         (name, value)
         for name, values in forwardable_request_headers(raw.getAllRawHeaders(), raw.getRawHeaders(b"connection", []))
+        if name.lower() not in replaced
         for value in values
     ]
     if extra:
@@ -68,9 +71,8 @@ def upstream_header_lines(request: Request, extra: dict[bytes, bytes] | None = N
 
 
 def upstream_headers(request: Request, extra: dict[bytes, bytes] | None = None) -> Headers:
+    """:func:`upstream_header_lines` as a ``Headers`` (for ``twisted.web.client.Agent``)."""
     headers = Headers()
-    for name, value in upstream_header_lines(request):
+    for name, value in upstream_header_lines(request, extra):
         headers.addRawHeader(name, value)
-    for name, value in (extra or {}).items():
-        headers.setRawHeaders(name, [value])
     return headers

@@ -30,9 +30,10 @@ from zope.interface import implementer
 from portainer_agent.docker import wire
 from portainer_agent.docker.client import DOCKER_HOST, DockerClient, Upgraded
 from portainer_agent.errors import AgentError, bad_gateway_docker
-from portainer_agent.http.paths import AGENT_RESPONSE_HEADERS, forwardable_request_headers
+from portainer_agent.http.paths import AGENT_RESPONSE_HEADERS
 from portainer_agent.http.responses import abort_client, finish_with_error
 from portainer_agent.http.twisted_private import client_gone, take_unread
+from portainer_agent.proxy.outgoing import upstream_header_lines
 from portainer_agent.proxy.relay import Drop, failure_reason, relay_response
 
 log = Logger()
@@ -44,18 +45,8 @@ def upgrade_header_lines(request: Request, extra: dict[bytes, bytes] | None = No
     """Pure: the header lines of the upstream upgrade request (Docker or a peer agent):
     the client's end-to-end headers, ``extra`` replacing the client's of the same name,
     then ``Connection: Upgrade`` and the client's ``Upgrade`` protocol."""
-    raw = request.requestHeaders
-    replaced = {name.lower() for name in (extra or {})}
-    lines = [
-        (name, value)
-        for name, values in forwardable_request_headers(raw.getAllRawHeaders(), raw.getRawHeaders(b"connection", []))
-        if name.lower() not in replaced
-        for value in values
-    ]
-    lines += (extra or {}).items()
-    upgrade = raw.getRawHeaders(b"upgrade", [b"tcp"])[-1]
-    lines += [(b"Connection", b"Upgrade"), (b"Upgrade", upgrade)]
-    return lines
+    upgrade = request.requestHeaders.getRawHeaders(b"upgrade", [b"tcp"])[-1]
+    return upstream_header_lines(request, extra) + [(b"Connection", b"Upgrade"), (b"Upgrade", upgrade)]
 
 
 def build_upgrade_head(request: Request, body: bytes, host: bytes = DOCKER_HOST,
