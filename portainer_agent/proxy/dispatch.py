@@ -40,5 +40,5 @@ class Destinations:
                 return self.peers.open_stream(request, route.members[0])
             return self.peers.render_first(request, route.members)
         if kind is RouteKind.AGGREGATE:
-            return self.fanout.render(request, route.members, local_name or "")
+            return self.fanout.render(request, route.path, route.members, local_name or "")
         raise ValueError(f"not a destination route: {route.kind}")

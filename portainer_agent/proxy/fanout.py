@@ -59,7 +59,8 @@ class FanOut:
         self._peers = peers
         self._timeout = timeout
 
-    def render(self, request: Request, members: Sequence[Member], local_name: str) -> Any:
+    def render(self, request: Request, path: bytes, members: Sequence[Member], local_name: str) -> Any:
+        """Ask ``members`` for ``request`` (its routed ``path``: which list, how to merge)."""
         legs = [self._leg(request, member, member.node_name == local_name) for member in members]
 
         def cancel_legs(_: Failure) -> None:
@@ -68,7 +69,7 @@ class FanOut:
                     leg.cancel()
 
         request.notifyFinish().addErrback(cancel_legs)
-        DeferredList(legs, consumeErrors=True).addCallback(self._answer, request, members)
+        DeferredList(legs, consumeErrors=True).addCallback(self._answer, request, path, members)
         return NOT_DONE_YET
 
     def _leg(self, request: Request, member: Member, local: bool) -> "Deferred[NodeAnswer]":
@@ -92,7 +93,8 @@ class FanOut:
         answer.addTimeout(self._timeout, self._reactor)
         return answer
 
-    def _answer(self, results: list[tuple[bool, Any]], request: Request, members: Sequence[Member]) -> None:
+    def _answer(self, results: list[tuple[bool, Any]], request: Request, path: bytes,
+                members: Sequence[Member]) -> None:
         if client_gone(request):
             return
         answers: list[NodeAnswer] = []
@@ -103,7 +105,7 @@ class FanOut:
                 answers.append(value)
                 continue
             failures.append(NodeFailure(member.node_name, self._reason(value, member, http_failures)))
-        body, failures = merge_answers(_routed_path(request), answers, failures)
+        body, failures = merge_answers(path, answers, failures)
         for failure in failures:
             log.warn("node {node} left out of the aggregated {path}: {reason}", node=failure.node,
                      path=request.path.decode("latin-1"), reason=failure.reason)
@@ -141,8 +143,3 @@ class FanOut:
             return
         details = "; ".join(f"{f.node}: {f.reason}" for f in failures)
         finish_with_error(request, AgentError(502, "Unable to retrieve the list from any node", details))
-
-
-def _routed_path(request: Request) -> bytes:
-    route = getattr(request, "agentRoute", None)
-    return route.path if route is not None else request.path

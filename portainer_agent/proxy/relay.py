@@ -127,6 +127,8 @@ def relay_response(response: IResponse, request: Request) -> "Deferred[None]":
 
 
 class _Discard(Protocol):
+    """Takes an empty body (HEAD, 204, 304): nothing to stop, the connection stays reusable."""
+
     def dataReceived(self, data: bytes) -> None:
         pass
 
@@ -134,7 +136,7 @@ class _Discard(Protocol):
         pass
 
 
-class _Drop(Protocol):
+class Drop(Protocol):
     """Takes a response nobody will read and stops its upstream at once."""
 
     def connectionMade(self) -> None:
@@ -145,10 +147,6 @@ class _Drop(Protocol):
 
     def connectionLost(self, reason: Any = None) -> None:
         pass
-
-
-#: For other modules: a body protocol that stops its upstream at once.
-Drop = _Drop
 
 
 def failure_reason(failure: Failure) -> str:
@@ -171,7 +169,7 @@ def relay_pending(pending: "Deferred[IResponse]", request: Request,
 
     def relay(response: IResponse) -> Any:
         if client_gone(request):
-            response.deliverBody(_Drop())
+            response.deliverBody(Drop())
             return None
         return relay_response(response, request)
 
