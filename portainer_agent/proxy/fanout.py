@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import attrs
 import treq
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, TimeoutError
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, TimeoutError, fail
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IResponse
@@ -76,8 +76,7 @@ class FanOut:
         try:
             sent = self._local.send(request) if local else self._peers.send(request, member, "aggregate")
         except AgentError as error:
-            sent = Deferred()
-            sent.errback(Failure(error))
+            sent = fail(error)
 
         def read(response: IResponse) -> "Deferred[NodeAnswer]":
             content_type = response.headers.getRawHeaders(b"content-type", [None])[-1]

@@ -19,7 +19,7 @@ from typing import Any, Callable, Protocol, Sequence
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl, task
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, fail
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
@@ -206,7 +206,7 @@ class PeerForwarder:
                                          upstream_headers(request, self._marks(member)), body)
         except PeerPinMissing as error:
             # Agent asks the policy while building the request, synchronously.
-            pending = _failed(error)
+            pending = fail(error)
         except ValueError as error:
             raise AgentError(400, "Invalid request URL or method", str(error)) from None
         if self._metrics is not None:
@@ -283,9 +283,3 @@ class PeerForwarder:
             return self._unreachable(member, failure)
 
         return self._hijack.open(request, endpoint, host, self._marks(member), unreachable)
-
-
-def _failed(error: Exception) -> "Deferred[IResponse]":
-    d: Deferred[IResponse] = Deferred()
-    d.errback(Failure(error))
-    return d
