@@ -19,7 +19,8 @@ requests_total                              counter    kind, method, status (``2
 request_duration_seconds                    histogram  kind
 response_bytes_total                        counter    kind (body bytes sent to clients)
 open_connections                            gauge      (API connections open now)
-open_hijacked_streams                       gauge      (attach/exec streams open now)
+open_hijacked_streams                       gauge      (attach/exec/console streams open now)
+inflight_requests                           gauge      kind (requests being served now, streams included)
 connections_refused_total                   counter    reason (``max_connections``)
 connections_cut_total                       counter    reason (``header_timeout``, ``tls_handshake_timeout``)
 signature_failures_total                    counter    reason
@@ -49,8 +50,6 @@ KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPT
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 #: Membership probe round trips: LAN latencies up to the probe timeout.
 RTT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
-
-UNROUTED = "unrouted"
 
 
 def method_label(method: bytes | str) -> str:
@@ -100,6 +99,24 @@ class _MembersByState:
         return []
 
 
+class _InflightByKind:
+    """Collector: requests in flight by route kind, read from the site's registry at
+    scrape time (``kind`` comes from the fixed set of route kinds)."""
+
+    def __init__(self, by_kind: Callable[[], Mapping[str, int]]) -> None:
+        self.by_kind = by_kind
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        family = GaugeMetricFamily(f"{PREFIX}_inflight_requests", "API requests being served now, by route kind",
+                                   labels=["kind"])
+        for kind, count in sorted(self.by_kind().items()):
+            family.add_metric([kind], count)
+        yield family
+
+    def describe(self) -> Iterable[GaugeMetricFamily]:
+        return []
+
+
 class AgentMetrics:
     """The agent's metrics in ``registry`` (a new one by default)."""
 
@@ -134,6 +151,7 @@ class AgentMetrics:
         self._forward_errors = Counter(f"{PREFIX}_forward_errors", "Forwarding failures, by peer node and reason",
                                        ["node", "reason"], registry=r)
         self._members_collector: _MembersByState | None = None
+        self._inflight_collector: _InflightByKind | None = None
 
     # -- HTTP site -----------------------------------------------------------------
 
@@ -149,6 +167,14 @@ class AgentMetrics:
         """Read both gauges at scrape time from the site's own bookkeeping."""
         self._open_connections.set_function(open_connections)
         self._open_streams.set_function(open_streams)
+
+    def watch_inflight(self, by_kind: Callable[[], Mapping[str, int]]) -> None:
+        """Report requests in flight by kind from ``by_kind()`` at scrape time."""
+        if self._inflight_collector is None:
+            self._inflight_collector = _InflightByKind(by_kind)
+            self.registry.register(self._inflight_collector)  # type: ignore[arg-type]
+        else:
+            self._inflight_collector.by_kind = by_kind
 
     def connection_refused(self, reason: str = "max_connections") -> None:
         self._refused.labels(reason).inc()

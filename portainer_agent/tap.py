@@ -25,7 +25,8 @@ from portainer_agent.proxy.splice import HijackProxy
 from portainer_agent.docker.identity import DockerUnavailable, NodeIdentity, fetch_identity_blocking
 from portainer_agent.proxy.local import DockerProxy
 from portainer_agent.http.root import AgentRoot
-from portainer_agent.http.site import AgentSite, OpenStreams
+from portainer_agent.http.inflight import InFlight
+from portainer_agent.http.site import AgentSite
 from portainer_agent.options import AgentOptions
 from portainer_agent.twistd import TwistdAgentOptions, exit_like_the_console_script, twistd_log_observer
 from portainer_agent.tls.certs import TLSIdentity, load_or_generate
@@ -92,12 +93,13 @@ class AgentService(MultiService):
         self.docker = DockerClient.for_socket(reactor, config.docker_socket_path)
         self.guard = SignatureGuard.from_config(config)
         self.guard.on_refused = self.metrics.signature_refused
-        streams = OpenStreams()
+        #: Every request from arrival to release (hijacks and consoles hand theirs over).
+        self.inflight = InFlight(self.metrics)
         self.docker_proxy = DockerProxy(self.docker, config.docker_socket_path)
-        self.hijack = HijackProxy(self.docker, track=streams.track)
+        self.hijack = HijackProxy(self.docker, hand_over=self.inflight.hand_over)
         self.destinations = Destinations(self.docker_proxy, self.hijack)
-        self.root = AgentRoot(self.destinations, guard=self.guard)
-        self.site = AgentSite(self.root, access_log=config.log_level == "DEBUG", streams=streams, reactor=reactor,
+        self.root = AgentRoot(self.destinations, guard=self.guard, inflight=self.inflight)
+        self.site = AgentSite(self.root, access_log=config.log_level == "DEBUG", inflight=self.inflight, reactor=reactor,
                               metrics=self.metrics, head_timeout=config.header_timeout, timeout=config.idle_timeout)
         ca_pem = config.tls_ca.read_bytes() if config.tls_ca else None
         inner = (TCP6ServerEndpoint if ":" in config.host else TCP4ServerEndpoint)(
@@ -137,7 +139,7 @@ class AgentService(MultiService):
         for kind in ("exec", "attach"):
             self.root.endpoints[b"/websocket/" + kind.encode()] = ConsoleResource(
                 kind, console_opener(reactor, config.docker_socket_path, self.docker), reactor,
-                config.console_ping_interval, track=self.consoles.track)
+                config.console_ping_interval, track=self.consoles.track, hand_over=self.inflight.hand_over)
         # Metrics (issue 11): a plain-HTTP listener of its own, only when asked for.
         if config.metrics_addr is not None:
             self.metrics_listener = MetricsListenerService(reactor, config.metrics_addr, self.metrics,

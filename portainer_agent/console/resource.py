@@ -73,24 +73,32 @@ def websocket_handshake(request: Request) -> H11Handshake:
     return handshake
 
 
-def _release(request: Request) -> None:
-    """twisted.web has no "upgraded" state: tell whoever waits for the request (the
-    site's in-flight set, the drain at shutdown) that its HTTP life is over."""
-    notifications, request.notifications = request.notifications, []
-    for waiting in notifications:
-        waiting.callback(None)
+def _each(*calls: Callable[[], None] | None) -> Callable[[], None] | None:
+    """One callable calling each of ``calls`` that is not None (None if there is none)."""
+    present = [call for call in calls if call is not None]
+    if not present:
+        return None
+
+    def call_each() -> None:
+        for call in present:
+            call()
+
+    return call_each
 
 
 class ConsoleResource:
     """One console endpoint (``kind`` is ``"exec"`` or ``"attach"``)."""
 
     def __init__(self, kind: str, open_stream: OpenStream, clock: Any, ping_interval: float,
-                 track: Callable[[Any], Callable[[], None]] | None = None, close_timeout: float = 5.0) -> None:
+                 track: Callable[[Any], Callable[[], None]] | None = None, close_timeout: float = 5.0,
+                 hand_over: Callable[[Request, Any], Callable[[], None]] | None = None) -> None:
         self.kind = kind
         self._open_stream = open_stream
         self._clock = clock
         self._ping_interval = ping_interval
         self._track = track
+        #: The site's in-flight registry: the request lives on as the session.
+        self._hand_over = hand_over
         self._close_timeout = close_timeout
 
     def render(self, request: Request) -> Any:
@@ -130,12 +138,12 @@ class ConsoleResource:
         assert connection is not None  # wsproto made it when accepting
         session = ConsoleSession(connection, stream.transport, self._clock, self._ping_interval,
                                  close_timeout=self._close_timeout, hangup=stream.target.hangup)
-        if self._track is not None:
-            session.on_close = self._track(session)
+        forget = self._track(session) if self._track is not None else None
+        release = self._hand_over(request, session) if self._hand_over is not None else None
+        session.on_close = _each(forget, release)
         client = request.channel.transport
         assert client is not None  # not disconnected (checked above)
         client.write(accept)
         take_over_transport(request, session)
-        _release(request)
         stream.start(session)
         log.debug("console {kind} {id} open", kind=target.kind, id=target.id)

@@ -16,6 +16,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from portainer_agent import AGENT_API_VERSION, AGENT_PLATFORM, __version__
 from portainer_agent.errors import AgentError, not_found
+from portainer_agent.http.inflight import InFlight
 from portainer_agent.http.paths import is_upgrade_request, split_version_prefix
 from portainer_agent.http.responses import write_empty, write_error
 from portainer_agent.routing import (
@@ -93,8 +94,11 @@ class AgentRoot(Resource):
         guard: RequestGuard | None = None,
         endpoints: dict[bytes, IResource | Handler] | None = None,
         cluster: Callable[[], ClusterSnapshot | None] | None = None,
+        inflight: InFlight | None = None,
     ) -> None:
         super().__init__()
+        #: The site's in-flight registry: told each request's route kind (for its metrics).
+        self.inflight = inflight
         self.destinations = destinations
         self.guard = guard
         #: Live cluster members at the time of a request; None (or returning None) on a
@@ -110,6 +114,8 @@ class AgentRoot(Resource):
         snapshot = self.cluster() if self.cluster is not None else None
         decision = decide(request_facts(request, path), snapshot)
         request.agentRoute = decision  # type: ignore[attr-defined]
+        if self.inflight is not None:
+            self.inflight.routed(request, decision.kind.value)
         try:
             if decision.kind is RouteKind.PING:
                 return write_empty(request, 204)

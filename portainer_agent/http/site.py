@@ -7,16 +7,16 @@ import time
 import weakref
 from typing import Any, Callable
 
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.web import http
 from twisted.web.http import _GenericHTTPChannelProtocol
 from twisted.web.server import Request, Site
 
 from portainer_agent.http.channel import AgentHTTPChannel
-from portainer_agent.http.responses import abort_client
+from portainer_agent.http.inflight import InFlight
 from portainer_agent.http.upload import StreamingUploads
-from portainer_agent.metrics import UNROUTED, AgentMetrics
+from portainer_agent.metrics import AgentMetrics
 from portainer_agent.security.body import DiscardUnauthenticatedBody
 
 log = Logger(namespace="portainer_agent.access")
@@ -33,34 +33,11 @@ class AgentRequest(DiscardUnauthenticatedBody, StreamingUploads, Request):
         self.startedAt = time.monotonic()
 
 
-class OpenStreams:
-    """Hijacked streams still open: no longer twisted.web Requests, so the site cannot
-    see them; a graceful stop cuts them after the grace period."""
-
-    def __init__(self) -> None:
-        self._streams: set[Any] = set()
-
-    def __bool__(self) -> bool:
-        return bool(self._streams)
-
-    def __len__(self) -> int:
-        return len(self._streams)
-
-    def track(self, stream: Any) -> Callable[[], None]:
-        """Register ``stream`` (a protocol with a transport); returns its remover."""
-        self._streams.add(stream)
-        return lambda: self._streams.discard(stream)
-
-    def abort_all(self) -> None:
-        for stream in list(self._streams):
-            if stream.transport is not None:
-                stream.transport.abortConnection()
-
-
 class AgentSite(Site):
     """A Site that logs one structured access line per request at DEBUG (method,
-    path without the query string, status, bytes, duration) and knows which requests
-    and hijacked streams are still running, for a graceful stop."""
+    path without the query string, status, bytes, duration) and admits every request
+    into the in-flight registry (:class:`~portainer_agent.http.inflight.InFlight`), which
+    counts it when it is released and tells a graceful stop what is still running."""
 
     requestFactory = AgentRequest
     noisy = False
@@ -75,7 +52,7 @@ class AgentSite(Site):
         self.channels.add(channel)
         return _GenericHTTPChannelProtocol(channel)
 
-    def __init__(self, resource: Any, access_log: bool = False, streams: OpenStreams | None = None,
+    def __init__(self, resource: Any, access_log: bool = False, inflight: InFlight | None = None,
                  metrics: AgentMetrics | None = None, head_timeout: float | None = None,
                  **kwargs: Any) -> None:
         """``timeout`` (a Site argument) is the idle timeout of kept-alive connections."""
@@ -84,13 +61,14 @@ class AgentSite(Site):
         kwargs.setdefault("parsePOSTFormSubmission", False)
         super().__init__(resource, requestFactory=AgentRequest, **kwargs)
         self._accessLog = access_log
-        self.inflight: set[Request] = set()
         self.channels: "weakref.WeakSet[AgentHTTPChannel]" = weakref.WeakSet()
-        self.streams = streams if streams is not None else OpenStreams()
+        #: Shared with whoever routes (the kind) and takes connections over (hijack, console).
+        self.inflight = inflight if inflight is not None else InFlight(metrics)
         self.metrics = metrics
         self.head_timeout = head_timeout
         if metrics is not None:
-            metrics.watch_connections(self.open_connections, lambda: len(self.streams))
+            metrics.watch_connections(self.open_connections, self.inflight.streams)
+            metrics.watch_inflight(self.inflight.by_kind)
 
     def open_connections(self) -> int:
         return sum(1 for channel in list(self.channels) if not channel.closed and channel.transport is not None)
@@ -100,21 +78,8 @@ class AgentSite(Site):
         # Server header, and the version helps only an attacker. Proxied answers carry
         # Docker's own.
         request.responseHeaders.removeHeader(b"server")
-        self.inflight.add(request)
-        request.notifyFinish().addBoth(lambda _: self.inflight.discard(request))
-        if self.metrics is not None:
-            request.notifyFinish().addCallbacks(lambda _: self._measure(request, True),
-                                                lambda _: self._measure(request, False))
+        self.inflight.admit(request)
         return super().getResourceFor(request)
-
-    def _measure(self, request: Request, completed: bool) -> None:
-        """Count a finished request under its route kind (set by the root resource)."""
-        assert self.metrics is not None
-        route = getattr(request, "agentRoute", None)
-        kind = route.kind.value if route is not None else UNROUTED
-        started = getattr(request, "startedAt", None)
-        duration = time.monotonic() - started if started is not None else 0.0
-        self.metrics.request_finished(kind, request.method, request.code, duration, request.sentLength, completed)
 
     def log(self, request: http.Request) -> None:
         if not self._accessLog:
@@ -129,29 +94,19 @@ class AgentSite(Site):
         )
 
     def drain(self, clock: Any, grace: float) -> "Deferred[None]":
-        """Wait up to ``grace`` seconds for running requests, then cut the rest."""
-        pending = [req.notifyFinish() for req in list(self.inflight)]
+        """Wait up to ``grace`` seconds for what is in flight (plain requests and the
+        streams that took requests over), then cut the rest."""
         done: Deferred[None] = Deferred()
 
-        def cut() -> None:
-            for req in list(self.inflight):
-                abort_client(req)
-            self.streams.abort_all()
+        def cut(_: Any = None) -> None:
+            if timer.active():
+                timer.cancel()
+            self.inflight.abort_all()
             if not done.called:
                 done.callback(None)
 
-        if not pending and not self.streams:
-            done.callback(None)
-        else:
-            timer = clock.callLater(grace, cut)
-
-            def finished(_: Any) -> None:
-                if timer.active():
-                    timer.cancel()
-                cut()
-
-            if pending:
-                DeferredList(pending, consumeErrors=True).addBoth(finished)
+        timer = clock.callLater(grace, cut)
+        self.inflight.idle().addCallback(cut)
         # Kept-alive connections are closed cleanly in every case, idle ones included.
         return done.addCallback(lambda _: self._closeConnections(clock))
 

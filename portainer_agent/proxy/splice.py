@@ -12,12 +12,24 @@ connections are closed; a client that left without a TLS close_notify (a bare TC
 as docker-py's cancel does) gets its TCP connection closed at once instead of a TLS
 shutdown that would wait for an answer forever.
 
+A client's half-close means "stdin is over" only when it has a stdin to end: an attach
+without ``stdin=1`` has none, so its half-close means the client left (docker-py's
+``attach(stream=True)`` cancel closes the socket that way), and the splice ends at once
+instead of holding Docker's attach until the container exits. For streams that do carry
+stdin, a client that half-closed and then vanished is found by TCP keep-alive probes on
+its connection (:data:`KEEPALIVE`), so no splice waits forever for a silent container.
+
+Each splice carries on an HTTP request that twisted.web will never finish: it is handed
+over to the site's in-flight registry (``hand_over``) and released when the splice ends.
+
 The private Twisted names this needs (the bytes twisted.web read past the request head,
 "client gone") are behind :mod:`portainer_agent.http.twisted_private`.
 """
 from __future__ import annotations
 
+import socket
 from typing import Any, Callable, cast
+from urllib.parse import parse_qs
 
 from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import IConsumer, IHalfCloseableProtocol, IStreamClientEndpoint, ITCPTransport
@@ -39,6 +51,39 @@ from portainer_agent.proxy.relay import Drop, failure_reason, relay_response
 log = Logger()
 
 MAX_HIJACK_REQUEST_BODY = 1 << 20
+#: TCP keep-alive on a spliced client connection: idle seconds, probe interval, probes.
+KEEPALIVE = (30, 10, 3)
+
+#: Registers a request whose connection a stream took over; returns its release.
+HandOver = Callable[[Request, Any], Callable[[], None]]
+
+
+def half_close_means_departure(path: bytes, query: bytes) -> bool:
+    """Pure: whether a client half-closing this upgraded request has left rather than
+    ended its stdin: an attach (``/containers/{id}/attach``, any version prefix) that
+    did not ask for stdin has no stdin to end."""
+    if not path.rstrip(b"/").endswith(b"/attach") or b"/containers/" not in path:
+        return False
+    values = parse_qs(query.decode("latin-1")).get("stdin", [])
+    return not any(value.strip().lower() in ("1", "true") for value in values)
+
+
+def enable_keepalive(transport: Any, settings: tuple[int, int, int] = KEEPALIVE) -> None:
+    """TCP keep-alive probes on the TCP connection under ``transport`` (TLS or not),
+    so a peer that vanished without a word is noticed; quietly nothing on other sockets."""
+    tcp = getattr(transport, "transport", None) or transport
+    get_handle = getattr(tcp, "getHandle", None)
+    if get_handle is None:
+        return
+    try:
+        handle = get_handle()
+        handle.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        idle, interval, count = settings
+        for option, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", interval), ("TCP_KEEPCNT", count)):
+            if hasattr(socket, option):
+                handle.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+    except (OSError, AttributeError):
+        pass
 
 
 def upgrade_header_lines(request: Request, extra: dict[bytes, bytes] | None = None) -> list[tuple[bytes, bytes]]:
@@ -73,6 +118,8 @@ class SpliceEnd(Protocol):
     #: When this side finishes sending, close the other side entirely rather than
     #: half-closing it (Docker ending the stream means the command is over).
     prefersHalfClose = True
+    #: This side finishing sending means it left (a client with no stdin to end).
+    departsOnHalfClose = False
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
         peer = self.peer
@@ -83,7 +130,10 @@ class SpliceEnd(Protocol):
         """This side finished sending: pass the half-close on."""
         self.sent_all = True
         if self.splice is not None:
-            self.splice.direction_done(self)
+            if self.departsOnHalfClose:
+                self.splice.end()
+            else:
+                self.splice.direction_done(self)
 
     def writeConnectionLost(self) -> None:  # noqa: N802
         pass
@@ -210,9 +260,9 @@ class HijackProxy:
     """Serves upgrade requests by splicing the client and the Docker socket (or, through
     :meth:`open`, another agent)."""
 
-    def __init__(self, docker: DockerClient, track: Callable[[Any], Callable[[], None]] | None = None) -> None:
+    def __init__(self, docker: DockerClient, hand_over: HandOver | None = None) -> None:
         self._docker = docker
-        self._track = track
+        self._hand_over = hand_over
 
     def render(self, request: Request) -> Any:
         """Splice ``request`` to the local Docker socket."""
@@ -275,9 +325,11 @@ class HijackProxy:
     def _splice(self, request: Request, upgraded: Upgraded) -> None:
         client_end = SpliceEnd()
         upstream_end = SpliceEnd()
+        path, _, query = request.uri.partition(b"?")
+        client_end.departsOnHalfClose = half_close_means_departure(path, query)
         reactor = self._docker.reactor
-        forget = self._track(client_end) if self._track is not None else None
-        Splice(client_end, upstream_end, reactor, on_end=forget)
+        release = self._hand_over(request, client_end) if self._hand_over is not None else None
+        Splice(client_end, upstream_end, reactor, on_end=release)
         # Agent headers on the 101 too, exactly once.
         lines = [b"HTTP/1.1 %d %s\r\n" % (upgraded.code, upgraded.phrase)]
         lines += [name + b": " + value + b"\r\n" for name, value in upgraded.raw_headers
@@ -288,6 +340,7 @@ class HijackProxy:
         lines.append(b"\r\n")
         upgraded.hand_over(upstream_end)
         client_transport = take_over_transport(request, client_end)
+        enable_keepalive(client_transport)
         client_transport.write(b"".join(lines) + upgraded.rest)
         docker_transport = upgraded.transport
         client_transport.registerProducer(docker_transport, True)

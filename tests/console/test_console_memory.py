@@ -27,6 +27,7 @@ from portainer_agent.console.resource import ConsoleResource
 from portainer_agent.console.session import END_OF_INPUT, HANGUP_REPEAT, HANGUP_TRIES
 from portainer_agent.console.sessions import ConsoleSessions
 from portainer_agent.console.text import TerminalText
+from portainer_agent.http.inflight import InFlight
 from portainer_agent.http.root import AgentRoot
 from portainer_agent.proxy.dispatch import Destinations
 from portainer_agent.http.site import AgentSite
@@ -80,6 +81,8 @@ class ConsoleInMemory:
         self.reactor = MemoryReactor()
         self.clock = Clock()
         self.closed: list[Any] = []
+        # Wired as tap.py does: the site, the root and the consoles share one registry.
+        self.inflight = InFlight()
 
         def opener(target: ConsoleTarget) -> Any:
             return open_docker_stream(self.reactor, SOCKET, attrs.evolve(target, hangup=hangup))
@@ -87,12 +90,13 @@ class ConsoleInMemory:
         resources = {
             b"/websocket/" + k.encode(): ConsoleResource(
                 k, opener, self.clock, PING_INTERVAL,
-                track=self._track, close_timeout=CLOSE_TIMEOUT)
+                track=self._track, close_timeout=CLOSE_TIMEOUT, hand_over=self.inflight.hand_over)
             for k in ("exec", "attach")
         }
-        self.root = AgentRoot(Destinations(RecordingHandler(), RecordingHandler()), guard=None, endpoints=resources)
+        self.root = AgentRoot(Destinations(RecordingHandler(), RecordingHandler()), guard=None, endpoints=resources,
+                              inflight=self.inflight)
         self.client = StringTransport()
-        self.site = AgentSite(self.root, reactor=Clock())
+        self.site = AgentSite(self.root, reactor=Clock(), inflight=self.inflight)
         self.channel = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40001))
         self.channel.makeConnection(self.client)
         self.ws = WSConnection(ConnectionType.CLIENT)
@@ -162,9 +166,10 @@ class HandshakeTests(SynchronousTestCase):
         status, headers, _ = console.http_answer()
         self.assertEqual(status, b"HTTP/1.1 101 Switching Protocols")
         self.assertEqual(headers[b"portainer-agent"], __version__.encode())
-        # The HTTP request is over for the site (no leak, no wait at shutdown); the
-        # session is what a shutdown cuts.
-        self.assertEqual(console.site.inflight, set())
+        # The HTTP request lives on as the session: in flight (a drain waits for it and
+        # cuts it), released when the session closes.
+        self.assertEqual(console.site.inflight.by_kind(), {"agent": 1})
+        self.assertEqual(console.site.inflight.streams(), 1)
         self.assertEqual(console.closed, [])
 
     def test_missing_id_is_400(self) -> None:
@@ -275,8 +280,10 @@ class RelayTests(SynchronousTestCase):
         self.console.client.protocol.connectionLost(Failure(ConnectionDone()))
         self.assertTrue(self.console.upstream.disconnecting)
         self.assertEqual(self.console.closed, [])
+        self.assertEqual(len(self.console.inflight), 1, "in flight until both ends are gone")
         self.console.docker.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(self.console.closed, [self.console.session])
+        self.assertEqual(len(self.console.inflight), 0, "released once the session is over")
 
     def test_docker_end_closes_the_websocket_normally(self) -> None:
         self.console.docker.dataReceived(b"bye\xe4")

@@ -13,14 +13,22 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.server import Request, Site
+from twisted.web.server import Request
 from twisted.web.test.requesthelper import DummyRequest
 
 from portainer_agent import __version__
 from portainer_agent.docker.client import DockerClient
 from portainer_agent.docker.wire import ProtocolError, ResponseReader
-from portainer_agent.proxy.splice import MAX_HIJACK_REQUEST_BODY, HijackProxy, build_upgrade_head
+from portainer_agent.proxy.splice import (
+    MAX_HIJACK_REQUEST_BODY,
+    HijackProxy,
+    build_upgrade_head,
+    half_close_means_departure,
+)
+from portainer_agent.http.inflight import InFlight
 from portainer_agent.http.root import AgentRoot
+from portainer_agent.http.site import AgentSite
+from portainer_agent.metrics import AgentMetrics
 from portainer_agent.proxy.dispatch import Destinations
 
 from .memory import SOCKET, RecordingHandler, raw_request
@@ -37,6 +45,23 @@ def dummy(method: bytes, uri: bytes, headers: list[tuple[bytes, bytes]]) -> Requ
 def head_lines(head: bytes) -> tuple[list[bytes], bytes]:
     top, _, body = head.partition(b"\r\n\r\n")
     return top.split(b"\r\n"), body
+
+
+class HalfCloseMeaningTests(SynchronousTestCase):
+    def test_an_attach_without_stdin_departs(self) -> None:
+        for path, query in ((b"/v1.41/containers/abc/attach", b"stream=1&stdout=1"),
+                            (b"/containers/abc/attach", b""),
+                            (b"/containers/abc/attach", b"stdin=0&stream=1"),
+                            (b"/containers/abc/attach", b"stdin=false")):
+            self.assertTrue(half_close_means_departure(path, query), (path, query))
+
+    def test_streams_with_stdin_half_close(self) -> None:
+        for path, query in ((b"/v1.41/containers/abc/attach", b"stream=1&stdin=1"),
+                            (b"/containers/abc/attach", b"stdin=true"),
+                            (b"/exec/e1/start", b""),
+                            (b"/session", b""),
+                            (b"/attach", b"")):
+            self.assertFalse(half_close_means_departure(path, query), (path, query))
 
 
 class BuildUpgradeHeadTests(SynchronousTestCase):
@@ -170,10 +195,16 @@ class HijackInMemory:
     def __init__(self, request: bytes) -> None:
         self.reactor = MemoryReactorClock()
         self.docker_handler = RecordingHandler()
-        self.root = AgentRoot(Destinations(self.docker_handler, HijackProxy(DockerClient.for_socket(self.reactor, SOCKET))),
-                              guard=None)
+        # Wired as tap.py wires the agent: one in-flight registry for the site, the root
+        # (route kinds) and the hijack (hand-over).
+        self.metrics = AgentMetrics()
+        self.inflight = InFlight(self.metrics)
+        hijack = HijackProxy(DockerClient.for_socket(self.reactor, SOCKET), hand_over=self.inflight.hand_over)
+        self.root = AgentRoot(Destinations(self.docker_handler, hijack), guard=None, inflight=self.inflight)
+        self.clock = Clock()
+        self.site = AgentSite(self.root, reactor=self.clock, inflight=self.inflight, metrics=self.metrics)
         self.client: Any = HalfCloseTransport()
-        self.channel = Site(self.root, reactor=Clock()).buildProtocol(IPv4Address("TCP", "127.0.0.1", 40001))
+        self.channel = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40001))
         self.channel.makeConnection(self.client)
         self.channel.dataReceived(request)
         self.upstream = HalfCloseTransport()
@@ -194,6 +225,17 @@ class HijackInMemory:
 
     def docker_sends(self, data: bytes) -> None:
         self.docker.dataReceived(data)
+
+    def upgrade(self) -> None:
+        """Docker answers 101: the splice starts."""
+        self.connect_docker()
+        self.docker_sends(b"HTTP/1.1 101 UPGRADED\r\nContent-Type: application/vnd.docker.raw-stream\r\n"
+                          b"Connection: Upgrade\r\nUpgrade: tcp\r\n\r\n")
+
+    def counted(self, kind: str, status: str) -> float:
+        value = self.metrics.registry.get_sample_value(
+            "portainer_agent_requests_total", {"kind": kind, "method": "POST", "status": status})
+        return value or 0.0
 
     def response(self) -> tuple[bytes, list[tuple[bytes, bytes]], bytes]:
         head, _, body = self.client.value().partition(b"\r\n\r\n")
@@ -332,6 +374,58 @@ class HijackProxyTests(SynchronousTestCase):
         status, _, _ = hijack.response()
         self.assertTrue(status.startswith(b"HTTP/1.1 413"), status)
         self.assertEqual(hijack.reactor.unixClients, [])
+
+    def test_a_spliced_stream_is_in_flight_until_it_ends_then_released_once(self) -> None:
+        hijack = HijackInMemory(ATTACH)
+        hijack.upgrade()
+        self.assertEqual(hijack.inflight.by_kind(), {"hijack": 1})
+        self.assertEqual(hijack.inflight.streams(), 1)
+        hijack.docker.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(len(hijack.inflight), 0)
+        self.assertEqual(hijack.counted("hijack", "1xx"), 1)
+        # The client's connection closing afterwards does not count it again.
+        hijack.client.protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(hijack.counted("hijack", "1xx"), 1)
+        self.assertEqual(hijack.counted("hijack", "aborted"), 0)
+
+    def test_the_client_leaving_mid_stream_releases_the_request(self) -> None:
+        hijack = HijackInMemory(ATTACH)
+        hijack.upgrade()
+        hijack.client.protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertTrue(hijack.upstream.disconnecting, "Docker's connection is closed too")
+        self.assertEqual(len(hijack.inflight), 0)
+        self.assertEqual(hijack.counted("hijack", "1xx"), 1)
+
+    def test_drain_waits_for_a_stream_only_until_it_ends(self) -> None:
+        hijack = HijackInMemory(ATTACH)
+        hijack.upgrade()
+        drained = hijack.site.drain(hijack.clock, 5.0)
+        hijack.clock.advance(1)
+        self.assertNoResult(drained)
+        hijack.docker.connectionLost(Failure(ConnectionDone()))
+        self.successResultOf(drained)
+        self.assertEqual(hijack.clock.seconds(), 1, "no wait for the grace period")
+
+    def test_drain_cuts_a_stream_still_open_after_the_grace_period(self) -> None:
+        hijack = HijackInMemory(ATTACH)
+        hijack.upgrade()
+        drained = hijack.site.drain(hijack.clock, 5.0)
+        hijack.clock.advance(5.01)
+        self.successResultOf(drained)
+        self.assertTrue(hijack.client.disconnected, "the stream's client connection is aborted")
+        self.assertEqual(len(hijack.inflight), 0)
+
+    def test_an_attach_without_stdin_ends_when_the_client_half_closes(self) -> None:
+        # docker-py's attach(stream=True) cancel: the client closes, Docker's attach would
+        # otherwise stay open until the container exits.
+        hijack = HijackInMemory(raw_request(b"POST", b"/v1.41/containers/abc/attach?stream=1&stdout=1&stderr=1",
+                                            [(b"Connection", b"Upgrade"), (b"Upgrade", b"tcp")]))
+        hijack.upgrade()
+        hijack.client.protocol.readConnectionLost()
+        self.assertTrue(hijack.upstream.disconnecting, "Docker's attach connection is closed")
+        self.assertFalse(hijack.upstream.write_closed, "not a half-close: the stream is over")
+        self.assertTrue(hijack.client.disconnecting)
+        self.assertEqual(len(hijack.inflight), 0)
 
     def test_client_gone_before_docker_answers_aborts_the_socket(self) -> None:
         hijack = HijackInMemory(ATTACH)

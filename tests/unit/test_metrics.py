@@ -17,9 +17,10 @@ from twisted.web.server import NOT_DONE_YET
 
 from portainer_agent.cluster.member import MemberState
 from portainer_agent.http.metrics_endpoint import MetricsResource
+from portainer_agent.http.inflight import InFlight
 from portainer_agent.http.site import AgentSite
 from portainer_agent.metrics import AgentMetrics, TimedPings, signature_refusal_reason
-from portainer_agent.routing import Route, RouteKind
+from portainer_agent.routing import RouteKind
 
 
 def samples(metrics: AgentMetrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -111,23 +112,24 @@ class AgentMetricsTests(SynchronousTestCase):
 
 
 class RoutedRoot(Resource):
-    """Sets ``agentRoute`` as the real root does; /stream stays open."""
+    """Tells the in-flight registry each route kind as the real root does; /stream stays open."""
 
     isLeaf = True
 
-    def __init__(self) -> None:
+    def __init__(self, inflight: InFlight) -> None:
         super().__init__()
         self.open: list[Any] = []
+        self.inflight = inflight
 
     def render(self, request: Any) -> Any:
         if request.path == b"/stream":
-            request.agentRoute = Route(RouteKind.DOCKER, request.path)
+            self.inflight.routed(request, RouteKind.DOCKER.value)
             request.write(b"x" * 10)
             self.open.append(request)
             return NOT_DONE_YET
         if request.path == b"/unrouted":
             return b"plain"
-        request.agentRoute = Route(RouteKind.PING, request.path)
+        self.inflight.routed(request, RouteKind.PING.value)
         request.setResponseCode(204)
         return b""
 
@@ -140,8 +142,10 @@ class SiteRecordingTests(SynchronousTestCase):
         return protocol, transport
 
     def test_requests_counted_by_route_kind_and_connections_gauged(self) -> None:
-        metrics, clock, root = AgentMetrics(), Clock(), RoutedRoot()
-        site = AgentSite(root, metrics=metrics, reactor=clock)
+        metrics, clock = AgentMetrics(), Clock()
+        inflight = InFlight(metrics)
+        root = RoutedRoot(inflight)
+        site = AgentSite(root, metrics=metrics, reactor=clock, inflight=inflight)
         protocol, transport = self.connect(site)
         other, other_transport = self.connect(site)
         self.assertEqual(samples(metrics)[("portainer_agent_open_connections", ())], 2)
@@ -151,10 +155,12 @@ class SiteRecordingTests(SynchronousTestCase):
         self.assertEqual(found[("portainer_agent_requests_total", (("kind", "ping"), ("method", "GET"), ("status", "2xx")))], 1)
         self.assertEqual(found[("portainer_agent_requests_total", (("kind", "unrouted"), ("method", "GET"), ("status", "2xx")))], 1)
         self.assertEqual(found.get(("portainer_agent_requests_total", (("kind", "local"), ("method", "GET"), ("status", "aborted")))), None)
+        self.assertEqual(found[("portainer_agent_inflight_requests", (("kind", "local"),))], 1)
         other.connectionLost(Failure(ConnectionDone()))  # the client of the stream leaves
         found = samples(metrics)
         self.assertEqual(found[("portainer_agent_requests_total", (("kind", "local"), ("method", "GET"), ("status", "aborted")))], 1)
         self.assertEqual(found[("portainer_agent_open_connections", ())], 1)
+        self.assertNotIn(("portainer_agent_inflight_requests", (("kind", "local"),)), found)
 
 
 class MetricsResourceTests(SynchronousTestCase):

@@ -16,7 +16,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
-from portainer_agent.http.site import AgentHTTPChannel, AgentRequest, AgentSite, OpenStreams
+from portainer_agent.http.site import AgentHTTPChannel, AgentRequest, AgentSite
 
 GRACE = 5.0
 
@@ -129,10 +129,10 @@ class ChannelAndRequestTests(SiteTestCase):
         connection = Connection(site)
         connection.send(get(b"/slow"))
         [request] = resource.requests
-        self.assertEqual(site.inflight, {request})
+        self.assertEqual(site.inflight.requests(), [request])
         request.write(b"end")
         request.finish()
-        self.assertEqual(site.inflight, set())
+        self.assertEqual(site.inflight.requests(), [])
         self.assertIn(b"started,", connection.wire)
 
     def test_a_request_whose_client_left_is_no_longer_in_flight(self) -> None:
@@ -140,7 +140,7 @@ class ChannelAndRequestTests(SiteTestCase):
         connection = Connection(site)
         connection.send(get(b"/slow"))
         connection.transport.loseConnection()
-        self.assertEqual(site.inflight, set())
+        self.assertEqual(site.inflight.requests(), [])
 
 
 class AccessLogTests(SiteTestCase):
@@ -213,15 +213,19 @@ class DrainTests(SiteTestCase):
         [request] = resource.requests
         self.assertTrue(request._disconnected)
 
-    def test_cuts_hijacked_streams_after_the_grace_period(self) -> None:
-        streams = OpenStreams()
-        site, _, clock = self.make_site(streams=streams)
+    def handed_over(self, site: AgentSite, resource: Recorder) -> tuple[Any, Any]:
+        """A request taken over by a stream (as a hijack does): (stream, its release)."""
+        Connection(site).send(get(b"/slow"))
 
         class Stream:
             transport = StringTransport()
 
         stream = Stream()
-        streams.track(stream)
+        return stream, site.inflight.hand_over(resource.requests[-1], stream)
+
+    def test_cuts_hijacked_streams_after_the_grace_period(self) -> None:
+        site, resource, clock = self.make_site()
+        stream, _ = self.handed_over(site, resource)
         drained = site.drain(clock, GRACE)
         clock.advance(GRACE - 0.01)
         self.assertNoResult(drained)
@@ -231,16 +235,12 @@ class DrainTests(SiteTestCase):
         self.assertTrue(stream.transport.disconnected)
 
     def test_an_ended_stream_is_not_waited_for(self) -> None:
-        streams = OpenStreams()
-        site, _, clock = self.make_site(streams=streams)
-
-        class Stream:
-            transport = StringTransport()
-
-        remove = streams.track(Stream())
-        self.assertTrue(streams)
-        remove()
-        self.assertFalse(streams)
+        site, resource, clock = self.make_site()
+        _, release = self.handed_over(site, resource)
+        self.assertEqual(site.inflight.streams(), 1)
+        release()
+        self.assertEqual(site.inflight.streams(), 0)
+        self.assertEqual(len(site.inflight), 0)
         self.successResultOf(site.drain(clock, GRACE))
 
     def test_a_connection_that_does_not_close_delays_the_stop_one_second_at_most(self) -> None:
