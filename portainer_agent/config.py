@@ -58,6 +58,7 @@ class Config:
 
     # cluster routing (issue 8)
     peer_timeout: float = 5.0
+    peer_response_timeout: float = 120.0
     aggregate_timeout: float = 10.0
     # operations (issue 11)
     metrics_addr: tuple[str, int] | None = None

@@ -164,6 +164,7 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("probe-timeout", "AGENT_CLUSTER_PROBE_TIMEOUT", "probe_timeout", _positive_duration, "membership probe timeout", "500ms"),
     OptionSpec("host-management", "CAP_HOST_MANAGEMENT", "host_management", _flag, "allow /browse outside volumes (1/0)", "0"),
     OptionSpec("peer-timeout", "AGENT_PEER_TIMEOUT", "peer_timeout", _positive_duration, "connect timeout to another agent (established streams have none)", "5s"),
+    OptionSpec("peer-response-timeout", "AGENT_PEER_RESPONSE_TIMEOUT", "peer_response_timeout", _duration, "deadline for another agent's response head, once the request is sent (0: none; streams have none once the head is in)", "2m"),
     OptionSpec("aggregate-timeout", "AGENT_AGGREGATE_TIMEOUT", "aggregate_timeout", _positive_duration, "per-node deadline of an aggregated list (containers, images, volumes, networks)", "10s"),
     OptionSpec("volumes-root", "AGENT_VOLUMES_ROOT", "volumes_root", _absolute_path, "where <DockerRootDir>/volumes is mounted for the agent", "the same path"),
     OptionSpec("host-root", "AGENT_HOST_ROOT", "host_root", _absolute_path, "where the host's / is mounted: host browsing and /host/info stay beneath it", "/host"),

@@ -157,7 +157,10 @@ class AgentService(MultiService):
         policy = PeerTLSPolicy(pin_for, authenticated=self.config.cluster_key is not None, clock=self.reactor,
                                handshake_timeout=self.config.peer_timeout)
         peers = PeerForwarder(self.reactor, policy, pool, lambda: view.local.node_name, self.hijack,
-                              connect_timeout=self.config.peer_timeout, metrics=self.metrics)
+                              connect_timeout=self.config.peer_timeout, metrics=self.metrics, alive=view.is_alive,
+                              response_timeout=self.config.peer_response_timeout)
+        # Deadlines follow membership: a member declared dead has its requests failed at once.
+        view.watch_departures(peers.member_departed)
         self.destinations.peers = peers
         self.destinations.fanout = FanOut(self.reactor, self.docker_proxy, peers, self.config.aggregate_timeout)
         self.root.cluster = lambda: ClusterSnapshot.of(view)

@@ -6,7 +6,7 @@ as conflicts. The Go agent returned whichever serf listed first and aggregated b
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Callable, Protocol
 
 import attrs
 from twisted.logger import Logger
@@ -40,6 +40,25 @@ class MembershipView:
     def __init__(self, source: MemberSource) -> None:
         self._source = source
         self._warned: set[tuple[str, ...]] = set()
+        self._departure_watchers: list[Callable[[Member], None]] = []
+
+    def watch_departures(self, watcher: Callable[[Member], None]) -> None:
+        """``watcher(member)`` whenever a live member stops being live (declared dead, or
+        left): whoever has requests in flight to it fails them at once."""
+        self._departure_watchers.append(watcher)
+
+    def member_departed(self, member: Member) -> None:
+        """Called by the membership service when ``member`` stopped being live."""
+        for watcher in list(self._departure_watchers):
+            try:
+                watcher(member)
+            except Exception:  # noqa: BLE001 - one watcher's bug must not hide the others
+                log.failure("a departure watcher failed for {node}", node=member.node_name)
+
+    def is_alive(self, member: Member) -> bool:
+        """Whether this very agent (same address, same process generation) is live."""
+        return any(m.key == member.key and m.boot == member.boot
+                   for m in self._source.live_members())
 
     @property
     def local(self) -> Member:

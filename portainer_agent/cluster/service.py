@@ -337,6 +337,8 @@ class ClusterService(Service):
         _log_transitions(old, new)
         if new.is_live and (old is None or not old.is_live):
             self.view.conflicts()  # logs a warning for each new duplicate node name
+        if old is not None and old.is_live and not new.is_live:
+            self.view.member_departed(new)
 
 
 def _log_transitions(old: Member | None, new: Member) -> None:

@@ -10,10 +10,20 @@ TLS: every peer presents the self-signed certificate whose SPKI fingerprint it a
 its membership record. When membership is authenticated (a cluster key), that fingerprint
 is trusted and the connection is pinned to it; without a key the record could come from
 anyone, so, like the original agent, the connection is not verified (logged once).
+
+Deadlines follow membership: every connection made to a peer is known by its address
+(:class:`PeerConnections`), and when membership declares a member dead they are all cut at
+once, so a request in flight to it fails with :class:`MemberGone` instead of waiting for a
+node the cluster already knows is gone (a frozen agent accepts TCP and answers nothing). A
+manager operation then goes to the next manager when that is safe (nothing sent yet, or
+GET/HEAD); otherwise it answers 502 naming the node. Plain (non-upgrade) requests also have
+a deadline for the response head (``--peer-response-timeout``), counted from when the
+request body has been sent; once the head is in, streams have no timeout.
 """
 from __future__ import annotations
 
 import hashlib
+import weakref
 from typing import Any, Callable, Protocol, Sequence
 
 from cryptography.hazmat.primitives import serialization
@@ -26,14 +36,15 @@ from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed, ResponseNeverReceived
-from twisted.web.iweb import IAgent, IPolicyForHTTPS, IResponse
+from twisted.web.iweb import IAgent, IBodyProducer, IPolicyForHTTPS, IResponse
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from portainer_agent.cluster.member import Member
 from portainer_agent.errors import AgentError
+from portainer_agent.proxy.member_gone import MemberGone
 from portainer_agent.proxy.outgoing import request_body_producer, upstream_headers
-from portainer_agent.proxy.relay import failure_reason, relay_pending
+from portainer_agent.proxy.relay import Drop, failure_reason, relay_pending
 from portainer_agent.proxy.splice import HijackProxy
 from portainer_agent.routing import FORWARDED_HEADER, TARGET_HEADER
 
@@ -52,19 +63,52 @@ def certificate_spki_fingerprint(cert: crypto.X509) -> str:
     return hashlib.sha256(spki).hexdigest()
 
 
+class PeerConnections:
+    """Every TLS connection made to a peer agent (pooled, in flight or spliced), by the
+    peer's API address, so that all of them can be cut when its member is declared dead."""
+
+    def __init__(self) -> None:
+        self._by_address: dict[tuple[str, int], "weakref.WeakSet[Any]"] = {}
+
+    def add(self, host: str, port: int, connection: Any) -> None:
+        self._by_address.setdefault((host, port), weakref.WeakSet()).add(connection)
+
+    def open_to(self, host: str, port: int) -> int:
+        return sum(1 for c in self._by_address.get((host, port), ()) if getattr(c, "transport", None) is not None)
+
+    def abort(self, host: str, port: int) -> int:
+        """Abort every connection to ``host:port``; returns how many were open."""
+        connections = self._by_address.pop((host, port), None) or ()
+        aborted = 0
+        for connection in list(connections):
+            if getattr(connection, "transport", None) is None:
+                continue
+            try:
+                connection.abortConnection()
+                aborted += 1
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+        return aborted
+
+
 @implementer(IOpenSSLClientConnectionCreator)
 class _ConnectionCreator:
     """Client TLS connections with a handshake deadline: the connect timeout covers TCP only,
-    and a peer that accepts but never answers (stopped, overloaded) must not hold a request."""
+    and a peer that accepts but never answers (stopped, overloaded) must not hold a request.
+    ``made(tls_protocol)`` is told of each connection (see :class:`PeerConnections`)."""
 
-    def __init__(self, context: SSL.Context, clock: Any = None, handshake_timeout: float = 0.0) -> None:
+    def __init__(self, context: SSL.Context, clock: Any = None, handshake_timeout: float = 0.0,
+                 made: Callable[[Any], None] | None = None) -> None:
         self._context = context
         self._clock = clock
         self._timeout = handshake_timeout
+        self._made = made
 
     def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:  # noqa: N802
         connection = SSL.Connection(self._context, None)
         connection.set_app_data(tlsProtocol)
+        if self._made is not None:
+            self._made(tlsProtocol)
         if self._clock is not None and self._timeout > 0:
             timer = self._clock.callLater(self._timeout, _abort, tlsProtocol)
 
@@ -74,6 +118,40 @@ class _ConnectionCreator:
 
             connection.set_info_callback(handshake_progress)
         return connection
+
+
+class _HeadDeadline:
+    """The response head deadline of one peer request: started once its body is sent,
+    stopped by the head (or any failure); when it expires the request is cancelled."""
+
+    def __init__(self, clock: Any, seconds: float) -> None:
+        self._clock = clock
+        self.seconds = seconds
+        self._pending: Deferred[Any] | None = None
+        self._timer: Any = None
+        self.expired = False
+        self._over = False
+
+    def watch(self, pending: "Deferred[Any]") -> None:
+        self._pending = pending
+
+        def over(result: Any) -> Any:
+            self._over = True
+            if self._timer is not None and self._timer.active():
+                self._timer.cancel()
+            return result
+
+        pending.addBoth(over)
+
+    def start(self) -> None:
+        if self.seconds <= 0 or self._over or self._timer is not None:
+            return
+        self._timer = self._clock.callLater(self.seconds, self._expire)
+
+    def _expire(self) -> None:
+        if self._pending is not None and not self._pending.called:
+            self.expired = True
+            self._pending.cancel()
 
 
 def _abort(tls_protocol: Any) -> None:
@@ -105,7 +183,9 @@ class PeerTLSPolicy:
     """
 
     def __init__(self, pin_for: Callable[[str, int], str | None], authenticated: bool, clock: Any = None,
-                 handshake_timeout: float = 0.0) -> None:
+                 handshake_timeout: float = 0.0, connections: PeerConnections | None = None) -> None:
+        #: Every connection this policy secured, by peer address.
+        self.connections = connections if connections is not None else PeerConnections()
         self._pin_for = pin_for
         self.authenticated = authenticated
         self._clock = clock
@@ -124,13 +204,17 @@ class PeerTLSPolicy:
                 context = ssl.CertificateOptions(raiseMinimumTo=ssl.TLSVersion.TLSv1_2).getContext()
                 context.set_verify(SSL.VERIFY_NONE, lambda *args: True)
                 self._unverified = context
-            return _ConnectionCreator(self._unverified, self._clock, self._handshake_timeout)
+            return _ConnectionCreator(self._unverified, self._clock, self._handshake_timeout, self._made(host, port))
         fingerprint = self._pin_for(host, port)
         if not fingerprint:
             raise PeerPinMissing(f"no certificate fingerprint known for the agent at {host}:{port}")
         if fingerprint not in self._contexts:
             self._contexts[fingerprint] = _pinned_context(fingerprint)
-        return _ConnectionCreator(self._contexts[fingerprint], self._clock, self._handshake_timeout)
+        return _ConnectionCreator(self._contexts[fingerprint], self._clock, self._handshake_timeout,
+                                  self._made(host, port))
+
+    def _made(self, host: str, port: int) -> Callable[[Any], None]:
+        return lambda connection: self.connections.add(host, port, connection)
 
     def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:  # noqa: N802
         return self.creator_for(hostname.decode("idna"), port)
@@ -151,10 +235,63 @@ def failed_before_sending(failure: Failure) -> bool:
     return bool(failure.check(ConnectError, DNSLookupError, PeerPinMissing))
 
 
+#: Methods a manager operation may be sent again for after a failure mid-request.
+SAFE_METHODS = frozenset({b"GET", b"HEAD"})
+
+
+def safe_to_retry(method: bytes, failure: Failure) -> bool:
+    """Pure: whether a manager operation that failed this way may go to another manager:
+    it never left, or it cannot have changed anything (GET/HEAD). A client that left
+    (cancelled) is never retried."""
+    if failure.check(CancelledError):
+        return False
+    return failed_before_sending(failure) or method in SAFE_METHODS
+
+
+class PeerResponseTimeout(TimeoutError):
+    """No response head from a peer agent within ``--peer-response-timeout``."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    def __str__(self) -> str:
+        return f"no response from the agent within {self.seconds:g}s"
+
+
+@implementer(IBodyProducer)
+class _NotifyWhenSent:
+    """A request body producer that says when its last byte went out (the response head
+    deadline starts then: uploading a large body is not waiting for an answer)."""
+
+    def __init__(self, inner: Any, sent: Callable[[], None]) -> None:
+        self._inner = inner
+        self._sent = sent
+        self.length = inner.length
+
+    def startProducing(self, consumer: Any) -> "Deferred[None]":  # noqa: N802
+        def done(result: Any) -> Any:
+            self._sent()
+            return result
+
+        return self._inner.startProducing(consumer).addCallback(done)
+
+    def pauseProducing(self) -> None:  # noqa: N802
+        self._inner.pauseProducing()
+
+    def resumeProducing(self) -> None:  # noqa: N802
+        self._inner.resumeProducing()
+
+    def stopProducing(self) -> None:  # noqa: N802
+        self._inner.stopProducing()
+
+
 def forward_failure_kind(failure: Failure) -> str:
     """Pure: the ``reason`` label of a forwarding failure (a small fixed set, for metrics)."""
     if failure.check(PeerPinMissing):
         return "tls"
+    if failure.check(MemberGone):
+        return "member_dead"
     if failure.check(ConnectError, DNSLookupError):
         return "connect"
     if failure.check(TimeoutError):
@@ -178,18 +315,25 @@ class ForwardMetrics(Protocol):
 
 
 class PeerForwarder:
-    """Sends requests to peer agents: plain (streamed) HTTP and upgraded streams."""
+    """Sends requests to peer agents: plain (streamed) HTTP and upgraded streams.
+
+    ``alive(member)`` says whether membership still holds ``member`` live (a request that
+    fails to a member that is not is failed with :class:`MemberGone`); the membership
+    service calls :meth:`member_departed` when a member is declared dead."""
 
     def __init__(self, reactor: Any, policy: PeerTLSPolicy, pool: HTTPConnectionPool, local_name: Callable[[], str],
                  hijack: HijackProxy, connect_timeout: float = 5.0, cooperator: Any = task,
-                 agent: IAgent | None = None, metrics: ForwardMetrics | None = None) -> None:
+                 agent: IAgent | None = None, metrics: ForwardMetrics | None = None,
+                 alive: Callable[[Member], bool] | None = None, response_timeout: float = 120.0) -> None:
         self._metrics = metrics
         self._reactor = reactor
         self._policy = policy
         self._local_name = local_name
         self._hijack = hijack
         self._timeout = connect_timeout
+        self._response_timeout = response_timeout
         self._cooperator = cooperator
+        self._alive = alive
         self.agent: IAgent = agent if agent is not None else Agent(
             reactor, contextFactory=policy, pool=pool, connectTimeout=connect_timeout)
 
@@ -197,10 +341,23 @@ class PeerForwarder:
         return {TARGET_HEADER: member.node_name.encode("utf-8"),
                 FORWARDED_HEADER: self._local_name().encode("utf-8")}
 
+    def member_departed(self, member: Member) -> None:
+        """Membership declared ``member`` dead (or it left): cut every connection to it, so
+        whatever is in flight there fails now (:class:`MemberGone`)."""
+        aborted = self._policy.connections.abort(member.api_addr, member.api_port)
+        if aborted:
+            log.warn("agent on node {node} declared {state}: {count} connection(s) to it cut",
+                     node=member.node_name, state=member.state.value, count=aborted)
+
     def send(self, request: Request, member: Member, kind: str = "forward") -> "Deferred[IResponse]":
         """An independent copy of ``request`` to ``member``'s agent (``kind``: the route kind
-        it serves, for the metrics: forward, manager, aggregate)."""
+        it serves, for the metrics: forward, manager, aggregate). Fires with the response
+        once its head is in; fails with :class:`MemberGone` if membership declares the
+        member dead first, and with :class:`PeerResponseTimeout` if the head is late."""
+        deadline = _HeadDeadline(self._reactor, self._response_timeout)
         body = request_body_producer(request, self._cooperator)
+        if body is not None:
+            body = _NotifyWhenSent(body, deadline.start)
         try:
             pending = self.agent.request(request.method, peer_base_url(member) + request.uri,
                                          upstream_headers(request, self._marks(member)), body)
@@ -209,9 +366,21 @@ class PeerForwarder:
             pending = fail(error)
         except ValueError as error:
             raise AgentError(400, "Invalid request URL or method", str(error)) from None
+        deadline.watch(pending)
+        if body is None:
+            deadline.start()
+        pending.addErrback(self._explain, member, deadline)
         if self._metrics is not None:
             self._observe(pending, member.node_name, kind)
         return pending
+
+    def _explain(self, failure: Failure, member: Member, deadline: "_HeadDeadline") -> Failure:
+        """The failure as the cluster understands it: a member declared dead, or a late head."""
+        if deadline.expired and failure.check(CancelledError):
+            return Failure(PeerResponseTimeout(deadline.seconds))
+        if self._alive is not None and not failure.check(CancelledError) and not self._alive(member):
+            return Failure(MemberGone(member.node_name))
+        return failure
 
     def _observe(self, pending: "Deferred[IResponse]", node: str, kind: str) -> None:
         metrics, started = self._metrics, self._reactor.seconds()
@@ -235,32 +404,10 @@ class PeerForwarder:
         return NOT_DONE_YET
 
     def render_first(self, request: Request, candidates: Sequence[Member], what: str = "manager") -> Any:
-        """Forward to the first candidate that can be reached (managers, leader first)."""
-        failures: list[tuple[Member, Failure]] = []
-        answer: Deferred[IResponse] = Deferred()
-
-        def attempt(index: int) -> None:
-            member = candidates[index]
-            pending = self.send(request, member, "manager")
-            pending.addCallbacks(answer.callback, retry, errbackArgs=(index, member))
-
-        def retry(failure: Failure, index: int, member: Member) -> None:
-            failures.append((member, failure))
-            log.warn("agent on {what} node {node} unreachable: {reason}", what=what, node=member.node_name,
-                     reason=failure_reason(failure))
-            if failed_before_sending(failure) and index + 1 < len(candidates) and not answer.called:
-                attempt(index + 1)
-            else:
-                answer.errback(failure)
-
-        def all_failed(failure: Failure) -> AgentError:
-            if len(failures) == len(candidates) and all(failed_before_sending(f) for _, f in failures):
-                details = "; ".join(f"{m.node_name}: {failure_reason(f)}" for m, f in failures)
-                return AgentError(502, f"Unable to reach any agent on a {what} node", details)
-            return self._unreachable(failures[-1][0] if failures else candidates[0], failure)
-
-        attempt(0)
-        relay_pending(answer, request, all_failed)
+        """Forward to the first candidate that can be reached (managers, leader first); see
+        :class:`FirstReachable`."""
+        attempt = FirstReachable(self, request, candidates, what)
+        relay_pending(attempt.answer, request, attempt.error)
         return NOT_DONE_YET
 
     def _unreachable(self, member: Member, failure: Failure) -> AgentError:
@@ -283,3 +430,74 @@ class PeerForwarder:
             return self._unreachable(member, failure)
 
         return self._hijack.open(request, endpoint, host, self._marks(member), unreachable)
+
+
+class FirstReachable:
+    """One manager operation: sent to the first candidate (managers, leader first) and, when
+    the one it went to fails, to the next live one if that is safe (:func:`safe_to_retry`).
+
+    ``answer`` fires with the response; cancelling it (the client left) cancels the attempt
+    in flight, so its connection is closed rather than left with a late answer nobody reads.
+    """
+
+    def __init__(self, peers: PeerForwarder, request: Request, candidates: Sequence[Member], what: str) -> None:
+        self._peers = peers
+        self._request = request
+        self._candidates = list(candidates)
+        self._what = what
+        self._failures: list[tuple[Member, Failure]] = []
+        self._current: Deferred[IResponse] | None = None
+        self._cancelled = False
+        self.answer: Deferred[IResponse] = Deferred(canceller=self._cancel)
+        self._attempt(0)
+
+    def _cancel(self, _: Any) -> None:
+        self._cancelled = True
+        if self._current is not None and not self._current.called:
+            self._current.cancel()
+
+    def _attempt(self, index: int) -> None:
+        member = self._candidates[index]
+        self._current = self._peers.send(self._request, member, "manager")
+        self._current.addCallbacks(self._answered, self._failed, errbackArgs=(index, member))
+
+    def _answered(self, response: IResponse) -> None:
+        if self.answer.called:  # cancelled meanwhile: nobody reads it
+            response.deliverBody(Drop())
+            return
+        self.answer.callback(response)
+
+    def _next_live(self, index: int) -> int | None:
+        alive = self._peers._alive
+        for following in range(index + 1, len(self._candidates)):
+            if alive is None or alive(self._candidates[following]):
+                return following
+        return None
+
+    def _failed(self, failure: Failure, index: int, member: Member) -> None:
+        if self._cancelled or self.answer.called:
+            return
+        self._failures.append((member, failure))
+        log.warn("agent on {what} node {node} failed a {method} operation: {reason}", what=self._what,
+                 node=member.node_name, method=self._request.method.decode("latin-1"),
+                 reason=failure_reason(failure))
+        following = self._next_live(index)
+        if following is not None and safe_to_retry(self._request.method, failure):
+            self._attempt(following)
+        else:
+            self.answer.errback(failure)
+
+    def error(self, failure: Failure) -> AgentError:
+        failures = self._failures
+        if failures and len(failures) == len(self._candidates) and all(
+                failed_before_sending(f) for _, f in failures):
+            details = "; ".join(f"{m.node_name}: {failure_reason(f)}" for m, f in failures)
+            return AgentError(502, f"Unable to reach any agent on a {self._what} node", details)
+        member = failures[-1][0] if failures else self._candidates[0]
+        error = self._peers._unreachable(member, failure)
+        if not safe_to_retry(self._request.method, failure):
+            # It may have reached the manager: say so rather than retry a change.
+            return AgentError(error.status, error.message,
+                              f"{error.details}; the {self._request.method.decode('latin-1')} operation may have "
+                              "been applied, so it was not sent to another manager")
+        return error

@@ -99,6 +99,8 @@ class ServiceTests(TestCase):
         self.assertTrue(formed, [names(s) for s in services])
         for service in services:
             self.assertEqual([m.node_name for m in service.view.managers()], ["node1"])
+        departed: list[tuple[str, MemberState]] = []
+        services[0].view.watch_departures(lambda m: departed.append((m.node_name, m.state)))
         yield services[2].stopService()
         gone = yield wait_for(lambda: all(names(s) == {"node1", "node2"} for s in services[:2]), 5)
         self.assertTrue(gone, [names(s) for s in services[:2]])
@@ -108,6 +110,8 @@ class ServiceTests(TestCase):
             assert service.node is not None
             member = service.node.member(services[2].local.key)
             self.assertIs(member.state if member is not None else None, MemberState.LEFT)
+        # The request path heard of it once (it cuts its connections to node3).
+        self.assertEqual(departed, [("node3", MemberState.LEFT)])
 
     @inlineCallbacks
     def test_wrong_key_cannot_join_or_inject(self) -> Any:

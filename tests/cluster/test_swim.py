@@ -291,3 +291,31 @@ class ViewTests(SynchronousTestCase):
         self.assertEqual({m.key for m in view.alive_members()}, {node.local.key, others[2].key})
         self.assertEqual([m.node_name for m in view.managers()], ["node-0"])
         self.assertIs(view.local, node.local)
+
+
+class DepartureTests(SynchronousTestCase):
+    """What the view tells the request path when a member stops being live."""
+
+    def test_is_alive_is_per_agent_generation(self) -> None:
+        node, _, _, others = make_node(3)
+        view = MembershipView(node)
+        self.assertTrue(view.is_alive(others[0]))
+        restarted = attrs.evolve(others[0], boot=others[0].boot + 1)
+        self.assertFalse(view.is_alive(restarted), "another process behind the same address")
+        node.apply_updates([Update(others[0].with_state(MemberState.DEAD), "x")])
+        self.assertFalse(view.is_alive(others[0]))
+        self.assertTrue(view.is_alive(others[1]))
+
+    def test_watchers_hear_each_departure_and_one_failing_does_not_hide_the_others(self) -> None:
+        node, _, _, others = make_node(3)
+        view = MembershipView(node)
+        heard: list[str] = []
+
+        def broken(member: Member) -> None:
+            raise RuntimeError("bug")
+
+        view.watch_departures(broken)
+        view.watch_departures(lambda m: heard.append(m.key))
+        view.member_departed(others[1])
+        self.assertEqual(heard, [others[1].key])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)

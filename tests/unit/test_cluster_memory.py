@@ -12,7 +12,9 @@ from typing import Any, cast
 
 from treq.testing import RequestTraversalAgent, StubTreq
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.error import ConnectionAborted, ConnectionRefusedError
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseNeverReceived
 from twisted.internet.task import Clock, Cooperator
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.iweb import IAgent
@@ -25,7 +27,7 @@ from portainer_agent.docker.testing import MemoryDocker
 from portainer_agent.proxy.dispatch import Destinations
 from portainer_agent.proxy.fanout import UNREACHABLE_HEADER, FanOut
 from portainer_agent.proxy.local import DockerProxy
-from portainer_agent.proxy.peer import PeerForwarder, PeerTLSPolicy
+from portainer_agent.proxy.peer import PeerConnections, PeerForwarder, PeerTLSPolicy
 from portainer_agent.routing import ClusterSnapshot
 
 from .memory import SOCKET, FakeDocker, RecordingHandler
@@ -54,7 +56,10 @@ class PeerNetwork:
     """An IAgent standing in for HTTPS to peer agents: routes by host to each fake Docker,
     or fails / hangs as a test says."""
 
-    def __init__(self, dockers: dict[str, FakeDocker]) -> None:
+    def __init__(self, dockers: dict[str, FakeDocker], connections: PeerConnections | None = None) -> None:
+        self.connections = connections
+        self.cancelled: list[Deferred[Any]] = []
+        self.open_connections: list[_HangingConnection] = []
         self.agents = {name: RequestTraversalAgent(docker) for name, docker in dockers.items()}
         self.by_address = {"10.0.0.1": "node1", "10.0.0.2": "node2", "10.0.0.3": "node3"}
         self.refused: set[str] = set()
@@ -69,8 +74,13 @@ class PeerNetwork:
         if node in self.refused:
             return fail(ConnectionRefusedError(host))
         if node in self.hanging:
-            d: Deferred[Any] = Deferred()
+            d: Deferred[Any] = Deferred(canceller=self.cancelled.append)
             self.pending.append(d)
+            if self.connections is not None:
+                # As a real pooled connection would be: known to the policy by address.
+                # (held here: the registry holds connections weakly, the reactor holds real ones)
+                self.open_connections.append(_HangingConnection(d))
+                self.connections.add(host, 9001, self.open_connections[-1])
             return d
         return self.agents[node].request(method, uri, headers, bodyProducer)
 
@@ -79,21 +89,39 @@ class PeerNetwork:
             agent.flush()
 
 
+class _HangingConnection:
+    """A connection whose request never gets an answer; aborting it fails the request as
+    twisted.web.client does."""
+
+    def __init__(self, pending: Deferred[Any]) -> None:
+        self.pending = pending
+        self.transport: Any = object()
+
+    def abortConnection(self) -> None:
+        self.transport = None
+        if not self.pending.called:
+            self.pending.errback(ResponseNeverReceived([Failure(ConnectionAborted())]))
+
+
 class Cluster:
     """The agent of ``local`` in a 3-node cluster, all in memory."""
 
-    def __init__(self, local: Member = NODE3, timeout: float = 10.0) -> None:
+    def __init__(self, local: Member = NODE3, timeout: float = 10.0, response_timeout: float = 120.0) -> None:
+        #: Node names membership has declared dead.
+        self.dead: set[str] = set()
         self.metrics = AgentMetrics()
         self.clock = Clock()
         self.cooperator = Cooperator(scheduler=lambda work: self.clock.callLater(0, work), started=True)
         self.dockers = {name: FakeDocker(list_of(name)) for name in ("node1", "node2", "node3")}
         self.local_agent = MemoryDocker(self.dockers[local.node_name], self.clock)
-        self.network = PeerNetwork({n: d for n, d in self.dockers.items() if n != local.node_name})
-        docker = DockerProxy(cast(Any, self.local_agent), SOCKET, cooperator=self.cooperator)
         policy = PeerTLSPolicy(lambda host, port: "00", authenticated=True)
+        self.network = PeerNetwork({n: d for n, d in self.dockers.items() if n != local.node_name},
+                                   policy.connections)
+        docker = DockerProxy(cast(Any, self.local_agent), SOCKET, cooperator=self.cooperator)
         self.peers = PeerForwarder(self.clock, policy, cast(Any, None), lambda: local.node_name,
                                    cast(Any, RecordingHandler()), cooperator=self.cooperator,
-                                   agent=cast(IAgent, self.network), metrics=self.metrics)
+                                   agent=cast(IAgent, self.network), metrics=self.metrics,
+                                   alive=lambda m: m.node_name not in self.dead, response_timeout=response_timeout)
         self.snapshot = ClusterSnapshot(local, (NODE1, NODE2, NODE3))
         destinations = Destinations(docker, RecordingHandler(), self.peers,
                                     FanOut(self.clock, docker, self.peers, timeout))
@@ -102,6 +130,11 @@ class Cluster:
 
     def stop(self) -> None:
         self.cooperator.stop()
+
+    def declare_dead(self, member: Member) -> None:
+        """What the membership service does when it declares ``member`` dead."""
+        self.dead.add(member.node_name)
+        self.peers.member_departed(member)
 
     def pump(self) -> None:
         for _ in range(30):
@@ -299,3 +332,119 @@ def _status(request: Request, code: int, body: bytes) -> bytes:
 
 
 __all__ = ["NOT_DONE_YET"]
+
+
+class MembershipDeadlineTests(SynchronousTestCase):
+    """Requests in flight to a member that membership declares dead fail at once; manager
+    operations fail over when that is safe; response heads have a deadline."""
+
+    def cluster(self, **kwargs: Any) -> Cluster:
+        cluster = Cluster(**kwargs)
+        self.addCleanup(cluster.stop)
+        return cluster
+
+    def answer(self, cluster: Cluster, d: Deferred[Any]) -> tuple[Any, bytes]:
+        cluster.pump()
+        response = self.successResultOf(d)
+        body_d = cluster.client.content(response)
+        cluster.pump()
+        return response, self.successResultOf(body_d)
+
+    def test_a_get_manager_operation_in_flight_to_a_dead_leader_goes_to_the_next_manager(self) -> None:
+        cluster = self.cluster()
+        cluster.network.hanging.add("node1")
+        cluster.dockers["node2"].handler = lambda request: _status(request, 200, b'[{"ID":"n"}]')
+        d = cluster.client.get("http://agent/nodes")
+        cluster.pump()
+        self.assertNoResult(d)
+        cluster.declare_dead(NODE1)
+        response, body = self.answer(cluster, d)
+        self.assertEqual((response.code, body), (200, b'[{"ID":"n"}]'))
+        self.assertEqual(cluster.network.urls, [b"https://10.0.0.1:9001/nodes", b"https://10.0.0.2:9001/nodes"])
+        self.assertEqual(cluster.clock.seconds(), 0, "no deadline was waited for")
+
+    def test_a_change_in_flight_to_a_dead_manager_is_a_502_naming_it_and_not_resent(self) -> None:
+        cluster = self.cluster()
+        cluster.network.hanging.add("node1")
+        d = cluster.client.post("http://agent/services/create", data=b'{"Name":"web"}')
+        cluster.pump()
+        cluster.declare_dead(NODE1)
+        response, body = self.answer(cluster, d)
+        self.assertEqual(response.code, 502)
+        error = json.loads(body)
+        self.assertIn("node1", error["message"])
+        self.assertIn("declared dead", error["details"])
+        self.assertIn("may have been applied", error["details"])
+        self.assertEqual(len(cluster.network.urls), 1, "never sent to a second manager")
+
+    def test_a_dead_manager_is_skipped_when_failing_over(self) -> None:
+        cluster = self.cluster(local=NODE3)
+        cluster.network.refused.add("node1")
+        cluster.dead.add("node2")  # still in the route's snapshot, already dead
+        response, body = cluster.get("/nodes")
+        self.assertEqual(response.code, 502)
+        self.assertEqual(cluster.network.urls, [b"https://10.0.0.1:9001/nodes"])
+
+    def test_an_aggregate_leg_to_a_dead_member_is_named_at_once(self) -> None:
+        cluster = self.cluster(timeout=10.0)
+        cluster.network.hanging.add("node1")
+        d = cluster.client.get("http://agent/volumes")
+        cluster.pump()
+        self.assertNoResult(d)
+        cluster.declare_dead(NODE1)
+        response, body = self.answer(cluster, d)
+        self.assertEqual(cluster.clock.seconds(), 0, "the aggregate timeout was not waited for")
+        self.assertEqual(response.headers.getRawHeaders(UNREACHABLE_HEADER), [b"node1"])
+        warnings = json.loads(body)["Warnings"]
+        self.assertIn("declared dead by cluster membership", warnings[0])
+
+    def test_a_client_leaving_a_manager_operation_cancels_the_attempt_in_flight(self) -> None:
+        cluster = self.cluster()
+        cluster.network.hanging.add("node1")
+        d = cluster.client.get("http://agent/nodes")
+        cluster.pump()
+        d.cancel()
+        cluster.pump()
+        self.failureResultOf(d)
+        self.assertEqual(cluster.network.cancelled, cluster.network.pending, "the request to node1 is cancelled")
+        self.assertEqual(len(cluster.network.urls), 1, "and not sent to another manager")
+
+    def test_a_late_response_head_fails_with_the_response_deadline(self) -> None:
+        cluster = self.cluster(response_timeout=30.0)
+        cluster.network.hanging.add("node2")
+        d = cluster.client.get("http://agent/containers/abc/json", headers={"X-PortainerAgent-Target": "node2"})
+        cluster.pump()
+        cluster.clock.advance(29.9)
+        cluster.pump()
+        self.assertNoResult(d)
+        cluster.clock.advance(0.2)
+        response, body = self.answer(cluster, d)
+        self.assertEqual(response.code, 502)
+        self.assertIn("no response from the agent within 30s", json.loads(body)["details"])
+        self.assertEqual(cluster.network.cancelled, cluster.network.pending)
+
+    def test_a_late_get_manager_operation_goes_to_the_next_manager(self) -> None:
+        cluster = self.cluster(response_timeout=30.0)
+        cluster.network.hanging.add("node1")
+        d = cluster.client.get("http://agent/services")
+        cluster.pump()
+        cluster.clock.advance(30.1)
+        response, _ = self.answer(cluster, d)
+        self.assertEqual(response.code, 200)
+        self.assertEqual(cluster.network.urls[-1], b"https://10.0.0.2:9001/services")
+
+
+class PeerConnectionsTests(SynchronousTestCase):
+    def test_abort_cuts_every_open_connection_to_one_address_only(self) -> None:
+        connections = PeerConnections()
+        first, second, other = [_HangingConnection(Deferred()) for _ in range(3)]
+        connections.add("10.0.0.1", 9001, first)
+        connections.add("10.0.0.1", 9001, second)
+        connections.add("10.0.0.2", 9001, other)
+        self.assertEqual(connections.open_to("10.0.0.1", 9001), 2)
+        self.assertEqual(connections.abort("10.0.0.1", 9001), 2)
+        self.failureResultOf(first.pending, ResponseNeverReceived)
+        self.failureResultOf(second.pending, ResponseNeverReceived)
+        self.assertNoResult(other.pending)
+        self.assertEqual(connections.abort("10.0.0.1", 9001), 0)
+        self.assertEqual(connections.open_to("10.0.0.2", 9001), 1)
