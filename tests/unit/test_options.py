@@ -31,6 +31,7 @@ BAD_VALUES = {
     "probe-interval": "0s",
     "probe-timeout": "-1s",
     "peer-timeout": "0",
+    "peer-response-timeout": "soon",
     "aggregate-timeout": "soon",
     "host-management": "2",
     "volumes-root": "relative/volumes",
