@@ -44,7 +44,9 @@ class ListenerService(Service):
 
     def _failed(self, failure: Failure) -> None:
         message = f"{self._cannot} {self._describe}: {failure.getErrorMessage()}"
-        log.error(message)
+        # The message is a field, never the format string: an address or an error text
+        # with braces in it must not be read as a format.
+        log.error("{message}", message=message)
         if self._on_fatal is not None:
             self._on_fatal(message)
 
