@@ -6,7 +6,9 @@ agents stayed alone forever. Here the joiner:
 
 * resolves the name to *all* its A/AAAA records and contacts each one (ignoring our own
   addresses, logged once),
-* retries with exponential backoff (1 s doubling to 15 s) until at least one peer answers,
+* retries with a jittered exponential backoff (1 s doubling to 15 s, plus up to 1 s drawn at
+  random, Twisted's ``backoffPolicy``) until at least one peer answers: a global service
+  restarted on every node at once does not retry in lockstep,
 * then keeps re-resolving every ``rejoin_interval`` (30 s) and contacts any address that is not
   a live member yet, which merges clusters that formed apart (e.g. two halves started while
   DNS only listed half of the tasks),
@@ -20,6 +22,7 @@ import ipaddress
 from typing import Any, Callable, Generator, Iterable
 
 import attrs
+from twisted.application.internet import backoffPolicy
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.logger import Logger
 
@@ -97,6 +100,7 @@ class Joiner:
         max_backoff: float = 15.0,
         rejoin_interval: float = 30.0,
         check_interval: float = 5.0,
+        jitter: Callable[[], float] | None = None,
     ) -> None:
         self.node = node
         self.address = address
@@ -110,7 +114,11 @@ class Joiner:
         self._last_resolve = 0.0
         self.attempts = 0
         self.joined = False
-        self._backoff = initial_backoff
+        #: Delay before retry number n (0-based): doubling, capped, plus ``jitter()`` seconds
+        #: (0 to 1 s at random by default).
+        self._delay_for = backoffPolicy(initialDelay=initial_backoff, maxDelay=max_backoff, factor=2.0,
+                                        **({"jitter": jitter} if jitter is not None else {}))
+        self._failures = 0
         self._timer: DelayedCall | None = None
         self._running = False
         self._logged_self: set[str] = set()
@@ -170,19 +178,21 @@ class Joiner:
                     members=self.node.cluster_size(),
                 )
             self.joined = True
-            self._backoff = self.initial_backoff
+            self._failures = 0
             self._last_resolve = self.clock.seconds()
             self._watch()
             return
         self.joined = False
+        delay = self._delay_for(self._failures)
+        self._failures += 1
         # Info on the first failures, then quieter: a lone seed agent retries for its whole life.
-        emit = log.info if self._backoff < self.max_backoff or self.attempts % 20 == 0 else log.debug
+        capped = self.initial_backoff * 2 ** (self._failures - 1) >= self.max_backoff
+        emit = log.info if not capped or self.attempts % 20 == 0 else log.debug
         emit(
             "no agent answered at {address} ({count} addresses); retrying in {delay}s",
-            address=str(self.address), count=len(peers), delay=self._backoff,
+            address=str(self.address), count=len(peers), delay=round(delay, 2),
         )
-        self._schedule(self._backoff)
-        self._backoff = min(self.max_backoff, self._backoff * 2)
+        self._schedule(delay)
 
     def _peers(self, addresses: Iterable[str]) -> list[PeerAddress]:
         peers = []

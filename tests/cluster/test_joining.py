@@ -60,7 +60,8 @@ class FakeNode:
 
 
 class JoinerTests(SynchronousTestCase):
-    def make(self, answering: set[str], records: list[list[str] | Exception]) -> tuple[Joiner, FakeNode, Clock]:
+    def make(self, answering: set[str], records: list[list[str] | Exception],
+             jitter: Any = lambda: 0.0) -> tuple[Joiner, FakeNode, Clock]:
         clock = Clock()
         node = FakeNode(answering)
         answers = list(records)
@@ -69,7 +70,8 @@ class JoinerTests(SynchronousTestCase):
             answer = answers.pop(0) if len(answers) > 1 else answers[0]
             return fail(answer) if isinstance(answer, Exception) else succeed(answer)
 
-        joiner = Joiner(node, ClusterAddress("tasks.agent", 9002), resolve, clock)  # type: ignore[arg-type]
+        joiner = Joiner(node, ClusterAddress("tasks.agent", 9002), resolve, clock,  # type: ignore[arg-type]
+                        jitter=jitter)
         return joiner, node, clock
 
     def test_contacts_every_address_but_its_own(self) -> None:
@@ -94,6 +96,33 @@ class JoinerTests(SynchronousTestCase):
         self.assertTrue(joiner.joined)
         self.assertEqual(times, [0.0, 1.0, 3.0, 7.0])
         self.assertEqual(node.contacted, [["10.0.0.4"], ["10.0.0.4", "10.0.0.5"]])
+
+    def retry_times(self, joiner: Joiner, clock: Clock, count: int) -> list[float]:
+        joiner.start()
+        clock.advance(0)
+        times = []
+        for _ in range(count):
+            delay = joiner._timer.getTime() - clock.seconds()
+            times.append(delay)
+            clock.advance(delay)
+        return times
+
+    def test_retries_are_jittered_and_capped(self) -> None:
+        draws = iter([0.25, 0.5, 0.75, 0.1, 0.9, 0.3, 0.0])
+        joiner, _, clock = self.make(set(), [[]], jitter=lambda: next(draws))
+        times = [round(delay, 6) for delay in self.retry_times(joiner, clock, 6)]
+        self.assertEqual(times, [1.25, 2.5, 4.75, 8.1, 15.9, 15.3])
+        joiner.stop()
+
+    def test_agents_restarted_together_do_not_retry_in_lockstep(self) -> None:
+        # The default jitter: ten agents started at once spread their retries.
+        firsts = set()
+        for _ in range(10):
+            joiner, _, clock = self.make(set(), [[]], jitter=None)
+            firsts.add(self.retry_times(joiner, clock, 1)[0])
+            joiner.stop()
+        self.assertGreater(len(firsts), 1)
+        self.assertTrue(all(1.0 <= delay < 2.0 for delay in firsts), firsts)
 
     def test_reresolves_and_merges_a_cluster_formed_apart(self) -> None:
         joiner, node, clock = self.make({"10.0.0.2", "10.0.0.3"}, [["10.0.0.2"], ["10.0.0.2", "10.0.0.3"]])
