@@ -12,10 +12,8 @@ TLS key, is the authentication.
 """
 from __future__ import annotations
 
-import hashlib
 from typing import TYPE_CHECKING, Any, Callable, Generator, Sequence, cast
 
-from cryptography.hazmat.primitives import serialization
 from twisted.internet.defer import Deferred, DeferredList, fail, inlineCallbacks, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import ISSLTransport
@@ -47,6 +45,7 @@ from portainer_agent.cluster.commands import (
 from portainer_agent.cluster.dissemination import Update
 from portainer_agent.cluster.member import Member, MemberState, PeerAddress
 from portainer_agent.cluster.swim import Clock, SwimNode
+from portainer_agent.tls.certs import certificate_spki_fingerprint
 
 if TYPE_CHECKING:
     from OpenSSL.crypto import X509
@@ -74,10 +73,7 @@ def peer_spki_fingerprint(transport: Any) -> str:
     certificate = cast("X509 | None", transport.getPeerCertificate())
     if certificate is None:
         return ""
-    spki = certificate.to_cryptography().public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return hashlib.sha256(spki).hexdigest()
+    return certificate_spki_fingerprint(certificate.to_cryptography())
 
 
 class ClusterProtocol(amp.AMP):

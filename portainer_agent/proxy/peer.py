@@ -22,11 +22,9 @@ request body has been sent; once the head is in, streams have no timeout.
 """
 from __future__ import annotations
 
-import hashlib
 import weakref
 from typing import Any, Callable, Protocol, Sequence
 
-from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl, task
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, fail
@@ -47,20 +45,13 @@ from portainer_agent.proxy.outgoing import request_body_producer, upstream_heade
 from portainer_agent.proxy.relay import Drop, failure_reason, relay_pending
 from portainer_agent.proxy.splice import HijackProxy
 from portainer_agent.routing import FORWARDED_HEADER, TARGET_HEADER
+from portainer_agent.tls.certs import certificate_spki_fingerprint
 
 log = Logger()
 
 
 class PeerPinMissing(Exception):
     """Membership is authenticated but has no certificate pin for this address."""
-
-
-def certificate_spki_fingerprint(cert: crypto.X509) -> str:
-    """Hex SHA-256 of a presented certificate's SubjectPublicKeyInfo (as in membership)."""
-    spki = cert.to_cryptography().public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return hashlib.sha256(spki).hexdigest()
 
 
 class PeerConnections:
@@ -167,7 +158,7 @@ def _pinned_context(fingerprint: str) -> SSL.Context:
 
     def verify(connection: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int) -> bool:
         # Only the leaf matters: the peer's self-signed certificate, pinned by its key.
-        return depth != 0 or certificate_spki_fingerprint(cert) == fingerprint
+        return depth != 0 or certificate_spki_fingerprint(cert.to_cryptography()) == fingerprint
 
     context.set_verify(SSL.VERIFY_PEER, verify)
     return context

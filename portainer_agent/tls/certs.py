@@ -38,7 +38,13 @@ class TLSIdentity:
 
 def spki_fingerprint(cert_pem: bytes) -> str:
     """Hex SHA-256 of the certificate's SubjectPublicKeyInfo (RFC 7469 style pin)."""
-    cert = x509.load_pem_x509_certificate(cert_pem)
+    return certificate_spki_fingerprint(x509.load_pem_x509_certificate(cert_pem))
+
+
+def certificate_spki_fingerprint(cert: x509.Certificate) -> str:
+    """:func:`spki_fingerprint` of a parsed certificate (a presented peer's, say; pyOpenSSL's
+    ``X509`` gives one with ``to_cryptography()``). The one place the pin is computed: the
+    agent's own certificate, membership peers and peer agents all compare it."""
     spki = cert.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
