@@ -35,8 +35,6 @@ from portainer_agent.tls.server import TLSServerEndpoint, server_options
 from portainer_agent.cluster.membership import MembershipView
 from portainer_agent.cluster.service import build_cluster_service
 from portainer_agent.proxy.dispatch import Destinations
-from portainer_agent.proxy.fanout import FanOut
-from portainer_agent.proxy.peer import PeerForwarder, PeerTLSPolicy
 from portainer_agent.routing import ClusterSnapshot
 from portainer_agent.http.agents import AgentsResource
 from portainer_agent.fs.volumes import VolumeLocator, VolumeRootMap
@@ -46,9 +44,8 @@ from portainer_agent.console.docker_stream import console_opener
 from portainer_agent.console.resource import ConsoleResource
 from portainer_agent.console.sessions import ConsoleSessions
 from portainer_agent.connections import RefusalLog, connection_cap, raise_open_file_limit
-from portainer_agent.http.metrics_endpoint import MetricsListenerService
 from portainer_agent.listening import ListenerService
-from portainer_agent.metrics import AgentMetrics
+from portainer_agent.metrics import AgentMetrics, NoMetrics
 
 log = Logger()
 
@@ -83,7 +80,8 @@ class AgentService(MultiService):
                  open_file_limit: int | None = None) -> None:
         super().__init__()
         self.config = config
-        self.metrics = AgentMetrics()
+        # Recorded into prometheus_client only when a listener exposes them (idle RSS, issue 15).
+        self.metrics = AgentMetrics() if config.metrics_addr is not None else NoMetrics()
         self.identity = identity
         self.tls = tls
         self.reactor = reactor
@@ -140,13 +138,19 @@ class AgentService(MultiService):
                 config.console_ping_interval, track=self.consoles.track)
         # Metrics (issue 11): a plain-HTTP listener of its own, only when asked for.
         if config.metrics_addr is not None:
+            from portainer_agent.http.metrics_endpoint import MetricsListenerService
+
             self.metrics_listener = MetricsListenerService(reactor, config.metrics_addr, self.metrics,
                                                            on_fatal=self.fatal)
             self.metrics_listener.setName("metrics")
             self.metrics_listener.setServiceParent(self)
 
     def _wire_cluster_routing(self, view: MembershipView) -> None:
-        """Target forwarding, manager operations and aggregation (Swarm only)."""
+        """Target forwarding, manager operations and aggregation (Swarm only: a standalone
+        agent never imports treq, msgspec or the peer TLS stack)."""
+        from portainer_agent.proxy.fanout import FanOut
+        from portainer_agent.proxy.peer import PeerForwarder, PeerTLSPolicy
+
         def pin_for(host: str, port: int) -> str | None:
             member = next((m for m in view.alive_members() if m.api_addr == host and m.api_port == port), None)
             return member.cert_fingerprint if member is not None else None
