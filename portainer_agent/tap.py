@@ -8,7 +8,7 @@ makes the TLS identity, and returns one ``MultiService`` holding the API listene
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -33,7 +33,6 @@ from portainer_agent.security.guard import SignatureGuard
 from portainer_agent.security.shutdown import SecurityShutdown
 from portainer_agent.tls.server import TLSServerEndpoint, server_options
 from portainer_agent.cluster.membership import MembershipView
-from portainer_agent.cluster.service import build_cluster_service
 from portainer_agent.proxy.dispatch import Destinations
 from portainer_agent.routing import ClusterSnapshot
 from portainer_agent.http.agents import AgentsResource
@@ -45,7 +44,11 @@ from portainer_agent.console.resource import ConsoleResource
 from portainer_agent.console.sessions import ConsoleSessions
 from portainer_agent.connections import RefusalLog, connection_cap, raise_open_file_limit
 from portainer_agent.listening import ListenerService
+from portainer_agent.memory import release_free_heap
 from portainer_agent.metrics import AgentMetrics, NoMetrics
+
+if TYPE_CHECKING:
+    from portainer_agent.cluster.service import ClusterService
 
 log = Logger()
 
@@ -117,9 +120,16 @@ class AgentService(MultiService):
         self.security_shutdown.setName("security-shutdown")
         self.security_shutdown.setServiceParent(self)
         # Cluster membership (issue 5): stopped before the API drains, so peers see our leave first.
-        self.cluster = build_cluster_service(config, identity, tls, reactor, self.docker, metrics=self.metrics)
-        if self.cluster is not None:
+        # Its stack (AMP, SWIM: about 1 MB of RSS) is imported in a Swarm only (issue 15).
+        self.cluster: ClusterService | None = None
+        if identity.in_swarm:
+            from portainer_agent.cluster.service import build_cluster_service
+
+            self.cluster = build_cluster_service(config, identity, tls, reactor, self.docker, metrics=self.metrics)
             self.cluster.setServiceParent(self)
+        else:
+            Logger(namespace="portainer_agent.cluster").info(
+                "the engine is not in a Swarm: cluster membership is off and /agents answers 503")
         self.root.endpoints[b"/agents"] = AgentsResource(self.cluster.view if self.cluster is not None else None)
         # Volume/host browser and host info (issue 9).
         volumes = VolumeRootMap.for_docker_root(identity.docker_root_dir, str(config.volumes_root) if config.volumes_root else None)
@@ -244,4 +254,5 @@ def makeService(options: AgentOptions) -> AgentService:
         raise SystemExit(f"portainer-agent: {error}") from None
     service.twistd_log_observer = twistd_log_observer(options.config, twistd_options)
     exit_like_the_console_script(reactor, lambda: service.exit_code)
+    reactor.callWhenRunning(release_free_heap)
     return service
