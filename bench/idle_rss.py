@@ -5,17 +5,18 @@ converged.
 
     sudo .venv/bin/python bench/idle_rss.py [--settle 10] [--no-lab] [--prefix pabench2 --subnet 10.77.91.0/24]
 
-"Idle" means: the agent answered ``/ping``, (in the Swarm) every agent lists every
+The first row is the floor: a bare interpreter with the stack every agent needs. "Idle" means: the agent answered ``/ping``, (in the Swarm) every agent lists every
 member on ``/agents``, then ``--settle`` seconds passed with no request. Reads
 ``VmRSS`` (and its anonymous/file split, ``RssAnon``/``RssFile``) from
-``/proc/<pid>/status``, and which optional stacks the process has loaded
-(``/proc/<pid>/maps``: the console's, metrics' and browse's libraries are pure Python,
-so this is checked by the unit test instead; here we only print the figures).
-Needs root (dockerd, and network namespaces for the lab).
+``/proc/<pid>/status``. Which modules the agent imports at start is checked by
+``tests/unit/test_startup_imports.py``. Agents started from a checkout under
+``PYTHONDONTWRITEBYTECODE=1`` compile the package at every start (about 1.3 MB more
+than with cached bytecode, as an installed package has). Needs root (dockerd, and network namespaces for the lab).
 """
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from portainer_agent.lab.harness import Lab  # noqa: E402
 from portainer_agent.lab.testing import lab_skip_reason  # noqa: E402
 from tests.integration.support import AgentProcess, shared_daemon  # noqa: E402
+from tests.integration.test_idle_memory import FLOOR_PROGRAM  # noqa: E402
 
 
 def memory_of(pid: int) -> dict[str, float]:
@@ -46,6 +48,18 @@ def row(name: str, pid: int) -> str:
 
 def header() -> str:
     return "| agent | VmRSS MB | RssAnon MB | RssFile MB | VmHWM MB |\n|---|---:|---:|---:|---:|"
+
+
+def floor() -> None:
+    """The same figures for an interpreter holding only what every agent needs (the
+    reactor with pyOpenSSL and cryptography, twisted.web, the service tree)."""
+    program = FLOOR_PROGRAM.replace('print(open("/proc/self/status").read())', "import os, sys; sys.stdout.write(os.linesep)")
+    with subprocess.Popen([sys.executable, "-c", program + "\nimport sys; sys.stdin.read()"],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE) as process:
+        assert process.stdout is not None and process.stdin is not None
+        process.stdout.readline()
+        print(row("floor (python + twisted + pyOpenSSL)", process.pid))
+        process.stdin.close()
 
 
 def standalone(settle: float, extra: list[str]) -> None:
@@ -97,6 +111,7 @@ def main() -> int:
         print(f"cannot run: {reason}", file=sys.stderr)
         return 2
     print(header())
+    floor()
     standalone(args.settle, args.agent_arg)
     if not args.no_lab:
         swarm(args.settle, args.prefix, args.subnet, args.agent_arg)
