@@ -32,6 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from twisted.internet import reactor
     from portainer_agent.logs import start_logging
+    from portainer_agent.memory import release_free_heap
     from portainer_agent.tap import StartupError, build_agent_service
 
     start_logging(config.log_level, config.log_format)
@@ -41,6 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"portainer-agent: {error}", file=sys.stderr)
         return 1
     reactor.callWhenRunning(service.startService)
+    reactor.callWhenRunning(release_free_heap)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     reactor.run()
     return service.exit_code

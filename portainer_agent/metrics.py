@@ -35,11 +35,11 @@ forward_errors_total                        counter    node, reason
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.exposition import choose_encoder
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.core import GaugeMetricFamily
 
 PREFIX = "portainer_agent"
 
@@ -87,6 +87,8 @@ class _MembersByState:
         self._members = members
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
+        from prometheus_client.core import GaugeMetricFamily
+
         family = GaugeMetricFamily(f"{PREFIX}_cluster_members", "Cluster members known, by state", labels=["state"])
         counts = {"alive": 0, "suspect": 0, "dead": 0, "left": 0}
         for member in self._members():
@@ -118,9 +120,15 @@ class _InflightByKind:
 
 
 class AgentMetrics:
-    """The agent's metrics in ``registry`` (a new one by default)."""
+    """The agent's metrics in ``registry`` (a new one by default).
+
+    prometheus_client is imported here, not at the top of the module: it costs about
+    1 MB of RSS, paid only by an agent that exposes metrics (``--metrics-addr``); the
+    others record into :class:`NoMetrics`."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self._requests = Counter(f"{PREFIX}_requests", "API requests answered, by route kind, method and status class",
@@ -221,8 +229,31 @@ class AgentMetrics:
 
     def exposition(self, accept: str | None = None) -> tuple[bytes, str]:
         """The body and content type of a scrape (text format, or OpenMetrics if asked)."""
+        from prometheus_client.exposition import choose_encoder
+
         encoder, content_type = choose_encoder(accept or "")
         return encoder(self.registry), content_type
+
+
+class NoMetrics(AgentMetrics):
+    """The recorder of an agent that exposes no metrics (no ``--metrics-addr``): every
+    public method of :class:`AgentMetrics` is a no-op returning None, so callers record
+    unconditionally at the cost of one call, and nothing of prometheus_client is
+    imported or allocated. The no-ops are derived from :class:`AgentMetrics` (below the
+    class), so a method added there is a no-op here without a line of its own."""
+
+    def __init__(self) -> None:  # noqa: D107 - no registry, no metric objects
+        pass
+
+
+def _no_op(self: Any, *args: Any, **kwargs: Any) -> None:
+    return None
+
+
+for _name, _value in list(vars(AgentMetrics).items()):
+    if callable(_value) and not _name.startswith("_"):
+        setattr(NoMetrics, _name, _no_op)
+del _name, _value
 
 
 class TimedPings:

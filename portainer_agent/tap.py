@@ -8,7 +8,7 @@ makes the TLS identity, and returns one ``MultiService`` holding the API listene
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -34,10 +34,7 @@ from portainer_agent.security.guard import SignatureGuard
 from portainer_agent.security.shutdown import SecurityShutdown
 from portainer_agent.tls.server import TLSServerEndpoint, server_options
 from portainer_agent.cluster.membership import MembershipView
-from portainer_agent.cluster.service import build_cluster_service
 from portainer_agent.proxy.dispatch import Destinations
-from portainer_agent.proxy.fanout import FanOut
-from portainer_agent.proxy.peer import PeerForwarder, PeerTLSPolicy
 from portainer_agent.routing import ClusterSnapshot
 from portainer_agent.http.agents import AgentsResource
 from portainer_agent.fs.volumes import VolumeLocator, VolumeRootMap
@@ -47,9 +44,12 @@ from portainer_agent.console.docker_stream import console_opener
 from portainer_agent.console.resource import ConsoleResource
 from portainer_agent.console.sessions import ConsoleSessions
 from portainer_agent.connections import RefusalLog, connection_cap, raise_open_file_limit
-from portainer_agent.http.metrics_endpoint import MetricsListenerService
 from portainer_agent.listening import ListenerService
-from portainer_agent.metrics import AgentMetrics
+from portainer_agent.memory import release_free_heap
+from portainer_agent.metrics import AgentMetrics, NoMetrics
+
+if TYPE_CHECKING:
+    from portainer_agent.cluster.service import ClusterService
 
 log = Logger()
 
@@ -84,7 +84,8 @@ class AgentService(MultiService):
                  open_file_limit: int | None = None) -> None:
         super().__init__()
         self.config = config
-        self.metrics = AgentMetrics()
+        # Recorded into prometheus_client only when a listener exposes them (idle RSS, issue 15).
+        self.metrics = AgentMetrics() if config.metrics_addr is not None else NoMetrics()
         self.identity = identity
         self.tls = tls
         self.reactor = reactor
@@ -121,9 +122,16 @@ class AgentService(MultiService):
         self.security_shutdown.setName("security-shutdown")
         self.security_shutdown.setServiceParent(self)
         # Cluster membership (issue 5): stopped before the API drains, so peers see our leave first.
-        self.cluster = build_cluster_service(config, identity, tls, reactor, self.docker, metrics=self.metrics)
-        if self.cluster is not None:
+        # Its stack (AMP, SWIM: about 1 MB of RSS) is imported in a Swarm only (issue 15).
+        self.cluster: ClusterService | None = None
+        if identity.in_swarm:
+            from portainer_agent.cluster.service import build_cluster_service
+
+            self.cluster = build_cluster_service(config, identity, tls, reactor, self.docker, metrics=self.metrics)
             self.cluster.setServiceParent(self)
+        else:
+            Logger(namespace="portainer_agent.cluster").info(
+                "the engine is not in a Swarm: cluster membership is off and /agents answers 503")
         self.root.endpoints[b"/agents"] = AgentsResource(self.cluster.view if self.cluster is not None else None)
         # Volume/host browser and host info (issue 9).
         volumes = VolumeRootMap.for_docker_root(identity.docker_root_dir, str(config.volumes_root) if config.volumes_root else None)
@@ -142,13 +150,19 @@ class AgentService(MultiService):
                 config.console_ping_interval, track=self.consoles.track, hand_over=self.inflight.hand_over)
         # Metrics (issue 11): a plain-HTTP listener of its own, only when asked for.
         if config.metrics_addr is not None:
+            from portainer_agent.http.metrics_endpoint import MetricsListenerService
+
             self.metrics_listener = MetricsListenerService(reactor, config.metrics_addr, self.metrics,
                                                            on_fatal=self.fatal)
             self.metrics_listener.setName("metrics")
             self.metrics_listener.setServiceParent(self)
 
     def _wire_cluster_routing(self, view: MembershipView) -> None:
-        """Target forwarding, manager operations and aggregation (Swarm only)."""
+        """Target forwarding, manager operations and aggregation (Swarm only: a standalone
+        agent never imports treq, msgspec or the peer TLS stack)."""
+        from portainer_agent.proxy.fanout import FanOut
+        from portainer_agent.proxy.peer import PeerForwarder, PeerTLSPolicy
+
         def pin_for(host: str, port: int) -> str | None:
             member = next((m for m in view.alive_members() if m.api_addr == host and m.api_port == port), None)
             return member.cert_fingerprint if member is not None else None
@@ -245,4 +259,5 @@ def makeService(options: AgentOptions) -> AgentService:
         raise SystemExit(f"portainer-agent: {error}") from None
     service.twistd_log_observer = twistd_log_observer(options.config, twistd_options)
     exit_like_the_console_script(reactor, lambda: service.exit_code)
+    reactor.callWhenRunning(release_free_heap)
     return service

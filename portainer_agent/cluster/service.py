@@ -354,11 +354,9 @@ def _log_transitions(old: Member | None, new: Member) -> None:
 
 
 def build_cluster_service(config: Any, identity: Any, tls: Any, reactor: Any, docker: Any,
-                          metrics: Any = None) -> ClusterService | None:
-    """The membership service for the agent's ``Config`` (None, logged, outside a Swarm)."""
-    if not identity.in_swarm:
-        log.info("the engine is not in a Swarm: cluster membership is off and /agents answers 503")
-        return None
+                          metrics: Any = None) -> ClusterService:
+    """The membership service for the agent's ``Config``, in a Swarm (outside one, the
+    agent imports none of this module: see :mod:`portainer_agent.tap`)."""
     from portainer_agent import __version__
     from portainer_agent.docker.identity import fetch_identity
     from portainer_agent.tls.server import server_options

@@ -52,6 +52,12 @@ class ConsoleTarget:
 
 #: Ctrl-C (drop the line being typed), Ctrl-D (end of input): what ends an idle shell.
 TERMINAL_HANGUP = b"\x03\x04"
+#: After a hangup, Ctrl-D again every HANGUP_REPEAT s, HANGUP_TRIES times, then close
+#: (the session does it; here, beside the hangup, so that the sessions service can size
+#: its stop without importing wsproto).
+END_OF_INPUT = b"\x04"
+HANGUP_REPEAT = 0.5
+HANGUP_TRIES = 6
 
 
 def hangup_for(target: ConsoleTarget, inspected: dict[str, Any]) -> ConsoleTarget:

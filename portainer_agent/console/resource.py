@@ -16,27 +16,29 @@ out but the TLS connection stayed open until the client gave up). The ``Request`
 also never finished nor lost. The project's
 ``take_over_transport`` does the takeover cleanly; wsproto, the library twisted.web's
 websocket support is built on, does the framing.
+
+wsproto (with h11) and the session are imported by the first console request, not by the
+agent's start: they cost about 1 MB of RSS that an agent nobody opens a console on never
+needs (issue 15).
 """
 from __future__ import annotations
 
 import re
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET, Request
-from wsproto import ConnectionType
-from wsproto.events import AcceptConnection
-from wsproto.handshake import H11Handshake
-from wsproto.utilities import RemoteProtocolError
 
 from portainer_agent.http.twisted_private import client_gone
 from portainer_agent.console.docker_stream import ConsoleTarget, DockerStream
-from portainer_agent.console.session import ConsoleSession
 from portainer_agent.proxy.splice import take_over_transport
 from portainer_agent.errors import AgentError
 from portainer_agent.http.responses import finish_with_error, write_error
+
+if TYPE_CHECKING:
+    from wsproto.handshake import H11Handshake
 
 log = Logger()
 
@@ -63,6 +65,10 @@ def console_target(kind: str, args: dict[bytes, list[bytes]]) -> ConsoleTarget:
 
 def websocket_handshake(request: Request) -> H11Handshake:
     """The client's opening handshake, checked (not yet answered)."""
+    from wsproto import ConnectionType
+    from wsproto.handshake import H11Handshake
+    from wsproto.utilities import RemoteProtocolError
+
     handshake = H11Handshake(ConnectionType.SERVER)
     headers = [(name, value) for name, values in request.requestHeaders.getAllRawHeaders() for value in values]
     try:
@@ -128,6 +134,10 @@ class ConsoleResource:
     def _accept(self, stream: DockerStream, request: Request, handshake: H11Handshake,
                 target: ConsoleTarget) -> None:
         """Docker upgraded: accept the websocket and join the two ends (same reactor turn)."""
+        from wsproto.events import AcceptConnection
+
+        from portainer_agent.console.session import ConsoleSession
+
         if client_gone(request):
             stream.transport.abortConnection()
             return

@@ -29,6 +29,7 @@ from twisted.python.failure import Failure
 from wsproto.connection import Connection, ConnectionState
 from wsproto.events import BytesMessage, CloseConnection, Event, Ping, TextMessage
 
+from portainer_agent.console.docker_stream import END_OF_INPUT, HANGUP_REPEAT, HANGUP_TRIES
 from portainer_agent.console.text import TerminalText
 
 log = Logger()
@@ -36,10 +37,6 @@ log = Logger()
 NORMAL_CLOSURE = 1000
 GOING_AWAY = 1001
 PING_PAYLOAD = b"portainer-agent"
-#: After a hangup, Ctrl-D again every HANGUP_REPEAT s, HANGUP_TRIES times, then close.
-END_OF_INPUT = b"\x04"
-HANGUP_REPEAT = 0.5
-HANGUP_TRIES = 6
 
 
 def _unregister(transport: Any) -> None:

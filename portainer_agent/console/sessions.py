@@ -7,12 +7,15 @@ cuts what is left.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, succeed
 
-from portainer_agent.console.session import HANGUP_REPEAT, HANGUP_TRIES, ConsoleSession
+from portainer_agent.console.docker_stream import HANGUP_REPEAT, HANGUP_TRIES
+
+if TYPE_CHECKING:
+    from portainer_agent.console.session import ConsoleSession
 
 
 class ConsoleSessions(Service):
