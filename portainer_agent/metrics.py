@@ -109,6 +109,8 @@ class _InflightByKind:
         self.by_kind = by_kind
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
+        from prometheus_client.core import GaugeMetricFamily
+
         family = GaugeMetricFamily(f"{PREFIX}_inflight_requests", "API requests being served now, by route kind",
                                    labels=["kind"])
         for kind, count in sorted(self.by_kind().items()):
