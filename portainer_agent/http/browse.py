@@ -42,7 +42,7 @@ from portainer_agent.fs.volumes import VolumeLocator, check_volume_id
 from portainer_agent.http.bodysink import PoolSink, too_large
 from portainer_agent.http.filesend import send_bytes, send_file
 from portainer_agent.http.responses import finish_with_error, write_empty, write_error
-from portainer_agent.http.upload import BufferedBody, body_producer
+from portainer_agent.http.upload import BufferedBody, UploadInterrupted, body_producer
 
 log = Logger()
 
@@ -266,7 +266,9 @@ class BrowseEndpoint(Resource):
         return NOT_DONE_YET
 
     def _failed(self, failure: Failure, call: BrowseCall, request: Request, shown: str) -> None:
-        if failure.check(RootUnavailable):
+        if failure.check(UploadInterrupted):
+            log.info("an upload was cut off by the client: {reason}", reason=failure.getErrorMessage())
+        elif failure.check(RootUnavailable):
             log.warn("cannot open the browse root for {action}: {details}", action=self.action,
                      details=failure.value.details)
         elif not failure.check(AgentError, OSError, PathRefused):  # a bug: say where
