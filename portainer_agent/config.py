@@ -55,6 +55,8 @@ class Config:
     volumes_root: Path | None = None
     #: The host's ``/`` as mounted for the agent: host browsing and /host/info stay beneath it.
     host_root: Path = Path("/host")
+    #: Largest ``/browse/put`` request body in bytes (413 above it); 0: no limit.
+    browse_max_upload: int = 0
 
     # cluster routing (issue 8)
     peer_timeout: float = 5.0

@@ -120,6 +120,19 @@ def _positive_int(text: str) -> int:
     return value
 
 
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def _size(text: str) -> int:
+    """Bytes: a whole number, optionally with a binary unit (``512M``, ``10G``, ``1GiB``); 0 allowed."""
+    value = text.strip().lower().removesuffix("ib").removesuffix("b")
+    unit = value[-1:] if value[-1:] in _SIZE_UNITS else ""
+    number = value[: len(value) - len(unit)].strip()
+    if not number.isdigit():
+        raise ValueError(f"not a size: {text!r} (bytes, or with K, M, G or T)")
+    return int(number) * _SIZE_UNITS[unit]
+
+
 def _flag(text: str) -> bool:
     value = text.strip().lower()
     if value in ("1", "true", "yes", "on"):
@@ -168,6 +181,7 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("aggregate-timeout", "AGENT_AGGREGATE_TIMEOUT", "aggregate_timeout", _positive_duration, "per-node deadline of an aggregated list (containers, images, volumes, networks)", "10s"),
     OptionSpec("volumes-root", "AGENT_VOLUMES_ROOT", "volumes_root", _absolute_path, "where <DockerRootDir>/volumes is mounted for the agent", "the same path"),
     OptionSpec("host-root", "AGENT_HOST_ROOT", "host_root", _absolute_path, "where the host's / is mounted: host browsing and /host/info stay beneath it", "/host"),
+    OptionSpec("browse-max-upload", "AGENT_BROWSE_MAX_UPLOAD", "browse_max_upload", _size, "largest /browse/put body, e.g. 10G (0: no limit, as the original)", "0"),
     OptionSpec("console-ping", "AGENT_CONSOLE_PING_INTERVAL", "console_ping_interval", _duration, "websocket console keepalive ping interval (0: none)", "30s"),
     # operations (issue 11)
     OptionSpec("metrics-addr", "AGENT_METRICS_ADDR", "metrics_addr", _listen_address, "serve Prometheus metrics over plain HTTP on host:port (e.g. 127.0.0.1:9003)", "off"),

@@ -37,6 +37,7 @@ from portainer_agent.cluster.membership import MembershipView
 from portainer_agent.proxy.dispatch import Destinations
 from portainer_agent.routing import ClusterSnapshot
 from portainer_agent.http.agents import AgentsResource
+from portainer_agent.fs.pool import PoolService
 from portainer_agent.fs.volumes import VolumeLocator, VolumeRootMap
 from portainer_agent.http.browse import BrowseService, browse_endpoints
 from portainer_agent.http.hostinfo import HostInfoResource
@@ -94,6 +95,11 @@ class AgentService(MultiService):
         self.docker = DockerClient.for_socket(reactor, config.docker_socket_path)
         self.guard = SignatureGuard.from_config(config)
         self.guard.on_refused = self.metrics.signature_refused
+        # Disk work (browse, host info) runs in a small thread pool; added first, so it is
+        # stopped last, after the API has drained.
+        self.disk = PoolService(reactor)
+        self.disk.setName("disk-pool")
+        self.disk.setServiceParent(self)
         #: Every request from arrival to release (hijacks and consoles hand theirs over).
         self.inflight = InFlight(self.metrics)
         self.docker_proxy = DockerProxy(self.docker, config.docker_socket_path)
@@ -135,9 +141,10 @@ class AgentService(MultiService):
         self.root.endpoints[b"/agents"] = AgentsResource(self.cluster.view if self.cluster is not None else None)
         # Volume/host browser and host info (issue 9).
         volumes = VolumeRootMap.for_docker_root(identity.docker_root_dir, str(config.volumes_root) if config.volumes_root else None)
-        browse = BrowseService(VolumeLocator(self.docker, volumes), config.host_management, config.host_root)
+        browse = BrowseService(VolumeLocator(self.docker, volumes), config.host_management, config.host_root,
+                               self.disk.run, max_upload=config.browse_max_upload)
         self.root.endpoints.update(browse_endpoints(browse))
-        self.root.endpoints[b"/host/info"] = HostInfoResource(config.host_root)
+        self.root.endpoints[b"/host/info"] = HostInfoResource(config.host_root, self.disk.run)
         self.peer_pool: HTTPConnectionPool | None = None
         if self.cluster is not None:
             self._wire_cluster_routing(self.cluster.view)

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import operator
 import os
 import secrets
 import stat
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import attrs
 
@@ -32,6 +33,8 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 #: O_NONBLOCK so that opening a FIFO planted in a volume cannot block the agent.
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 _RENAME_NOREPLACE = 1
+#: Entries sorted per run before a whole listing is sorted: see :func:`sorted_by_name`.
+SORT_RUN = 8192
 
 
 class PathRefused(ValueError):
@@ -82,15 +85,24 @@ def display(components: tuple[str, ...]) -> str:
     return "/" + "/".join(components)
 
 
-@attrs.frozen
-class Entry:
-    """One directory entry as seen by ``lstat`` (a symlink is shown, never followed)."""
+class Entry(NamedTuple):
+    """One directory entry as seen by ``lstat`` (a symlink is shown, never followed).
+
+    :meth:`Jail.list_dir` returns *plain* tuples in this order (``Entry._make(row)``
+    names the fields): the garbage collector stops tracking a plain tuple of strings and
+    numbers, so the 100,000 rows of a big listing do not trigger full collections, each of
+    which holds the GIL (and the reactor thread) for tens of milliseconds; records
+    (attrs, named tuples) stay tracked and did."""
 
     name: str
     size: int
     is_dir: bool
     mtime: int
     is_symlink: bool = False
+
+
+#: A row of :meth:`Jail.list_dir`: the fields of :class:`Entry`, as a plain tuple.
+Row = tuple[str, int, bool, int, bool]
 
 
 @attrs.frozen
@@ -173,11 +185,12 @@ class Jail:
 
     # -- operations -----------------------------------------------------------------
 
-    def list_dir(self, components: tuple[str, ...]) -> list[Entry]:
-        """Entries of a directory sorted by name, from ``lstat``."""
+    def list_dir(self, components: tuple[str, ...]) -> list[Row]:
+        """Entries of a directory sorted by name, from ``lstat``, as plain tuples (see
+        :class:`Entry`)."""
         fd = self.open_dir(components)
         try:
-            return sorted(_scan(fd), key=lambda entry: entry.name)
+            return sorted_by_name(list(_scan(fd)))
         finally:
             os.close(fd)
 
@@ -267,20 +280,30 @@ class Jail:
             os.close(target)
 
 
-def _scan(fd: int) -> Iterator[Entry]:
+def sorted_by_name(entries: list[Row]) -> list[Row]:
+    """``entries`` sorted by name, in place.
+
+    Why in runs: a listing is made in a worker thread while the reactor thread serves
+    other requests, and one ``list.sort`` is a single C call that holds the GIL
+    throughout (about 25-45 ms for 100,000 names here). Sorting runs of
+    :data:`SORT_RUN` first (short calls, with thread switches between them) leaves the
+    final sort only the merge of those runs (about 8 ms for 100,000)."""
+    key = operator.itemgetter(0)
+    for start in range(0, len(entries), SORT_RUN):
+        entries[start:start + SORT_RUN] = sorted(entries[start:start + SORT_RUN], key=key)
+    entries.sort(key=key)
+    return entries
+
+
+def _scan(fd: int) -> Iterator[Row]:
     with os.scandir(fd) as entries:
         for entry in entries:
             try:
                 info = entry.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue  # removed while listing
-            yield Entry(
-                name=entry.name,
-                size=info.st_size,
-                is_dir=stat.S_ISDIR(info.st_mode),
-                mtime=int(info.st_mtime),
-                is_symlink=stat.S_ISLNK(info.st_mode),
-            )
+            mode = info.st_mode
+            yield entry.name, info.st_size, stat.S_ISDIR(mode), int(info.st_mtime), stat.S_ISLNK(mode)
 
 
 def _refuse_non_directory(parent: int, name: str, where: tuple[str, ...]) -> None:

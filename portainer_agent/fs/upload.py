@@ -1,5 +1,7 @@
 """``POST /browse/put`` bodies: multipart/form-data parsed as it is read, the file part
-written straight to a staged :class:`~portainer_agent.fs.jail.AtomicFile`.
+written straight to a staged :class:`~portainer_agent.fs.jail.AtomicFile`. Blocking (it
+writes): :mod:`portainer_agent.http.browse` feeds it in the disk thread pool, batch by batch
+as the body arrives.
 
 Parser: ``multipart`` (defnull's, already a dependency of treq): its
 ``PushMultipartParser`` is sans-I/O (bytes in, events out), pure Python, bounded
@@ -13,7 +15,7 @@ original's ``FormValue`` also read first, is used at once).
 """
 from __future__ import annotations
 
-from typing import IO, Callable, Iterator
+from typing import Callable
 
 import attrs
 import multipart
@@ -21,8 +23,6 @@ import multipart
 from portainer_agent.errors import AgentError
 from portainer_agent.fs.jail import AtomicFile
 
-#: How much of the request body is read and parsed at a time.
-CHUNK = 64 * 1024
 #: Largest text field kept (``Path``): a path is at most 4096 bytes.
 MAX_FIELD = 8192
 
@@ -128,14 +128,3 @@ class UploadForm:
         """Drop what was staged (idempotent)."""
         if self._staged is not None:
             self._staged.abort()
-
-
-def feed_from_file(content: IO[bytes], form: UploadForm, chunk_size: int = CHUNK) -> Iterator[None]:
-    """Feed a spooled request body to ``form`` one chunk at a time (a generator for a
-    ``Cooperator``, so a large upload does not hold the reactor). The one place that
-    knows where body bytes come from: re-point it when bodies stream as they arrive."""
-    content.seek(0)
-    while chunk := content.read(chunk_size):
-        form.feed(chunk)
-        yield None
-    form.feed(b"")

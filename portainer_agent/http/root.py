@@ -136,6 +136,15 @@ class AgentRoot(Resource):
             request.method, request.requestHeaders.getRawHeaders(b"connection", []),
             request.requestHeaders.getRawHeaders(b"upgrade", []))
 
+    def body_goes_to_endpoint(self, request: Request) -> bool:
+        """Whether the request's body is for a local agent endpoint that reads it as it
+        arrives (its ``streams_body`` is true: ``/browse/put``); asked like
+        :meth:`body_goes_upstream`."""
+        _, path = split_version_prefix(request.path)
+        snapshot = self.cluster() if self.cluster is not None else None
+        decision = decide(request_facts(request, path), snapshot)
+        return decision.kind is RouteKind.AGENT and bool(getattr(self.endpoints.get(decision.path), "streams_body", False))
+
     def _dispatch(self, decision: Route, request: Request, snapshot: ClusterSnapshot | None) -> Any:
         if decision.kind is RouteKind.AGENT:
             endpoint = self.endpoints.get(decision.path)

@@ -11,6 +11,13 @@ arrives in a :class:`RequestBodyStream`, which upstreams read through
 connection is paused (its transport stops reading), so the agent holds at most about
 one read (64 kB) plus :data:`HIGH_WATER` per upload.
 
+The same stream carries the body of a local agent endpoint that reads its body as it
+arrives (``/browse/put``, which writes it to the volume): the root says which
+(``root.body_goes_to_endpoint(request)``). Every other body is read whole before
+``render``, in memory and bounded (:class:`InMemoryBody`, :data:`MAX_MEMORY_BODY`): never
+twisted.web's temporary file, so no request (an upgrade request's, a misrouted upload)
+can write to the agent's disk.
+
 At ``gotLength`` time twisted.web has parsed the request line but keeps it private on the
 channel (:func:`~portainer_agent.http.twisted_private.request_line`, with the other private
 names and why); the rest is the documented ``Request`` hooks ``gotLength``,
@@ -34,6 +41,10 @@ from portainer_agent.http.twisted_private import client_gone, request_line
 STREAM_THRESHOLD = 64 * 1024
 #: Bytes held for an upstream that is not reading before the client is paused.
 HIGH_WATER = 64 * 1024
+#: Largest body read whole (not streamed) that is kept: an upgrade request's body
+#: (``exec``/``attach`` send none in practice) or a local endpoint's JSON. A larger one is
+#: dropped as it arrives and refused by its reader (413 for an upgrade request).
+MAX_MEMORY_BODY = 1 << 20
 
 
 class BodyAlreadyConsumed(Exception):
@@ -65,6 +76,31 @@ class BufferedBody:
 
     def stopProducing(self) -> None:  # noqa: N802
         pass
+
+
+class InMemoryBody(io.BytesIO):
+    """The body of a request that is read whole before ``render`` (twisted.web's
+    ``request.content``), in memory: at most ``limit + 1`` bytes are kept, so a reader
+    that reads ``limit + 1`` bytes can tell the body was too large (and answer 413); the
+    rest is dropped as it arrives. twisted.web would spool such a body to a temporary file
+    of any size."""
+
+    def __init__(self, limit: int = MAX_MEMORY_BODY) -> None:
+        super().__init__()
+        self.limit = limit
+        #: Bytes received, kept or not.
+        self.received = 0
+
+    def write(self, data: Any) -> int:
+        room = self.limit + 1 - self.received
+        self.received += len(data)
+        if room > 0:
+            super().write(bytes(data[:room]))
+        return len(data)
+
+    @property
+    def too_large(self) -> bool:
+        return self.received > self.limit
 
 
 class RequestBodyStream:
@@ -217,8 +253,9 @@ class StreamingUploads:
     """``twisted.web.server.Request`` mixin: start large uploads before their body is in.
 
     The site's root resource decides which requests qualify
-    (``root.body_goes_upstream(request)``, called with ``method``, ``uri``, ``path``
-    and the headers set); others keep twisted.web's behaviour.
+    (``root.body_goes_upstream(request)`` or ``root.body_goes_to_endpoint(request)``,
+    called with ``method``, ``uri``, ``path`` and the headers set); the body of the others
+    is read whole before ``render``, into an :class:`InMemoryBody`.
     """
 
     #: The request's body, while it streams; None for bodies read whole.
@@ -241,20 +278,23 @@ class StreamingUploads:
                     channel.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             request.process()
             return
-        super().gotLength(length)  # type: ignore[misc]
+        # Not twisted.web's ``_getContentFile``: it spools anything large or chunked to a
+        # temporary file of any size.
+        request.content = InMemoryBody()
 
     def _wants_stream(self) -> bool:
         request: Any = self
         channel = request.channel
         root = getattr(getattr(channel, "site", None), "resource", None)
-        decide = getattr(root, "body_goes_upstream", None)
-        if decide is None:
+        deciders = [decide for decide in (getattr(root, "body_goes_upstream", None),
+                                          getattr(root, "body_goes_to_endpoint", None)) if decide is not None]
+        if not deciders:
             return False
         command, path, version = request_line(channel)
         request.method, request.uri, request.clientproto = command, path, version
         request.path, _, query = path.partition(b"?")
         request.args = parse_qs(query, True) if query else {}
-        return bool(decide(request))
+        return any(decide(request) for decide in deciders)
 
     def handleContentChunk(self, data: bytes) -> None:  # noqa: N802
         stream = self.body_stream

@@ -45,12 +45,13 @@ from portainer_agent.errors import AgentError, bad_gateway_docker
 from portainer_agent.http.paths import AGENT_RESPONSE_HEADERS
 from portainer_agent.http.responses import abort_client, finish_with_error
 from portainer_agent.http.twisted_private import client_gone, take_unread
+from portainer_agent.http.upload import MAX_MEMORY_BODY
 from portainer_agent.proxy.outgoing import upstream_header_lines
 from portainer_agent.proxy.relay import Drop, failure_reason, relay_response
 
 log = Logger()
 
-MAX_HIJACK_REQUEST_BODY = 1 << 20
+MAX_HIJACK_REQUEST_BODY = MAX_MEMORY_BODY  # kept in memory by the request (http/upload.py), never on disk
 #: TCP keep-alive on a spliced client connection: idle seconds, probe interval, probes.
 KEEPALIVE = (30, 10, 3)
 

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Iterator
@@ -227,6 +228,10 @@ class VolumeBrowserTests(RealDockerTestCase, SynchronousTestCase):
         items = self.agent.json("GET", self.url("ls", "/"))
         self.assertIn("keep.txt", [i["Name"] for i in items])
         self.assertEqual((self.data / "keep.txt").read_bytes(), b"original\n")
+        # The staged file is removed in the disk pool once the agent saw the connection go.
+        deadline = time.monotonic() + 10
+        while [n for n in os.listdir(self.data) if n.endswith(".upload")] and time.monotonic() < deadline:
+            time.sleep(0.05)
         self.assertEqual([n for n in os.listdir(self.data) if n.endswith(".upload")], [])
 
     def test_host_info_lists_this_machines_disk(self) -> None:
@@ -234,6 +239,61 @@ class VolumeBrowserTests(RealDockerTestCase, SynchronousTestCase):
         self.assertIn("PCIDevices", document)
         if any(Path("/sys/block").glob("[sv]d*")) or any(Path("/sys/block").glob("nvme*")):
             self.assertTrue(document["PhysicalDisks"], document)
+
+
+class BigListingTests(RealDockerTestCase, SynchronousTestCase):
+    """A 100,000-entry listing on a real volume while another client pings the agent.
+
+    The timing bound (no ping delayed by more than 100 ms) is measured by
+    ``bench/browse_stall.py``, not asserted: on a loaded 2-core machine a wall-clock bound
+    is not robust. What is asserted: the listing is complete and sorted, and pings are
+    answered *while* the listing runs (with the listing on the reactor thread, none was)."""
+
+    FILES = 100_000
+
+    def test_a_big_listing_is_complete_and_pings_are_answered_meanwhile(self) -> None:
+        assert self.agent is not None
+        volume = f"pabr-big-{uuid.uuid4().hex[:8]}"
+        self.daemon.docker("volume", "create", volume)
+        self.addCleanup(self.daemon.docker, "volume", "rm", "-f", volume, check=False)
+        data = Path(json.loads(self.daemon.docker("volume", "inspect", volume).stdout)[0]["Mountpoint"])
+        for index in range(self.FILES):
+            (data / f"f{index:06d}").write_bytes(b"")
+        answered: list[float] = []
+        stop = threading.Event()
+
+        def ping() -> None:
+            assert self.agent is not None
+            conn = self.agent.connection(60)
+            try:
+                while not stop.is_set():
+                    conn.request("GET", "/ping")
+                    response = conn.getresponse()
+                    response.read()
+                    if response.status == 204:
+                        answered.append(time.monotonic())
+                    stop.wait(0.01)
+            finally:
+                conn.close()
+
+        pinger = threading.Thread(target=ping, daemon=True)
+        pinger.start()
+        try:
+            conn = self.agent.connection(300)
+            started = time.monotonic()
+            conn.request("GET", f"/browse/ls?volumeID={volume}&path=/", headers=self.agent.headers)
+            response = conn.getresponse()  # the head is sent once the listing is made
+            headed = time.monotonic()
+            body = response.read()
+            conn.close()
+        finally:
+            stop.set()
+            pinger.join(30)
+        self.assertEqual(response.status, 200, body[:200])
+        names = [item["Name"] for item in json.loads(body)]
+        self.assertEqual(names, [f"f{index:06d}" for index in range(self.FILES)])
+        during = [at for at in answered if started < at < headed]
+        self.assertGreaterEqual(len(during), 3, f"{len(during)} pings answered in {headed - started:.2f}s of listing")
 
 
 def _sha256(path: Path) -> str:

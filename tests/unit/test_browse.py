@@ -8,13 +8,13 @@ from typing import Any
 
 from hypothesis import given, settings, strategies as st
 from portainer_agent.docker.testing import MemoryDocker
-from twisted.internet.defer import maybeDeferred
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from portainer_agent.errors import AgentError
+from portainer_agent.fs.pool import run_inline
 from portainer_agent.fs.upload import UploadForm
 from portainer_agent.fs.volumes import VolumeLocator, VolumeRootMap, check_volume_id
 from portainer_agent.http.browse import BrowseService, browse_endpoints
@@ -68,8 +68,7 @@ class BrowseHarness:
         self.memory = Memory()
         case.addCleanup(self.memory.stop)
         locator = VolumeLocator(self.docker, VolumeRootMap.for_docker_root(str(self.docker_root), None))
-        self.service = BrowseService(locator, host_management, self.host, cooperator=self.memory.cooperator,
-                                     blocking=lambda f, *a: maybeDeferred(f, *a))
+        self.service = BrowseService(locator, host_management, self.host, run_inline)
         self.memory.root.endpoints.update(browse_endpoints(self.service))
         self.case = case
 
@@ -428,16 +427,16 @@ class ProducerTests(SynchronousTestCase):
     def test_a_file_that_shrank_cuts_the_connection(self) -> None:
         from twisted.web.test.requesthelper import DummyRequest
 
-        from portainer_agent.http.filesend import FileRangeProducer
+        from portainer_agent.http.filesend import RangeProducer, file_reader
 
         root = temp_dir(self)
         (root / "f").write_bytes(b"x" * 10)
-        fd = os.open(root / "f", os.O_RDONLY)
+        read, close = file_reader(os.open(root / "f", os.O_RDONLY), run_inline)
         request = DummyRequest([b""])
         aborted: list[bool] = []
         import portainer_agent.http.filesend as filesend
         self.patch(filesend, "abort_client", lambda r: aborted.append(True))
-        FileRangeProducer(request, fd, 0, 20, chunk=4).start()
+        RangeProducer(request, read, 0, 20, close, chunk=4).start()
         self.assertEqual(b"".join(request.written), b"x" * 10)
         self.assertEqual(aborted, [True])
         self.assertEqual(request.finished, 0)
@@ -445,12 +444,13 @@ class ProducerTests(SynchronousTestCase):
     def test_a_file_that_grew_is_sent_up_to_the_promised_length(self) -> None:
         from twisted.web.test.requesthelper import DummyRequest
 
-        from portainer_agent.http.filesend import FileRangeProducer
+        from portainer_agent.http.filesend import RangeProducer, file_reader
 
         root = temp_dir(self)
         (root / "f").write_bytes(b"0123456789")
+        read, close = file_reader(os.open(root / "f", os.O_RDONLY), run_inline)
         request = DummyRequest([b""])
         request._disconnected = False
-        FileRangeProducer(request, os.open(root / "f", os.O_RDONLY), 2, 5, chunk=2).start()
+        RangeProducer(request, read, 2, 5, close, chunk=2).start()
         self.assertEqual(b"".join(request.written), b"23456")
         self.assertEqual(request.finished, 1)

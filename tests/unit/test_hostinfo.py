@@ -7,6 +7,7 @@ from pathlib import Path
 from twisted.trial.unittest import SynchronousTestCase
 
 from portainer_agent.fs.hostinfo import PciNames, host_info, parse_pci_ids, physical_disks
+from portainer_agent.fs.pool import run_inline
 from portainer_agent.http.hostinfo import HostInfoResource
 from tests.unit.memory import Memory
 from tests.unit.tempdirs import temp_dir
@@ -71,7 +72,7 @@ class HostInfoTests(SynchronousTestCase):
 
     def test_endpoint_on_this_machine_lists_its_disk(self) -> None:
         """No /host here: falls back to /sys (read-only) and lists this machine's disk."""
-        memory = Memory(endpoints={b"/host/info": HostInfoResource(Path("/nonexistent-host-root"))})
+        memory = Memory(endpoints={b"/host/info": HostInfoResource(Path("/nonexistent-host-root"), run_inline)})
         self.addCleanup(memory.stop)
         d = memory.client.get("http://agent/v2/host/info")
         memory.pump()

@@ -11,7 +11,7 @@ from pathlib import Path
 from hypothesis import given, settings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from portainer_agent.fs.jail import MAX_NAME, AtomicFile, Jail, PathRefused, split_path
+from portainer_agent.fs.jail import MAX_NAME, AtomicFile, Entry, Jail, PathRefused, split_path
 from tests.unit.tempdirs import temp_dir
 
 
@@ -80,7 +80,7 @@ class JailOperationTests(SynchronousTestCase):
         self.jail = self.fx.jail
 
     def test_list_shows_symlinks_as_entries_not_directories(self) -> None:
-        entries = {e.name: e for e in self.jail.list_dir(())}
+        entries = {e.name: e for e in map(Entry._make, self.jail.list_dir(()))}
         self.assertEqual(sorted(entries), ["dir", "empty", "to-parent", "to-secret", "to-slash"])
         self.assertTrue(entries["dir"].is_dir)
         self.assertFalse(entries["to-slash"].is_dir)

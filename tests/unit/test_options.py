@@ -41,6 +41,7 @@ BAD_VALUES = {
     "header-timeout": "0s",
     "idle-timeout": "soon",
     "max-connections": "0",
+    "browse-max-upload": "10X",
 }
 
 
@@ -50,6 +51,14 @@ class BuildConfigTests(SynchronousTestCase):
 
     def test_every_option_has_a_bad_value_in_this_table(self) -> None:
         self.assertEqual(set(BAD_VALUES), {spec.flag for spec in OPTIONS})
+
+    def test_browse_max_upload_takes_bytes_or_a_binary_unit(self) -> None:
+        for text, expected in (("0", 0), ("1048576", 1 << 20), ("512M", 512 << 20), ("10G", 10 << 30),
+                               ("1GiB", 1 << 30), ("2k", 2048)):
+            self.assertEqual(build_config({}, {"AGENT_BROWSE_MAX_UPLOAD": text}).browse_max_upload, expected, text)
+        self.assertEqual(build_config({}, {}).browse_max_upload, 0)
+        for bad in ("-1", "1.5G", "G", ""):
+            self.assertRaises(usage.UsageError, build_config, {"browse-max-upload": bad}, {})
 
     def test_environment_is_used_when_the_flag_is_absent(self) -> None:
         config = build_config({"port": None}, {"AGENT_PORT": "9101", "AGENT_HOST": "127.0.0.1", "LOG_LEVEL": "debug",
