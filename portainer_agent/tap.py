@@ -36,6 +36,7 @@ from portainer_agent.cluster.membership import MembershipView
 from portainer_agent.cluster.service import build_cluster_service
 from portainer_agent.proxy.dispatch import Destinations
 from portainer_agent.proxy.fanout import FanOut
+from portainer_agent.proxy.node_list import SwarmNodeList
 from portainer_agent.proxy.peer import PeerForwarder, PeerTLSPolicy
 from portainer_agent.routing import ClusterSnapshot
 from portainer_agent.http.agents import AgentsResource
@@ -157,7 +158,12 @@ class AgentService(MultiService):
         peers = PeerForwarder(self.reactor, policy, pool, lambda: view.local.node_name, self.hijack,
                               connect_timeout=self.config.peer_timeout, metrics=self.metrics)
         self.destinations.peers = peers
-        self.destinations.fanout = FanOut(self.reactor, self.docker_proxy, peers, self.config.aggregate_timeout)
+        # The Swarm's node list, so an aggregate names the nodes no live agent answers for.
+        node_list = SwarmNodeList(self.reactor, self.docker, peers.agent,
+                                  timeout=min(self.config.aggregate_timeout, self.config.peer_timeout * 2),
+                                  wait=min(self.config.aggregate_timeout, 2.0))
+        self.destinations.fanout = FanOut(self.reactor, self.docker_proxy, peers, self.config.aggregate_timeout,
+                                          max_bytes=self.config.aggregate_max_bytes, node_list=node_list)
         self.root.cluster = lambda: ClusterSnapshot.of(view)
 
     def setServiceParent(self, parent: Any) -> None:  # noqa: N802

@@ -32,6 +32,7 @@ BAD_VALUES = {
     "probe-timeout": "-1s",
     "peer-timeout": "0",
     "aggregate-timeout": "soon",
+    "aggregate-max-bytes": "lots",
     "host-management": "2",
     "volumes-root": "relative/volumes",
     "host-root": "host",
