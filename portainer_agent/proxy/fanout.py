@@ -87,9 +87,10 @@ class FanOut:
         pending: list[Deferred[Any]] = [*legs, listing]
 
         def cancel_all(_: Failure) -> None:
+            # Unconditionally: a leg reading its body is "called" but paused on the reader,
+            # and cancelling it reaches the reader (a finished leg ignores it).
             for leg in pending:
-                if not leg.called:
-                    leg.cancel()
+                leg.cancel()
 
         request.notifyFinish().addErrback(cancel_all)
         answered = DeferredList(pending, consumeErrors=True)
@@ -164,8 +165,8 @@ class FanOut:
             reason = state.unknown_reason() if state is not None else "not read yet"
             if not self._list_unknown_logged:
                 self._list_unknown_logged = True
-                log.warn("aggregated lists answered without the Swarm node list: {warning}",
-                         warning=unknown_list_warning(reason))
+                log.warn("aggregated lists answered without the Swarm node list: {text}",
+                         text=unknown_list_warning(reason))
             return [], [unknown_list_warning(reason)], True
         self._list_unknown_logged = False
         asked = [m.node_name for m in members]
