@@ -89,6 +89,6 @@ def collect_body(response: IResponse, node: str, limit: int) -> "Deferred[bytes]
     collector = _Collector(node, limit)
     response.deliverBody(collector)
     length = response.length
-    if length is not UNKNOWN_LENGTH and isinstance(length, int) and length > limit:
+    if not collector.ended and length is not UNKNOWN_LENGTH and isinstance(length, int) and length > limit:
         collector.too_large()
     return collector.done

@@ -23,7 +23,7 @@ from portainer_agent.proxy.fanout import NODE_LIST_HEADER, UNREACHABLE_HEADER
 from portainer_agent.proxy.member_gone import MemberGone
 from portainer_agent.routing import ClusterSnapshot
 
-from .test_cluster_memory import NODE1, NODE2, NODE3, Cluster, list_of, self_result
+from .test_cluster_memory import NODE1, NODE2, NODE3, Cluster, list_of
 from .test_swarm_nodes import docker_node, nodes_body
 
 
@@ -353,4 +353,3 @@ class NodeListTests(Base):
         self.assertEqual((len(missing), len(back)), (1, 1))
 
 
-__all__ = ["NODE2"]
