@@ -62,6 +62,8 @@ class Config:
     peer_timeout: float = 5.0
     peer_response_timeout: float = 120.0
     aggregate_timeout: float = 10.0
+    #: Largest answer one node may give to an aggregated list (bytes).
+    aggregate_max_bytes: int = 64 * 1024 * 1024
     # operations (issue 11)
     metrics_addr: tuple[str, int] | None = None
     header_timeout: float = 30.0

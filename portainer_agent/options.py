@@ -110,6 +110,23 @@ def _listen_address(text: str) -> tuple[str, int]:
     return _ip(host.strip("[]")), _port(port)
 
 
+_BYTE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024**2, "mb": 1024**2, "mib": 1024**2,
+               "g": 1024**3, "gb": 1024**3, "gib": 1024**3}
+
+
+def _byte_size(text: str) -> int:
+    """``67108864``, ``64MiB``, ``64m``, ``512KiB``, ``1GiB`` (units are powers of 1024)."""
+    stripped = text.strip()
+    digits = stripped.rstrip("bBkKmMgGiI ")
+    unit = stripped[len(digits):].strip().lower()
+    if not digits.isdigit() or unit not in _BYTE_UNITS:
+        raise ValueError(f"not a size (e.g. 64MiB): {text!r}")
+    value = int(digits, 10) * _BYTE_UNITS[unit]
+    if value < 1:
+        raise ValueError(f"must be at least 1 byte: {text!r}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text, 10)
@@ -179,6 +196,7 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("peer-timeout", "AGENT_PEER_TIMEOUT", "peer_timeout", _positive_duration, "connect timeout to another agent (established streams have none)", "5s"),
     OptionSpec("peer-response-timeout", "AGENT_PEER_RESPONSE_TIMEOUT", "peer_response_timeout", _duration, "deadline for another agent's response head, once the request is sent (0: none; streams have none once the head is in)", "2m"),
     OptionSpec("aggregate-timeout", "AGENT_AGGREGATE_TIMEOUT", "aggregate_timeout", _positive_duration, "per-node deadline of an aggregated list (containers, images, volumes, networks)", "10s"),
+    OptionSpec("aggregate-max-bytes", "AGENT_AGGREGATE_MAX_BYTES", "aggregate_max_bytes", _byte_size, "largest answer one node may give to an aggregated list (e.g. 64MiB)", "64MiB"),
     OptionSpec("volumes-root", "AGENT_VOLUMES_ROOT", "volumes_root", _absolute_path, "where <DockerRootDir>/volumes is mounted for the agent", "the same path"),
     OptionSpec("host-root", "AGENT_HOST_ROOT", "host_root", _absolute_path, "where the host's / is mounted: host browsing and /host/info stay beneath it", "/host"),
     OptionSpec("browse-max-upload", "AGENT_BROWSE_MAX_UPLOAD", "browse_max_upload", _size, "largest /browse/put body, e.g. 10G (0: no limit, as the original)", "0"),

@@ -168,6 +168,7 @@ class AgentService(MultiService):
         """Target forwarding, manager operations and aggregation (Swarm only: a standalone
         agent never imports treq, msgspec or the peer TLS stack)."""
         from portainer_agent.proxy.fanout import FanOut
+        from portainer_agent.proxy.node_list import SwarmNodeList
         from portainer_agent.proxy.peer import PeerForwarder, PeerTLSPolicy
 
         def pin_for(host: str, port: int) -> str | None:
@@ -183,7 +184,12 @@ class AgentService(MultiService):
         # Deadlines follow membership: a member declared dead has its requests failed at once.
         view.watch_departures(peers.member_departed)
         self.destinations.peers = peers
-        self.destinations.fanout = FanOut(self.reactor, self.docker_proxy, peers, self.config.aggregate_timeout)
+        # The Swarm's node list, so an aggregate names the nodes no live agent answers for.
+        node_list = SwarmNodeList(self.reactor, self.docker, peers.agent,
+                                  timeout=min(self.config.aggregate_timeout, self.config.peer_timeout * 2),
+                                  wait=min(self.config.aggregate_timeout, 2.0))
+        self.destinations.fanout = FanOut(self.reactor, self.docker_proxy, peers, self.config.aggregate_timeout,
+                                          max_bytes=self.config.aggregate_max_bytes, node_list=node_list)
         self.root.cluster = lambda: ClusterSnapshot.of(view)
 
     def setServiceParent(self, parent: Any) -> None:  # noqa: N802

@@ -1,29 +1,36 @@
 """Aggregation: one list request sent to every node at once, the answers merged.
 
-Each node gets an independent copy of the request (same method, URI with its query —
+Each live agent gets an independent copy of the request (same method, URI with its query —
 filters, ``all=1``, ``size=1`` — and end-to-end headers); the local leg goes straight to
 the local Docker socket, the others to their agents with the target header. Every leg has
-its own deadline (``--aggregate-timeout``), so a slow or dead node cannot hold the answer.
-Partial failure is visible: the reachable nodes' items, the
-``X-PortainerAgent-Unreachable-Nodes`` header, a warning in ``/volumes``' ``Warnings``,
-and a log line. Only when every node fails is the answer an error.
+its own deadline (``--aggregate-timeout``) and size cap (``--aggregate-max-bytes``), so a
+slow, dead or babbling node cannot hold the answer; a leg that gives up (deadline, cap, client
+gone) stops its upstream, whose connection is closed rather than returned to a pool.
+
+Nothing goes missing in silence: beside the legs, the Swarm's node list
+(:class:`~portainer_agent.proxy.node_list.SwarmNodeList`) says which nodes exist, and every
+node with no answer — a failed leg, or a Swarm node with no live agent — is named in the
+``X-PortainerAgent-Unreachable-Nodes`` header, in ``/volumes``' ``Warnings`` and in the log.
+An aggregate answered before the node list is known says so (``X-PortainerAgent-Node-List:
+unknown``). Only when no node answers is the answer an error.
 """
 from __future__ import annotations
 
 from typing import Any, Sequence
 
 import attrs
-import treq
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, TimeoutError, fail
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IResponse
 from twisted.web.server import NOT_DONE_YET, Request
 
-from portainer_agent.http.twisted_private import client_gone
 from portainer_agent.cluster.member import Member
+from portainer_agent.cluster.swarm_nodes import NodeListState, uncovered_nodes, unknown_list_warning
 from portainer_agent.errors import AgentError
 from portainer_agent.http.responses import finish_with_error
+from portainer_agent.http.twisted_private import client_gone
+from portainer_agent.proxy.collect import collect_body
 from portainer_agent.proxy.local import DockerProxy
 from portainer_agent.proxy.merge import (
     NodeAnswer,
@@ -32,12 +39,18 @@ from portainer_agent.proxy.merge import (
     merge_answers,
     unreachable_header,
 )
+from portainer_agent.proxy.node_list import SwarmNodeList
 from portainer_agent.proxy.peer import PeerForwarder
-from portainer_agent.proxy.relay import failure_reason
+from portainer_agent.proxy.reasons import upstream_failure_reason
 
 log = Logger()
 
 UNREACHABLE_HEADER = b"X-PortainerAgent-Unreachable-Nodes"
+#: Set to ``unknown`` on an aggregate answered before the Swarm's node list was known.
+NODE_LIST_HEADER = b"X-PortainerAgent-Node-List"
+#: ``--aggregate-max-bytes``'s default: one node's answer (a big node's ``ps -a --size``
+#: is a few MB).
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 
 
 @attrs.frozen
@@ -53,30 +66,43 @@ class _HTTPFailure(Exception):
 class FanOut:
     """Serves aggregated list requests (``RouteKind.AGGREGATE``)."""
 
-    def __init__(self, reactor: Any, local: DockerProxy, peers: PeerForwarder, timeout: float = 10.0) -> None:
+    def __init__(self, reactor: Any, local: DockerProxy, peers: PeerForwarder, timeout: float = 10.0,
+                 max_bytes: int = DEFAULT_MAX_BYTES, node_list: SwarmNodeList | None = None) -> None:
         self._reactor = reactor
         self._local = local
         self._peers = peers
         self._timeout = timeout
+        self._max_bytes = max_bytes
+        #: None: only live members are accounted for (tests, or a cluster without a node list).
+        self._node_list = node_list
+        #: Swarm nodes named for having no live agent, for one log line per change.
+        self._absent: dict[str, str] = {}
+        self._list_unknown_logged = False
 
     def render(self, request: Request, path: bytes, members: Sequence[Member], local_name: str) -> Any:
         """Ask ``members`` for ``request`` (its routed ``path``: which list, how to merge)."""
         legs = [self._leg(request, member, member.node_name == local_name) for member in members]
+        listing: Deferred[NodeListState | None] = (
+            self._node_list.current(request, members, local_name) if self._node_list is not None else succeed(None))
+        pending: list[Deferred[Any]] = [*legs, listing]
 
-        def cancel_legs(_: Failure) -> None:
-            for leg in legs:
-                if not leg.called:
-                    leg.cancel()
+        def cancel_all(_: Failure) -> None:
+            # Unconditionally: a leg reading its body is "called" but paused on the reader,
+            # and cancelling it reaches the reader (a finished leg ignores it).
+            for leg in pending:
+                leg.cancel()
 
-        request.notifyFinish().addErrback(cancel_legs)
-        DeferredList(legs, consumeErrors=True).addCallback(self._answer, request, path, members)
+        request.notifyFinish().addErrback(cancel_all)
+        answered = DeferredList(pending, consumeErrors=True)
+        answered.addCallback(self._answer, request, path, members)
+        answered.addErrback(self._crashed, request)
         return NOT_DONE_YET
 
     def _leg(self, request: Request, member: Member, local: bool) -> "Deferred[NodeAnswer]":
         try:
             sent = self._local.send(request) if local else self._peers.send(request, member, "aggregate")
-        except AgentError as error:
-            sent = fail(error)
+        except Exception:  # noqa: BLE001 - an AgentError (a bad URI), or a bug: this leg fails, not the list
+            sent = fail()
 
         def read(response: IResponse) -> "Deferred[NodeAnswer]":
             content_type = response.headers.getRawHeaders(b"content-type", [None])[-1]
@@ -86,51 +112,95 @@ class FanOut:
                     return NodeAnswer(member.node_name, body)
                 raise _HTTPFailure(member.node_name, response.code, body, content_type)
 
-            return treq.content(response).addCallback(check)
+            return collect_body(response, member.node_name, self._max_bytes).addCallback(check)
 
         answer: Deferred[NodeAnswer] = sent.addCallback(read)
+        # On the deadline the cancellation reaches whatever the leg waits for: the request
+        # (connection aborted) or the body (upstream stopped).
         answer.addTimeout(self._timeout, self._reactor)
         return answer
 
     def _answer(self, results: list[tuple[bool, Any]], request: Request, path: bytes,
                 members: Sequence[Member]) -> None:
+        *leg_results, (listed, state) = results
         if client_gone(request):
             return
         answers: list[NodeAnswer] = []
         failures: list[NodeFailure] = []
         http_failures: list[_HTTPFailure] = []
-        for member, (ok, value) in zip(members, results):
+        for member, (ok, value) in zip(members, leg_results):
             if ok:
                 answers.append(value)
                 continue
-            failures.append(NodeFailure(member.node_name, self._reason(value, member, http_failures)))
-        body, failures = merge_answers(path, answers, failures)
+            failures.append(NodeFailure(member.node_name, self._reason(value, http_failures)))
+        absent, notes, list_unknown = self._coverage(state if listed else None, members)
+        body, failures = merge_answers(path, answers, failures + absent, notes)
+        where = request.path.decode("latin-1")
+        absent_names = {f.node for f in absent}
         for failure in failures:
-            log.warn("node {node} left out of the aggregated {path}: {reason}", node=failure.node,
-                     path=request.path.decode("latin-1"), reason=failure.reason)
-        if len(failures) == len(members):
-            self._all_failed(request, failures, http_failures)
+            if failure.node not in absent_names:
+                log.warn("node {node} left out of the aggregated {path}: {reason}", node=failure.node, path=where,
+                         reason=failure.reason)
+        self._log_absent(absent, where)
+        answered = {a.node for a in answers} - {f.node for f in failures}
+        if not answered:
+            self._all_failed(request, failures, http_failures, len(members))
             return
         request.setResponseCode(200)
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"content-length", b"%d" % len(body))
         if failures:
             request.setHeader(UNREACHABLE_HEADER, unreachable_header(failures))
+        if list_unknown:
+            request.setHeader(NODE_LIST_HEADER, b"unknown")
         request.write(body)
         request.finish()
 
-    def _reason(self, failure: Failure, member: Member, http_failures: list[_HTTPFailure]) -> str:
+    def _coverage(self, state: NodeListState | None, members: Sequence[Member]
+                  ) -> tuple[list[NodeFailure], list[str], bool]:
+        """The Swarm nodes to name (no live agent), the ``/volumes`` notes, whether the list is unknown."""
+        if self._node_list is None:
+            return [], [], False
+        if state is None or state.nodes is None:
+            reason = state.unknown_reason() if state is not None else "not read yet"
+            if not self._list_unknown_logged:
+                self._list_unknown_logged = True
+                log.warn("aggregated lists answered without the Swarm node list: {text}",
+                         text=unknown_list_warning(reason))
+            return [], [unknown_list_warning(reason)], True
+        self._list_unknown_logged = False
+        asked = [m.node_name for m in members]
+        return [NodeFailure(name, reason) for name, reason in uncovered_nodes(state.nodes, asked)], [], False
+
+    def _log_absent(self, absent: list[NodeFailure], path: str) -> None:
+        """One line when a Swarm node starts or stops being named for having no agent."""
+        now = {f.node: f.reason for f in absent}
+        for node, reason in now.items():
+            if self._absent.get(node) != reason:
+                log.warn("{reason}: its items are left out of aggregated lists (first: {path}) and the node is "
+                         "named in them until an agent answers there", reason=reason, path=path)
+            else:
+                log.debug("node {node} left out of the aggregated {path}: {reason}", node=node, path=path,
+                          reason=reason)
+        for node in self._absent.keys() - now.keys():
+            log.info("node {node} is no longer left out of aggregated lists (its agent is live, or the node left "
+                     "the Swarm)", node=node)
+        self._absent = now
+
+    def _reason(self, failure: Failure, http_failures: list[_HTTPFailure]) -> str:
         if failure.check(_HTTPFailure):
             value: _HTTPFailure = failure.value
             http_failures.append(value)
             message = docker_error_message(value.body)
             return f"HTTP {value.code}" + (f": {message}" if message else "")
-        if failure.check(TimeoutError, CancelledError):
-            return f"no answer within {self._timeout:g}s"
-        return failure_reason(failure)
+        if failure.check(AgentError):
+            error: AgentError = failure.value
+            return f"{error.message}: {error.details}" if error.details else error.message
+        return upstream_failure_reason(failure, self._timeout)
 
-    def _all_failed(self, request: Request, failures: list[NodeFailure], http_failures: list[_HTTPFailure]) -> None:
-        if http_failures and len(http_failures) == len(failures):
+    def _all_failed(self, request: Request, failures: list[NodeFailure], http_failures: list[_HTTPFailure],
+                    asked: int) -> None:
+        if http_failures and len(http_failures) == asked:
             # Every node answered, with an error (a bad filter, say): pass Docker's answer on.
             first = min(http_failures, key=lambda f: f.node)
             request.setResponseCode(first.code)
@@ -140,5 +210,12 @@ class FanOut:
             request.write(first.body)
             request.finish()
             return
-        details = "; ".join(f"{f.node}: {f.reason}" for f in failures)
+        details = "; ".join(f"{f.node}: {f.reason}" for f in sorted(failures, key=lambda f: f.node))
         finish_with_error(request, AgentError(502, "Unable to retrieve the list from any node", details))
+
+    def _crashed(self, failure: Failure, request: Request) -> None:
+        """A bug while answering: the client gets a 500 rather than waiting forever."""
+        log.failure("answering the aggregated {path} failed", failure, path=request.path.decode("latin-1"))
+        finish_with_error(request, AgentError(500, "Internal agent error",
+                                              f"the aggregated list could not be built: "
+                                              f"{failure.getErrorMessage() or type(failure.value).__name__}"))

@@ -116,12 +116,13 @@ def failure_warning(failure: NodeFailure) -> str:
     return f"node {failure.node} is unreachable, its volumes are missing: {failure.reason}"
 
 
-def merge_answers(path: bytes, answers: Sequence[NodeAnswer],
-                  failures: Sequence[NodeFailure] = ()) -> tuple[bytes, list[NodeFailure]]:
+def merge_answers(path: bytes, answers: Sequence[NodeAnswer], failures: Sequence[NodeFailure] = (),
+                  notes: Sequence[str] = ()) -> tuple[bytes, list[NodeFailure]]:
     """One Docker-format body from the nodes' answers, in node-name order.
 
     Returns the body and the failures, which grow by the nodes whose answer could not be
     read (they are reported like unreachable nodes rather than failing the whole list).
+    ``notes`` are extra ``/volumes`` warnings (the node list being unknown, say).
     """
     failures = list(failures)
     ordered = sorted(answers, key=lambda a: a.node)
@@ -137,6 +138,7 @@ def merge_answers(path: bytes, answers: Sequence[NodeAnswer],
             volumes.extend(node_volumes)
             warnings.extend(node_warnings)
         warnings.extend(failure_warning(f) for f in sorted(failures, key=lambda f: f.node))
+        warnings.extend(notes)
         body = _encode({"Volumes": volumes, "Warnings": warnings or None})
         return body + b"\n", failures
     items: list[_Object] = []

@@ -25,7 +25,8 @@ from portainer_agent.http.root import AgentRoot
 from portainer_agent.metrics import AgentMetrics
 from portainer_agent.docker.testing import MemoryDocker
 from portainer_agent.proxy.dispatch import Destinations
-from portainer_agent.proxy.fanout import UNREACHABLE_HEADER, FanOut
+from portainer_agent.proxy.fanout import DEFAULT_MAX_BYTES, UNREACHABLE_HEADER, FanOut
+from portainer_agent.proxy.node_list import SwarmNodeList
 from portainer_agent.proxy.local import DockerProxy
 from portainer_agent.proxy.peer import PeerConnections, PeerForwarder, PeerTLSPolicy
 from portainer_agent.routing import ClusterSnapshot
@@ -66,6 +67,8 @@ class PeerNetwork:
         self.hanging: set[str] = set()
         self.pending: list[Deferred[Any]] = []
         self.urls: list[bytes] = []
+        #: node -> a function of the request's URI giving the answer's Deferred (a test's own upstream).
+        self.answers: dict[str, Any] = {}
 
     def request(self, method: bytes, uri: bytes, headers: Any = None, bodyProducer: Any = None) -> Deferred[Any]:
         self.urls.append(uri)
@@ -73,6 +76,9 @@ class PeerNetwork:
         node = self.by_address[host]
         if node in self.refused:
             return fail(ConnectionRefusedError(host))
+        if node in self.answers:
+            answer: Deferred[Any] = self.answers[node](uri)
+            return answer
         if node in self.hanging:
             d: Deferred[Any] = Deferred(canceller=self.cancelled.append)
             self.pending.append(d)
@@ -106,7 +112,8 @@ class _HangingConnection:
 class Cluster:
     """The agent of ``local`` in a 3-node cluster, all in memory."""
 
-    def __init__(self, local: Member = NODE3, timeout: float = 10.0, response_timeout: float = 120.0) -> None:
+    def __init__(self, local: Member = NODE3, timeout: float = 10.0, max_bytes: int = DEFAULT_MAX_BYTES,
+                 node_list: bool = False, response_timeout: float = 120.0) -> None:
         #: Node names membership has declared dead.
         self.dead: set[str] = set()
         self.metrics = AgentMetrics()
@@ -123,8 +130,11 @@ class Cluster:
                                    agent=cast(IAgent, self.network), metrics=self.metrics,
                                    alive=lambda m: m.node_name not in self.dead, response_timeout=response_timeout)
         self.snapshot = ClusterSnapshot(local, (NODE1, NODE2, NODE3))
-        destinations = Destinations(docker, RecordingHandler(), self.peers,
-                                    FanOut(self.clock, docker, self.peers, timeout))
+        #: The Swarm node list (only when asked for: the older tests cover live members alone).
+        self.node_list = SwarmNodeList(self.clock, self.local_agent, cast(IAgent, self.network),
+                                       timeout=5.0, wait=2.0) if node_list else None
+        self.fanout = FanOut(self.clock, docker, self.peers, timeout, max_bytes=max_bytes, node_list=self.node_list)
+        destinations = Destinations(docker, RecordingHandler(), self.peers, self.fanout)
         self.root = AgentRoot(destinations, cluster=lambda: self.snapshot)
         self.client: Any = StubTreq(self.root)
 

@@ -33,6 +33,7 @@ BAD_VALUES = {
     "peer-timeout": "0",
     "peer-response-timeout": "soon",
     "aggregate-timeout": "soon",
+    "aggregate-max-bytes": "lots",
     "host-management": "2",
     "volumes-root": "relative/volumes",
     "host-root": "host",
