@@ -432,6 +432,7 @@ class Chaos:
         self.lab, self.recorder, self.stop, self.rng = lab, recorder, stop, rng
         self.interval, self.hold, self.restart_node, self.log = interval, hold, restart_node, log
         self.errors: list[str] = []
+        self.freezes = 0
 
     def run(self, until: float) -> None:
         actions = itertools.cycle(self.rng.sample(self.ACTIONS, len(self.ACTIONS)))
@@ -453,13 +454,15 @@ class Chaos:
         self.stop.wait(self.hold)
 
     def freeze(self) -> tuple[str, str]:
-        node = self.rng.choice(NODES)
+        # Every other freeze hits the leader's agent: manager operations go there first.
+        self.freezes += 1
+        node = self.lab.leader() if self.freezes % 2 else self.rng.choice(NODES)
         self.lab.freeze_agent(node)
         try:
             self.held()
         finally:
             self.lab.thaw_agent(node)
-        return node, ""
+        return node, "(the leader)" if self.freezes % 2 else ""
 
     def kill(self) -> tuple[str, str]:
         node = self.restart_node
@@ -578,6 +581,8 @@ def growth_table(readings: dict[str, dict[str, dict[str, Any]]]) -> tuple[list[s
         note = "restarted after warm-up (growth n/a)" if restarted else ""
         if end.get("inflight") is not None:
             note += f" in flight at end: {end['inflight']:g}"
+        if end.get("open_hijacked_streams"):
+            note += f" hijacked streams open at end: {end['open_hijacked_streams']:g}"
         lines.append(f"{node:<6} {mb(start):>10} {mb(warm):>8} {mb(end):>8} "
                      f"{'-' if rss_growth is None else f'{rss_growth / 2**20:+.2f}':>8}   "
                      f"{start.get('fds', '-'):>9} {warm.get('fds', '-'):>5} {end.get('fds', '-'):>5}   {note}")
@@ -647,7 +652,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, interrupt)
     lab = Lab(prefix=args.prefix, subnet=args.subnet, nodes_count=len(NODES), managers=len(MANAGERS),
-              metrics_port=METRICS_PORT, down_at_exit=not args.keep_lab)
+              metrics_port=METRICS_PORT, down_at_exit=not args.keep_lab, lock_timeout=120)
+    lab_is_up = False
     recorder = Recorder(args.max_requests)
     stop = threading.Event()
     threads: list[threading.Thread] = []
@@ -657,7 +663,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_started = time.monotonic()
     try:
         log(f"bringing up lab {args.prefix} ({args.subnet}), seed {seed}")
-        lab.up()
+        lab.up()  # tears down what it started if it fails
+        lab_is_up = True
         Lab.wait_for(lambda: converged(lab), 90, "every agent to list 3 members")
         containers = prepare(lab)
         readings["start"] = agent_readings(lab)
@@ -694,6 +701,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             thread.join(timeout=CLIENT_TIMEOUT + 30)
         if chaos is not None:
             chaos.restore_all()
+    if not lab_is_up:
+        return 2
     try:
         if "warm" in readings and not interrupted:
             log(f"quiet for {args.quiet:.0f}s before the end readings")
