@@ -304,6 +304,57 @@ def https_status(host: str, port: int, path: str = "/ping", timeout: float = 2.0
     return response.status if response is not None else None
 
 
+def process_state(pid: int) -> str:
+    """The one-letter state of ``pid`` (``R``, ``S``, ``T`` stopped...) from ``/proc/PID/stat``."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2:].split()[0]
+
+
+def process_rss_bytes(pid: int) -> int:
+    """``VmRSS`` of ``pid``, in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise LabError(f"process {pid} has no VmRSS (a zombie?)")
+
+
+def process_fd_count(pid: int) -> int:
+    """How many descriptors ``pid`` holds open."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@attrs.frozen
+class Metrics:
+    """One scrape of an agent's ``/metrics``: every sample as (name, labels) -> value."""
+
+    samples: Mapping[tuple[str, frozenset[tuple[str, str]]], float]
+
+    @classmethod
+    def parse(cls, text: str) -> "Metrics":
+        from prometheus_client.parser import text_string_to_metric_families
+
+        samples = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                samples[(sample.name, frozenset(sample.labels.items()))] = float(sample.value)
+        return cls(samples)
+
+    def names(self) -> set[str]:
+        return {name for name, _ in self.samples}
+
+    def get(self, name: str, **labels: str) -> float | None:
+        """The sample with exactly these labels, None when absent."""
+        return self.samples.get((name, frozenset(labels.items())))
+
+    def total(self, name: str, **labels: str) -> float | None:
+        """The sum of every sample of ``name`` whose labels include ``labels``; None when
+        there is no such sample."""
+        wanted = set(labels.items())
+        values = [value for (sample, sample_labels), value in self.samples.items()
+                  if sample == name and wanted <= sample_labels]
+        return sum(values) if values else None
+
+
 @attrs.define(eq=False)
 class Lab:
     """N dockerds in network namespaces on a private bridge, joined into a Swarm, with
@@ -319,6 +370,9 @@ class Lab:
     cluster_addr: str | None = None
     secret: str | None = None
     agent_args: tuple[str, ...] = ()
+    #: When set, every agent also serves ``/metrics`` on ``<node ip>:<metrics_port>`` (plain
+    #: HTTP, ``--metrics-addr``), read with :meth:`Lab.agent_metrics`.
+    metrics_port: int | None = None
     python: str = sys.executable
     dockerd_timeout: float = 60
     agent_timeout: float = 30
@@ -570,6 +624,7 @@ class Lab:
             "--cluster-port", str(self.cluster_port),
             "--log-level", "DEBUG", "--log-format", "json",
             *(["--secret", self.secret] if self.secret else []),
+            *(["--metrics-addr", f"{node.ip}:{self.metrics_port}"] if self.metrics_port else []),
             *self.agent_args, *extra_args,
         ]
         script = f"hostname {shlex.quote(node.name)} && exec {shlex.join(agent)}"
@@ -638,6 +693,7 @@ class Lab:
         node = self.node(ref)
         if node.agent is None:
             return True
+        self._continue_quietly(node)
         graceful = terminate(node.agent.pid, timeout, node.agent.process)
         node.agent = None
         self._save_quietly()
@@ -648,6 +704,7 @@ class Lab:
         node = self.node(ref)
         if node.agent is None:
             return
+        self._continue_quietly(node)
         terminate(node.agent.pid, 10, node.agent.process, sig=signal.SIGKILL)
         node.agent = None
         self._save_quietly()
@@ -666,6 +723,115 @@ class Lab:
     def agent_docker_host(self, ref: NodeRef) -> str:
         """``-H`` value for the docker CLI through the node's agent."""
         return f"tcp://{self.node(ref).ip}:{self.agent_port}"
+
+    # --- process faults and readings ------------------------------------------------
+
+    def _agent_pid(self, ref: NodeRef) -> int:
+        node = self.node(ref)
+        if node.agent is None:
+            raise LabError(f"{node.name} has no agent running")
+        return node.agent.pid
+
+    def freeze_agent(self, ref: NodeRef) -> None:
+        """SIGSTOP the node's agent: the kernel still accepts TCP connections on its
+        listeners (the backlog), but nothing reads, answers or probes: a hung process."""
+        os.kill(self._agent_pid(ref), signal.SIGSTOP)
+
+    def thaw_agent(self, ref: NodeRef) -> None:
+        """SIGCONT the node's agent (undo :meth:`freeze_agent`)."""
+        os.kill(self._agent_pid(ref), signal.SIGCONT)
+
+    def agent_frozen(self, ref: NodeRef) -> bool:
+        """True while the node's agent is stopped (``T`` in ``/proc/PID/stat``)."""
+        return process_state(self._agent_pid(ref)) == "T"
+
+    @staticmethod
+    def _continue_quietly(node: Node) -> None:
+        # A frozen agent would hold a SIGTERM pending until the grace period ends.
+        if node.agent is not None:
+            try:
+                os.kill(node.agent.pid, signal.SIGCONT)
+            except OSError:
+                pass
+
+    def agent_rss_bytes(self, ref: NodeRef) -> int:
+        """The node agent's resident set size (``VmRSS`` of ``/proc/PID/status``), in bytes."""
+        return process_rss_bytes(self._agent_pid(ref))
+
+    def agent_fd_count(self, ref: NodeRef) -> int:
+        """How many descriptors the node's agent holds open (``/proc/PID/fd``)."""
+        return process_fd_count(self._agent_pid(ref))
+
+    def agent_metrics(self, ref: NodeRef, timeout: float = 5.0) -> "Metrics | None":
+        """The node agent's ``/metrics`` (the lab must have a ``metrics_port``); None when
+        the agent does not answer."""
+        if not self.metrics_port:
+            raise LabError("the lab's agents serve no metrics: create the Lab with metrics_port=...")
+        connection = http.client.HTTPConnection(self.node(ref).ip, self.metrics_port, timeout=timeout)
+        try:
+            connection.request("GET", "/metrics")
+            response = connection.getresponse()
+            text = response.read().decode()
+            if response.status != 200:
+                return None
+        except (OSError, http.client.HTTPException):
+            return None
+        finally:
+            connection.close()
+        return Metrics.parse(text)
+
+    # --- swarm roles ----------------------------------------------------------------
+
+    def _reachable_manager(self, exclude: Sequence[str] = ()) -> Node:
+        for node in self.manager_nodes:
+            if node.name in exclude or node.daemon is None:
+                continue
+            result = self.docker(node, "node", "ls", "-q", check=False, timeout=30)
+            if result.returncode == 0:
+                return node
+        raise LabError(f"no manager of lab {self.prefix} answers (excluding {', '.join(exclude) or 'none'})")
+
+    def leader(self) -> str:
+        """The hostname of the Swarm's current leader, as a manager sees it."""
+        manager = self._reachable_manager()
+        listing = self.docker(manager, "node", "ls", "--format", "{{.Hostname}} {{.ManagerStatus}}").stdout
+        for line in listing.splitlines():
+            words = line.split()
+            if len(words) == 2 and words[1] == "Leader":
+                return words[0]
+        raise LabError(f"no leader in the node list of {manager.name}: {listing!r}")
+
+    def demote(self, ref: NodeRef) -> None:
+        """``docker node demote`` the node, through another manager's dockerd when there is one."""
+        node = self.node(ref)
+        try:
+            via = self._reachable_manager(exclude=[node.name])
+        except LabError:
+            via = node
+        self.docker(via, "node", "demote", node.name, timeout=60)
+
+    def promote(self, ref: NodeRef) -> None:
+        """``docker node promote`` the node through a manager's dockerd, then wait until it
+        is a reachable manager again."""
+        node = self.node(ref)
+        via = self._reachable_manager(exclude=[node.name])
+        self.docker(via, "node", "promote", node.name, timeout=60)
+
+        def reachable() -> bool:
+            status = self.docker(via, "node", "inspect", node.name, "--format",
+                                 "{{.ManagerStatus.Reachability}}", check=False, timeout=30).stdout.strip()
+            return status == "reachable"
+
+        self.wait_for(reachable, 60, f"{node.name} a reachable manager again")
+
+    def demote_leader(self) -> str:
+        """Demote the current leader (another manager takes over); returns its name, for
+        :meth:`promote` later. Needs at least two managers."""
+        if len(self.manager_nodes) < 2:
+            raise LabError("demoting the leader needs a lab with at least two managers")
+        leader = self.leader()
+        self.demote(leader)
+        return leader
 
     # --- network faults -------------------------------------------------------------
 
@@ -762,6 +928,7 @@ class Lab:
         self._acquire_lock()
         for node in self.nodes:
             if node.agent is not None:
+                self._continue_quietly(node)
                 try:
                     terminate(node.agent.pid, 10, node.agent.process)
                 except OSError:
@@ -798,6 +965,7 @@ class Lab:
             "prefix": self.prefix, "subnet": self.subnet, "managers": self.managers,
             "agents": self.agents, "agent_port": self.agent_port, "cluster_port": self.cluster_port,
             "cluster_addr": self.cluster_addr, "secret": self.secret, "agent_args": list(self.agent_args),
+            "metrics_port": self.metrics_port,
             "python": self.python, "timings": self.timings,
             "nodes": [{
                 "index": n.index, "name": n.name, "ip": n.ip, "netns": n.netns, "veth": n.veth,
@@ -840,6 +1008,7 @@ class Lab:
                    managers=state["managers"], agents=state["agents"], agent_port=state["agent_port"],
                    cluster_port=state["cluster_port"], cluster_addr=state["cluster_addr"],
                    secret=state["secret"], agent_args=tuple(state["agent_args"]), python=state["python"],
+                   metrics_port=state.get("metrics_port"),
                    down_at_exit=False, nodes=nodes, timings=state.get("timings", {}))
 
     def __enter__(self) -> "Lab":

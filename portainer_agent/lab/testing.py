@@ -24,7 +24,9 @@ one machine wait for each other (the lab's lock); they never clean each other's 
 Prefixes and subnets already taken: ``tests/lab`` uses ``palt``..``palt7`` on
 ``10.77.50-56.0/24``, ``tests/cluster`` ``parout``/``paroutu`` on ``10.77.61-62.0/24`` and
 ``pacl``/``pacla`` on ``10.77.86-87.0/24``, ``tests/deploy`` ``padep`` on ``10.77.80.0/24``,
-``bench/lab_bringup.py`` ``pabench`` on ``10.77.90.0/24`` and the CLI ``palab`` on
+``tests/cluster/test_lifecycle_lab.py`` ``pahs`` on ``10.77.105.0/24``,
+``bench/lab_bringup.py`` ``pabench`` on ``10.77.90.0/24``, ``bench/soak.py`` ``pasoak`` on
+``10.77.106.0/24`` and the CLI ``palab`` on
 ``10.77.0.0/24``. Pick others (e.g. ``10.77.60-89.0/24``) for new classes.
 """
 from __future__ import annotations

@@ -85,6 +85,11 @@ class CommandTests(SynchronousTestCase):
             self.assertIn(expected, script)
         self.assertIn(sys.executable, script)
 
+    def test_metrics_listener_on_the_node_address_when_asked(self) -> None:
+        self.assertNotIn("--metrics-addr", Lab(prefix="pax", subnet="10.77.42.0/24").agent_command(2)[-1])
+        lab = Lab(prefix="pax", subnet="10.77.42.0/24", metrics_port=9003)
+        self.assertIn("--metrics-addr 10.77.42.12:9003", lab.agent_command(2)[-1])
+
     def test_cluster_address_is_configurable(self) -> None:
         lab = Lab(prefix="pax", cluster_addr="10.77.0.12:9002")
         self.assertIn("--cluster-addr 10.77.0.12:9002", lab.agent_command(1)[-1])
@@ -108,7 +113,8 @@ class CommandTests(SynchronousTestCase):
 
 class StateTests(SynchronousTestCase):
     def test_state_record_round_trips(self) -> None:
-        lab = Lab(prefix="pax", subnet="10.77.42.0/24", managers=2, secret="s", cluster_addr="10.77.42.12")
+        lab = Lab(prefix="pax", subnet="10.77.42.0/24", managers=2, secret="s", cluster_addr="10.77.42.12",
+                  metrics_port=9003)
         lab.nodes[0].agent = harness.Agent(pid=4242, log_path=lab.nodes[0].agent_log)
         lab.nodes[0].agent_args = ("--keep-cert", "1")
         path = Path(tempfile.mkdtemp(prefix="pa-unit-")) / "lab.json"
@@ -118,6 +124,7 @@ class StateTests(SynchronousTestCase):
         self.assertEqual(oct(path.stat().st_mode & 0o777), "0o600")
         loaded = Lab.load("pax")
         self.assertEqual(loaded.to_json(), lab.to_json())
+        self.assertEqual(loaded.metrics_port, 9003)
         agent = loaded.node(1).agent
         self.assertEqual(agent.pid if agent else None, 4242)
         self.assertFalse(loaded.down_at_exit)
@@ -201,3 +208,75 @@ class CommandLineTests(SynchronousTestCase):
         stderr = io.StringIO()
         self.patch(sys, "stderr", stderr)
         self.assertEqual(cli.main(["--prefix", "Bad-Prefix", "status"]), 2)
+
+
+class ProcessFaultTests(SynchronousTestCase):
+    """Freeze/thaw and the /proc readers, on a child process standing in for an agent."""
+
+    def setUp(self) -> None:
+        self.lab = Lab(prefix="pax", subnet="10.77.42.0/24")
+        child = subprocess.Popen([sys.executable, "-c", "import sys; print('ready', flush=True); sys.stdin.read()"],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.addCleanup(child.wait, 10)
+        self.addCleanup(child.kill)
+        self.addCleanup(self.lab.stop_agent, "node1")  # thaws first, so a failed test leaves nothing stopped
+        self.assertEqual(child.stdout.readline(), b"ready\n")  # type: ignore[union-attr]
+        self.addCleanup(child.stdout.close)  # type: ignore[union-attr]
+        self.child = child
+        self.lab.nodes[0].agent = harness.Agent(pid=child.pid, log_path=self.lab.nodes[0].agent_log, process=child)
+
+    def wait_state(self, frozen: bool) -> None:
+        deadline = time.monotonic() + 10
+        while self.lab.agent_frozen("node1") is not frozen:
+            if time.monotonic() > deadline:
+                self.fail(f"state of {self.child.pid} never became {'stopped' if frozen else 'running'}")
+            time.sleep(0.01)
+
+    def test_freeze_stops_and_thaw_continues_the_agent(self) -> None:
+        self.assertFalse(self.lab.agent_frozen("node1"))
+        self.lab.freeze_agent("node1")
+        self.wait_state(True)
+        self.lab.thaw_agent("node1")
+        self.wait_state(False)
+
+    def test_killing_a_frozen_agent_does_not_wait_for_the_grace(self) -> None:
+        self.lab.freeze_agent("node1")
+        self.wait_state(True)
+        started = time.monotonic()
+        self.assertTrue(self.lab.stop_agent("node1", timeout=30))  # SIGTERM honoured: thawed first
+        self.assertIsNone(self.lab.node("node1").agent)
+        self.assertIsNotNone(self.child.poll())
+        self.assertLess(time.monotonic() - started, 30)
+
+    def test_rss_and_descriptor_readers_follow_the_process(self) -> None:
+        self.assertGreater(self.lab.agent_rss_bytes("node1"), 1 << 20)
+        before = self.lab.agent_fd_count("node1")
+        self.assertEqual(before, len(os.listdir(f"/proc/{self.child.pid}/fd")))
+        self.assertGreaterEqual(before, 3)
+
+    def test_a_node_without_agent_is_named(self) -> None:
+        with self.assertRaises(LabError) as caught:
+            self.lab.agent_fd_count("node2")
+        self.assertIn("node2", str(caught.exception))
+
+    def test_metrics_need_a_metrics_port(self) -> None:
+        self.assertRaises(LabError, self.lab.agent_metrics, "node1")
+
+
+class MetricsParsingTests(SynchronousTestCase):
+    TEXT = """# HELP portainer_agent_inflight_requests Requests in flight
+# TYPE portainer_agent_inflight_requests gauge
+portainer_agent_inflight_requests{kind="hijack"} 2.0
+portainer_agent_inflight_requests{kind="local"} 1.0
+# HELP portainer_agent_open_connections API connections open now
+# TYPE portainer_agent_open_connections gauge
+portainer_agent_open_connections 5.0
+"""
+
+    def test_samples_by_name_and_labels(self) -> None:
+        metrics = harness.Metrics.parse(self.TEXT)
+        self.assertEqual(metrics.get("portainer_agent_open_connections"), 5.0)
+        self.assertEqual(metrics.get("portainer_agent_inflight_requests", kind="hijack"), 2.0)
+        self.assertEqual(metrics.total("portainer_agent_inflight_requests"), 3.0)
+        self.assertIsNone(metrics.total("portainer_agent_nope"))
+        self.assertIn("portainer_agent_inflight_requests", metrics.names())
