@@ -12,12 +12,14 @@ connections are closed; a client that left without a TLS close_notify (a bare TC
 as docker-py's cancel does) gets its TCP connection closed at once instead of a TLS
 shutdown that would wait for an answer forever.
 
-A client's half-close means "stdin is over" only when it has a stdin to end: an attach
-without ``stdin=1`` has none, so its half-close means the client left (docker-py's
-``attach(stream=True)`` cancel closes the socket that way), and the splice ends at once
-instead of holding Docker's attach until the container exits. For streams that do carry
-stdin, a client that half-closed and then vanished is found by TCP keep-alive probes on
-its connection (:data:`KEEPALIVE`), so no splice waits forever for a silent container.
+A client's half-close means "stdin is over", and is passed on to Docker. But an attach
+without ``stdin=1`` has no stdin to end, and over TLS a half-close is a ``close_notify``
+(the docker CLI sends one at once when it has no stdin): a bare TCP FIN without it, or a
+TCP FIN after it, means the client left (docker-py's ``attach(stream=True)`` cancel closes
+its socket that way), and the splice ends at once instead of holding Docker's attach until
+the container exits. For the other streams, a client that half-closed and then vanished
+is found by TCP keep-alive probes on its connection (:data:`KEEPALIVE`), so no splice
+waits forever for a silent container.
 
 Each splice carries on an HTTP request that twisted.web will never finish: it is handed
 over to the site's in-flight registry (``hand_over``) and released when the splice ends.
@@ -119,7 +121,8 @@ class SpliceEnd(Protocol):
     #: When this side finishes sending, close the other side entirely rather than
     #: half-closing it (Docker ending the stream means the command is over).
     prefersHalfClose = True
-    #: This side finishing sending means it left (a client with no stdin to end).
+    #: This side's TCP connection ending means it left (a client with no stdin to end);
+    #: a TLS close_notify alone is still a half-close.
     departsOnHalfClose = False
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
@@ -128,13 +131,19 @@ class SpliceEnd(Protocol):
             peer.transport.write(data)
 
     def readConnectionLost(self) -> None:  # noqa: N802
-        """This side finished sending: pass the half-close on."""
+        """This side finished sending: pass the half-close on (or, for a client with no
+        stdin whose TCP connection ended, end the stream: it left)."""
         self.sent_all = True
         if self.splice is not None:
-            if self.departsOnHalfClose:
+            if self.departsOnHalfClose and getattr(self.transport, "tcpFinReceived", False):
                 self.splice.end()
             else:
                 self.splice.direction_done(self)
+
+    def tcpClosedAfterCloseNotify(self) -> None:  # noqa: N802
+        """The TLS shim: TCP ended after this side's close_notify."""
+        if self.departsOnHalfClose and self.splice is not None:
+            self.splice.end()
 
     def writeConnectionLost(self) -> None:  # noqa: N802
         pass

@@ -139,6 +139,12 @@ class HalfCloseTLSProtocol(BufferingTLSTransport):
             if not self._peerFinishedSending:
                 self._peerFinishedSending = True
                 halfCloseable.readConnectionLost()
+            else:
+                # close_notify came first, now TCP ends too: a stream that cannot
+                # take this as anything but the peer leaving may want to know.
+                closed = getattr(self.wrappedProtocol, "tcpClosedAfterCloseNotify", None)
+                if closed is not None:
+                    closed()
             return
         # The peer closed TCP without close_notify, so it will never answer ours:
         # TLS loseConnection alone would wait forever (the reactor stopped reading) and

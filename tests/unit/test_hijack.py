@@ -415,17 +415,48 @@ class HijackProxyTests(SynchronousTestCase):
         self.assertTrue(hijack.client.disconnected, "the stream's client connection is aborted")
         self.assertEqual(len(hijack.inflight), 0)
 
-    def test_an_attach_without_stdin_ends_when_the_client_half_closes(self) -> None:
-        # docker-py's attach(stream=True) cancel: the client closes, Docker's attach would
-        # otherwise stay open until the container exits.
+    def attach_without_stdin(self) -> HijackInMemory:
         hijack = HijackInMemory(raw_request(b"POST", b"/v1.41/containers/abc/attach?stream=1&stdout=1&stderr=1",
                                             [(b"Connection", b"Upgrade"), (b"Upgrade", b"tcp")]))
         hijack.upgrade()
+        return hijack
+
+    def test_an_attach_without_stdin_ends_when_the_clients_tcp_ends(self) -> None:
+        # docker-py's attach(stream=True) cancel: a bare TCP FIN, no TLS close_notify;
+        # Docker's attach would otherwise stay open until the container exits.
+        hijack = self.attach_without_stdin()
+        hijack.client.tcpFinReceived = True  # what the TLS shim records for a FIN
         hijack.client.protocol.readConnectionLost()
         self.assertTrue(hijack.upstream.disconnecting, "Docker's attach connection is closed")
         self.assertFalse(hijack.upstream.write_closed, "not a half-close: the stream is over")
         self.assertTrue(hijack.client.disconnecting)
         self.assertEqual(len(hijack.inflight), 0)
+
+    def test_an_attach_without_stdin_keeps_streaming_after_a_close_notify(self) -> None:
+        # The docker CLI (docker run, docker attach) sends close_notify at once when it has
+        # no stdin, and reads the output until the container ends.
+        hijack = self.attach_without_stdin()
+        hijack.client.protocol.readConnectionLost()
+        self.assertTrue(hijack.upstream.write_closed, "the half-close is passed on")
+        self.assertFalse(hijack.upstream.disconnecting)
+        hijack.docker_sends(b"\x01\x00\x00\x00\x00\x00\x00\x03hi\n")
+        self.assertTrue(hijack.client.value().endswith(b"hi\n"))
+        self.assertEqual(len(hijack.inflight), 1)
+        # Its TCP connection ending afterwards (the CLI killed) is the client leaving.
+        hijack.client.protocol.tcpClosedAfterCloseNotify()
+        self.assertTrue(hijack.upstream.disconnecting)
+        self.assertEqual(len(hijack.inflight), 0)
+
+    def test_an_exec_keeps_streaming_after_a_bare_fin(self) -> None:
+        hijack = HijackInMemory(raw_request(b"POST", b"/exec/e1/start", [(b"Connection", b"Upgrade"),
+                                                                        (b"Upgrade", b"tcp")], b"{}"))
+        hijack.upgrade()
+        hijack.client.tcpFinReceived = True
+        hijack.client.protocol.readConnectionLost()
+        self.assertTrue(hijack.upstream.write_closed, "stdin ends, the output still flows")
+        self.assertFalse(hijack.upstream.disconnecting)
+        hijack.client.protocol.tcpClosedAfterCloseNotify()
+        self.assertFalse(hijack.upstream.disconnecting, "only a stream with no stdin ends on it")
 
     def test_client_gone_before_docker_answers_aborts_the_socket(self) -> None:
         hijack = HijackInMemory(ATTACH)

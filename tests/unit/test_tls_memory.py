@@ -118,6 +118,19 @@ class HalfCloseTests(SynchronousTestCase):
         self.assertIsNotNone(app.lost, "the stock TLS shutdown: the connection ends")
         self.assertIsNotNone(pair.client_app.lost)
 
+    def test_a_fin_after_close_notify_is_told_to_a_stream_that_asks(self) -> None:
+        stream = HalfCloseable()
+        fins: list[bool] = []
+        stream.tcpClosedAfterCloseNotify = lambda: fins.append(True)  # type: ignore[attr-defined]
+        pair = Pair(stream)
+        pair.client.loseConnection()  # close_notify
+        pair.flush()
+        self.assertEqual((stream.read_closed, fins), (1, []))
+        self.assertFalse(pair.server.tcpFinReceived, "a half-close by close_notify is not a FIN")
+        pair.server.readConnectionLost()  # then TCP ends
+        self.assertEqual((stream.read_closed, fins), (1, [True]))
+        self.assertTrue(pair.server.tcpFinReceived)
+
     def test_fin_without_close_notify_half_closes_a_hijacked_stream(self) -> None:
         stream = HalfCloseable()
         pair = Pair(stream)
