@@ -23,6 +23,7 @@ from portainer_agent.proxy.splice import (
     MAX_HIJACK_REQUEST_BODY,
     HijackProxy,
     build_upgrade_head,
+    enable_keepalive,
     half_close_means_departure,
 )
 from portainer_agent.http.inflight import InFlight
@@ -463,3 +464,27 @@ class HijackProxyTests(SynchronousTestCase):
         hijack.connect_docker()
         hijack.channel.connectionLost(Failure(ConnectionDone()))
         self.assertTrue(hijack.upstream.disconnecting)
+
+
+class KeepAliveTests(SynchronousTestCase):
+    def test_probes_are_set_on_the_tcp_socket_under_tls(self) -> None:
+        import socket
+
+        sock = socket.socket()
+        self.addCleanup(sock.close)
+
+        class TCP:
+            def getHandle(self) -> socket.socket:  # noqa: N802
+                return sock
+
+        class TLS:
+            transport = TCP()
+
+        enable_keepalive(TLS(), (30, 10, 3))
+        self.assertEqual(sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE), 1)
+        self.assertEqual(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE), 30)
+        self.assertEqual(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL), 10)
+        self.assertEqual(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT), 3)
+
+    def test_a_transport_without_a_socket_is_left_alone(self) -> None:
+        enable_keepalive(StringTransport())  # no getHandle: nothing to do, no error
