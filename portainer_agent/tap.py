@@ -42,7 +42,7 @@ from portainer_agent.fs.volumes import VolumeLocator, VolumeRootMap
 from portainer_agent.http.browse import BrowseService, browse_endpoints
 from portainer_agent.http.hostinfo import HostInfoResource
 from portainer_agent.console.docker_stream import console_opener
-from portainer_agent.console.resource import ConsoleResource
+from portainer_agent.http.console import ConsoleResource
 from portainer_agent.console.sessions import ConsoleSessions
 from portainer_agent.connections import RefusalLog, connection_cap, raise_open_file_limit
 from portainer_agent.listening import ListenerService

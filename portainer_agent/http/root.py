@@ -17,8 +17,8 @@ from twisted.web.server import NOT_DONE_YET, Request
 from portainer_agent import AGENT_API_VERSION, AGENT_PLATFORM, __version__
 from portainer_agent.errors import AgentError, not_found
 from portainer_agent.http.inflight import InFlight
-from portainer_agent.http.paths import is_upgrade_request, split_version_prefix
-from portainer_agent.http.responses import write_empty, write_error
+from portainer_agent.httpkit.paths import is_upgrade_request, split_version_prefix
+from portainer_agent.httpkit.responses import write_empty, write_error
 from portainer_agent.routing import (
     FORWARDED_HEADER,
     MANAGER_OPERATION_HEADER,
@@ -127,7 +127,7 @@ class AgentRoot(Resource):
 
     def body_goes_upstream(self, request: Request) -> bool:
         """Whether the request's body is for an upstream (Docker or another agent), so it
-        may stream as it arrives (:mod:`portainer_agent.http.upload`); asked when the
+        may stream as it arrives (:mod:`portainer_agent.httpkit.upload`); asked when the
         headers are in. Local endpoints and upgrade requests read their body whole."""
         _, path = split_version_prefix(request.path)
         snapshot = self.cluster() if self.cluster is not None else None

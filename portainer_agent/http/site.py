@@ -15,7 +15,7 @@ from twisted.web.server import Request, Site
 
 from portainer_agent.http.channel import AgentHTTPChannel
 from portainer_agent.http.inflight import InFlight
-from portainer_agent.http.upload import StreamingUploads
+from portainer_agent.httpkit.upload import StreamingUploads
 from portainer_agent.metrics import AgentMetrics
 from portainer_agent.security.body import DiscardUnauthenticatedBody
 

@@ -23,7 +23,7 @@ from wsproto.events import (AcceptConnection, BytesMessage, CloseConnection, Eve
 from portainer_agent import __version__
 from portainer_agent.console.docker_stream import (EXEC_START_BODY, TERMINAL_HANGUP, ConsoleTarget, console_opener,
                                                    hangup_for, open_docker_stream)
-from portainer_agent.console.resource import ConsoleResource
+from portainer_agent.http.console import ConsoleResource
 from portainer_agent.console.session import END_OF_INPUT, HANGUP_REPEAT, HANGUP_TRIES
 from portainer_agent.console.sessions import ConsoleSessions
 from portainer_agent.console.text import TerminalText

@@ -1,4 +1,4 @@
-"""Canaries for the private Twisted names in :mod:`portainer_agent.http.twisted_private`:
+"""Canaries for the private Twisted names in :mod:`portainer_agent.httpkit.twisted_private`:
 if a Twisted release changes one, these fail with its name instead of the proxy
 misbehaving somewhere else."""
 from __future__ import annotations
@@ -15,7 +15,7 @@ from twisted.web.client import HTTPConnectionPool
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from portainer_agent.http.twisted_private import client_gone, quiet_pool, request_line, take_unread
+from portainer_agent.httpkit.twisted_private import client_gone, quiet_pool, request_line, take_unread
 
 from .memory import HeldOpen
 

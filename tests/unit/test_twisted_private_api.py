@@ -8,7 +8,7 @@ fails after an upgrade, fix that code (or drop the private use), then move the p
 The private uses (grep ``twisted\\..*\\._`` imports and ``._name`` on Twisted objects):
 
 * ``twisted.web.client._HTTP11ClientFactory`` and ``HTTPConnectionPool._factory``
-  (http/twisted_private.py, the quiet peer pool; see also tests/unit/test_twisted_private.py
+  (httpkit/twisted_private.py, the quiet peer pool; see also tests/unit/test_twisted_private.py
   for the names isolated there: the request line at ``gotLength``, unread bytes, client gone);
 * ``twisted.web.http._GenericHTTPChannelProtocol`` (http/site.py, ``AgentSite.protocol``);
 * ``HTTPChannel._respondToBadRequestAndDisconnect`` as the one path of every parser refusal,
@@ -17,9 +17,9 @@ The private uses (grep ``twisted\\..*\\._`` imports and ``._name`` on Twisted ob
 * ``TLSMemoryBIOProtocol._handshakeDone`` (tls/server.py, the TLS handshake deadline);
 * ``reactor._exitSignal``, re-raised by ``twisted.scripts.twistd.runApp`` (twistd.py, exit 0
   after SIGTERM under twistd);
-* ``Request._disconnected`` (http/responses.py, proxy/relay.py, proxy/fanout.py,
-  proxy/splice.py, http/browse.py, http/filesend.py, console/resource.py);
-* ``HTTPChannel._dataBuffer`` (proxy/splice.py, ``take_over_transport``);
+* ``Request._disconnected`` (httpkit/responses.py, proxy/relay.py, proxy/fanout.py,
+  proxy/splice.py, http/browse.py, httpkit/filesend.py, http/console.py);
+* ``HTTPChannel._dataBuffer`` (httpkit/takeover.py, ``take_over_transport``);
 * ``TLSMemoryBIOProtocol._flushReceiveBIO`` and the state it uses (``_lostTLSConnection``,
   ``_tlsConnection``, ``_shutdownTLS``, ``_tlsShutdownFinished``, ``_aborted``,
   ``_flushSendBIO``) (tls/server.py, ``HalfCloseTLSProtocol``);
@@ -177,10 +177,10 @@ class ChannelTests(SynchronousTestCase):
         self.assertEqual(len(resource.requests), 1)
         buffered: Any = getattr(channel, "_dataBuffer", None)
         self.assertIsInstance(buffered, list, _loud("HTTPChannel._dataBuffer is gone or not a list",
-                                                    "proxy/splice.py take_over_transport"))
+                                                    "httpkit/takeover.py take_over_transport"))
         self.assertEqual(b"".join(buffered), b"stdin bytes",
                          _loud("bytes after a request in progress are no longer kept in _dataBuffer",
-                               "proxy/splice.py take_over_transport"))
+                               "httpkit/takeover.py take_over_transport"))
 
 
 class RequestTests(SynchronousTestCase):
@@ -189,7 +189,7 @@ class RequestTests(SynchronousTestCase):
         protocol, _ = _connected_site(resource)
         protocol.dataReceived(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
         [request] = resource.requests
-        where = "http/responses.py, http/streaming.py, proxy/relay.py, proxy/fanout.py, proxy/splice.py"
+        where = "httpkit/responses.py, http/streaming.py, proxy/relay.py, proxy/fanout.py, proxy/splice.py"
         self.assertIs(getattr(request, "_disconnected", None), False,
                       _loud("Request._disconnected is gone or not False on a live request", where))
         protocol.connectionLost(Failure(ConnectionError("client went away")))

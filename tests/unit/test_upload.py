@@ -19,7 +19,7 @@ from portainer_agent.docker.testing import MemoryEndpoint
 from portainer_agent.errors import AgentError
 from portainer_agent.http.root import AgentRoot
 from portainer_agent.http.site import AgentSite
-from portainer_agent.http.upload import BodyAlreadyConsumed
+from portainer_agent.httpkit.upload import BodyAlreadyConsumed
 from portainer_agent.proxy.dispatch import Destinations
 from portainer_agent.proxy.local import DockerProxy
 from portainer_agent.proxy.outgoing import request_body_producer

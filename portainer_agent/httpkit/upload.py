@@ -19,7 +19,7 @@ twisted.web's temporary file, so no request (an upgrade request's, a misrouted u
 can write to the agent's disk.
 
 At ``gotLength`` time twisted.web has parsed the request line but keeps it private on the
-channel (:func:`~portainer_agent.http.twisted_private.request_line`, with the other private
+channel (:func:`~portainer_agent.httpkit.twisted_private.request_line`, with the other private
 names and why); the rest is the documented ``Request`` hooks ``gotLength``,
 ``handleContentChunk``, ``requestReceived`` and ``finish``.
 """
@@ -35,7 +35,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
-from portainer_agent.http.twisted_private import client_gone, request_line
+from portainer_agent.httpkit.twisted_private import client_gone, request_line
 
 #: Bodies smaller than this (with a known length) are read whole before ``render``.
 STREAM_THRESHOLD = 64 * 1024

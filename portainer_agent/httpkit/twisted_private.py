@@ -11,15 +11,15 @@ private name                                why
 ``HTTPChannel._command/_path/_version``    the request line at ``Request.gotLength`` time,
                                             before twisted.web sets ``method``/``uri``: a
                                             large upload starts upstream when its headers
-                                            are in (:mod:`portainer_agent.http.upload`)
+                                            are in (:mod:`portainer_agent.httpkit.upload`)
 ``HTTPChannel._dataBuffer``                bytes a client sent after an upgrade request's
                                             head, already read by twisted.web: they belong
-                                            to the spliced stream (:mod:`..proxy.splice`)
+                                            to the new protocol (:mod:`.takeover`)
 ``Request._disconnected``                  "the client is gone" (set by ``connectionLost``;
                                             ``Request`` has no public flag for it)
 ``HTTPConnectionPool._factory``,            the pool logs "Starting/Stopping factory" at INFO
 ``twisted.web.client._HTTP11ClientFactory`` for every new peer connection; the factory class
-                                            is only settable there (:mod:`..proxy.pool`)
+                                            is only settable there (:mod:`portainer_agent.proxy.pool`)
 =========================================  =================================================
 """
 from __future__ import annotations
@@ -70,6 +70,6 @@ class _QuietClientFactory(_HTTP11ClientFactory):
 def quiet_pool(pool: HTTPConnectionPool) -> HTTPConnectionPool:
     """``pool``, building its connections with a factory that does not log each one."""
     if not hasattr(pool, "_factory"):
-        raise RuntimeError("HTTPConnectionPool has no _factory: update portainer_agent.http.twisted_private")
+        raise RuntimeError("HTTPConnectionPool has no _factory: update portainer_agent.httpkit.twisted_private")
     pool._factory = _QuietClientFactory
     return pool
