@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import time
 import weakref
-from typing import Any, Callable
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.web import http
-from twisted.web.http import _GenericHTTPChannelProtocol
 from twisted.web.server import Request, Site
 
 from portainer_agent.http.channel import AgentHTTPChannel
+from portainer_agent.httpkit.twisted_private import channel_protocol
 from portainer_agent.http.inflight import InFlight
 from portainer_agent.httpkit.upload import StreamingUploads
 from portainer_agent.metrics import AgentMetrics
@@ -42,15 +42,15 @@ class AgentSite(Site):
     requestFactory = AgentRequest
     noisy = False
 
-    def protocol(self) -> _GenericHTTPChannelProtocol:  # type: ignore[override]
-        # HTTPFactory builds ``_GenericHTTPChannelProtocol(HTTPChannel())`` with no
+    def protocol(self) -> Any:  # type: ignore[override]
+        # HTTPFactory builds Twisted's protocol wrapper around a plain HTTPChannel, with no
         # public seam for the channel class; this is the same, with our channel.
         channel = AgentHTTPChannel()
         channel.head_timeout = self.head_timeout
         if self.metrics is not None:
             channel.on_cut = self.metrics.connection_cut
         self.channels.add(channel)
-        return _GenericHTTPChannelProtocol(channel)
+        return channel_protocol(channel)
 
     def __init__(self, resource: Any, access_log: bool = False, inflight: InFlight | None = None,
                  metrics: AgentMetrics | None = None, head_timeout: float | None = None,
