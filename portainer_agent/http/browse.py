@@ -42,6 +42,7 @@ from portainer_agent.httpkit.bodysink import PoolSink, too_large
 from portainer_agent.httpkit.filesend import send_bytes, send_file
 from portainer_agent.httpkit.responses import finish_with_error, write_empty, write_error
 from portainer_agent.httpkit.upload import BufferedBody, UploadInterrupted, body_producer
+from portainer_agent.routing import Route
 
 log = Logger()
 
@@ -244,13 +245,12 @@ class BrowseEndpoint(Resource):
         super().__init__()
         self.action = action
         self.service = service
-        #: ``put`` reads its body as it arrives (``AgentRoot.body_goes_to_endpoint``).
+        #: ``put`` reads its body as it arrives (:func:`portainer_agent.http.router.streaming_paths`).
         self.streams_body = action == "put"
 
-    def render(self, request: Request) -> Any:
-        route = getattr(request, "agentRoute", None)
+    def render(self, request: Request, route: Route | None = None) -> Any:
         try:
-            call = parse_call(self.action, request.method, query_args(request), getattr(route, "volume_id", None))
+            call = parse_call(self.action, request.method, query_args(request), route.volume_id if route else None)
             self.service.check_allowed(call)  # the original's order: 503 first, then parameters
             require_path(call)
             if self.action == "rename":
