@@ -103,7 +103,12 @@ def main() -> int:
         from portainer_agent.proxy.dispatch import Destinations
 
         root = AgentRoot(Destinations(proxy, proxy), guard=None)
-    site = AgentSite(root, reactor=clock)
+    try:  # routed by the request when its headers are in, as the agent does (since the layout branch)
+        from portainer_agent.http.request import AgentRequests
+
+        site = AgentSite(root, AgentRequests(root.router), reactor=clock)
+    except ImportError:
+        site = AgentSite(root, reactor=clock)
     channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
     transport = StringTransport()
     channel.makeConnection(transport)

@@ -24,7 +24,9 @@ from portainer_agent.proxy.pool import make_pool
 from portainer_agent.proxy.splice import HijackProxy
 from portainer_agent.docker.identity import DockerUnavailable, NodeIdentity, fetch_identity_blocking
 from portainer_agent.proxy.local import DockerProxy
-from portainer_agent.http.root import AgentRoot
+from portainer_agent.http.request import AgentRequests
+from portainer_agent.http.root import AgentRoot, Endpoint
+from portainer_agent.http.router import Router, streaming_paths
 from portainer_agent.http.inflight import InFlight
 from portainer_agent.http.site import AgentSite
 from portainer_agent.options import AgentOptions
@@ -42,7 +44,7 @@ from portainer_agent.fs.volumes import VolumeLocator, VolumeRootMap
 from portainer_agent.http.browse import BrowseService, browse_endpoints
 from portainer_agent.http.hostinfo import HostInfoResource
 from portainer_agent.console.docker_stream import console_opener
-from portainer_agent.console.resource import ConsoleResource
+from portainer_agent.http.console import ConsoleResource
 from portainer_agent.console.sessions import ConsoleSessions
 from portainer_agent.connections import RefusalLog, connection_cap, raise_open_file_limit
 from portainer_agent.listening import ListenerService
@@ -93,8 +95,7 @@ class AgentService(MultiService):
         self.exit_code = 0
         #: The one client of the Docker socket (proxy, hijack, identity, discovery, volumes, console).
         self.docker = DockerClient.for_socket(reactor, config.docker_socket_path)
-        self.guard = SignatureGuard.from_config(config)
-        self.guard.on_refused = self.metrics.signature_refused
+        self.guard = SignatureGuard.from_config(config, on_refused=self.metrics.signature_refused)
         # Disk work (browse, host info) runs in a small thread pool; added first, so it is
         # stopped last, after the API has drained.
         self.disk = PoolService(reactor)
@@ -104,9 +105,43 @@ class AgentService(MultiService):
         self.inflight = InFlight(self.metrics)
         self.docker_proxy = DockerProxy(self.docker, config.docker_socket_path)
         self.hijack = HijackProxy(self.docker, hand_over=self.inflight.hand_over)
-        self.destinations = Destinations(self.docker_proxy, self.hijack)
-        self.root = AgentRoot(self.destinations, guard=self.guard, inflight=self.inflight)
-        self.site = AgentSite(self.root, access_log=config.log_level == "DEBUG", inflight=self.inflight, reactor=reactor,
+        # Cluster membership (issue 5). Its stack (AMP, SWIM: about 1 MB of RSS) is imported
+        # in a Swarm only (issue 15). Built here, started in its place below.
+        self.cluster: ClusterService | None = None
+        self.peer_pool: HTTPConnectionPool | None = None
+        cluster_snapshot: Callable[[], ClusterSnapshot | None] | None = None
+        if identity.in_swarm:
+            from portainer_agent.cluster.service import build_cluster_service
+
+            self.cluster = build_cluster_service(config, identity, tls, reactor, self.docker, metrics=self.metrics)
+            view = self.cluster.view
+            self.destinations = self._cluster_destinations(view)
+            cluster_snapshot = lambda: ClusterSnapshot.of(view)  # noqa: E731
+        else:
+            Logger(namespace="portainer_agent.cluster").info(
+                "the engine is not in a Swarm: cluster membership is off and /agents answers 503")
+            self.destinations = Destinations(self.docker_proxy, self.hijack)
+        # The agent's own endpoints: /agents, the volume/host browser and host info (issue 9),
+        # the websocket console (issue 10: local exec/attach; other nodes are reached by routing).
+        self.consoles = ConsoleSessions(reactor)
+        volumes = VolumeRootMap.for_docker_root(identity.docker_root_dir, str(config.volumes_root) if config.volumes_root else None)
+        browse = BrowseService(VolumeLocator(self.docker, volumes), config.host_management, config.host_root,
+                               self.disk.run, max_upload=config.browse_max_upload)
+        endpoints: dict[bytes, Endpoint] = {
+            b"/agents": AgentsResource(self.cluster.view if self.cluster is not None else None),
+            **browse_endpoints(browse),
+            b"/host/info": HostInfoResource(config.host_root, self.disk.run),
+        }
+        for kind in ("exec", "attach"):
+            endpoints[b"/websocket/" + kind.encode()] = ConsoleResource(
+                kind, console_opener(reactor, config.docker_socket_path, self.docker), reactor,
+                config.console_ping_interval, track=self.consoles.track, hand_over=self.inflight.hand_over)
+        # Each request is routed once, when its headers are in (the request asks the router).
+        self.router = Router(cluster_snapshot, streaming=streaming_paths(endpoints))
+        self.root = AgentRoot(self.destinations, self.router, guard=self.guard, endpoints=endpoints,
+                              inflight=self.inflight)
+        self.site = AgentSite(self.root, AgentRequests(self.router, self.guard),
+                              access_log=config.log_level == "DEBUG", inflight=self.inflight, reactor=reactor,
                               metrics=self.metrics, head_timeout=config.header_timeout, timeout=config.idle_timeout)
         ca_pem = config.tls_ca.read_bytes() if config.tls_ca else None
         inner = (TCP6ServerEndpoint if ":" in config.host else TCP4ServerEndpoint)(
@@ -127,34 +162,10 @@ class AgentService(MultiService):
         self.security_shutdown = SecurityShutdown(reactor, config.secret_timeout, self.guard, self.close_api_for_security)
         self.security_shutdown.setName("security-shutdown")
         self.security_shutdown.setServiceParent(self)
-        # Cluster membership (issue 5): stopped before the API drains, so peers see our leave first.
-        # Its stack (AMP, SWIM: about 1 MB of RSS) is imported in a Swarm only (issue 15).
-        self.cluster: ClusterService | None = None
-        if identity.in_swarm:
-            from portainer_agent.cluster.service import build_cluster_service
-
-            self.cluster = build_cluster_service(config, identity, tls, reactor, self.docker, metrics=self.metrics)
-            self.cluster.setServiceParent(self)
-        else:
-            Logger(namespace="portainer_agent.cluster").info(
-                "the engine is not in a Swarm: cluster membership is off and /agents answers 503")
-        self.root.endpoints[b"/agents"] = AgentsResource(self.cluster.view if self.cluster is not None else None)
-        # Volume/host browser and host info (issue 9).
-        volumes = VolumeRootMap.for_docker_root(identity.docker_root_dir, str(config.volumes_root) if config.volumes_root else None)
-        browse = BrowseService(VolumeLocator(self.docker, volumes), config.host_management, config.host_root,
-                               self.disk.run, max_upload=config.browse_max_upload)
-        self.root.endpoints.update(browse_endpoints(browse))
-        self.root.endpoints[b"/host/info"] = HostInfoResource(config.host_root, self.disk.run)
-        self.peer_pool: HTTPConnectionPool | None = None
+        # Membership is stopped before the API drains, so peers see our leave first.
         if self.cluster is not None:
-            self._wire_cluster_routing(self.cluster.view)
-        # Websocket console (issue 10): local exec/attach; other nodes are reached by routing.
-        self.consoles = ConsoleSessions(reactor)
+            self.cluster.setServiceParent(self)
         self.consoles.setServiceParent(self)
-        for kind in ("exec", "attach"):
-            self.root.endpoints[b"/websocket/" + kind.encode()] = ConsoleResource(
-                kind, console_opener(reactor, config.docker_socket_path, self.docker), reactor,
-                config.console_ping_interval, track=self.consoles.track, hand_over=self.inflight.hand_over)
         # Metrics (issue 11): a plain-HTTP listener of its own, only when asked for.
         if config.metrics_addr is not None:
             from portainer_agent.http.metrics_endpoint import MetricsListenerService
@@ -164,9 +175,9 @@ class AgentService(MultiService):
             self.metrics_listener.setName("metrics")
             self.metrics_listener.setServiceParent(self)
 
-    def _wire_cluster_routing(self, view: MembershipView) -> None:
-        """Target forwarding, manager operations and aggregation (Swarm only: a standalone
-        agent never imports treq, msgspec or the peer TLS stack)."""
+    def _cluster_destinations(self, view: MembershipView) -> Destinations:
+        """Local Docker plus target forwarding, manager operations and aggregation (Swarm
+        only: a standalone agent never imports treq, msgspec or the peer TLS stack)."""
         from portainer_agent.proxy.fanout import FanOut
         from portainer_agent.proxy.node_list import SwarmNodeList
         from portainer_agent.proxy.peer import PeerForwarder, PeerTLSPolicy
@@ -183,14 +194,13 @@ class AgentService(MultiService):
                               response_timeout=self.config.peer_response_timeout)
         # Deadlines follow membership: a member declared dead has its requests failed at once.
         view.watch_departures(peers.member_departed)
-        self.destinations.peers = peers
         # The Swarm's node list, so an aggregate names the nodes no live agent answers for.
         node_list = SwarmNodeList(self.reactor, self.docker, peers.agent,
                                   timeout=min(self.config.aggregate_timeout, self.config.peer_timeout * 2),
                                   wait=min(self.config.aggregate_timeout, 2.0))
-        self.destinations.fanout = FanOut(self.reactor, self.docker_proxy, peers, self.config.aggregate_timeout,
-                                          max_bytes=self.config.aggregate_max_bytes, node_list=node_list)
-        self.root.cluster = lambda: ClusterSnapshot.of(view)
+        fanout = FanOut(self.reactor, self.docker_proxy, peers, self.config.aggregate_timeout,
+                        max_bytes=self.config.aggregate_max_bytes, node_list=node_list)
+        return Destinations(self.docker_proxy, self.hijack, peers, fanout)
 
     def setServiceParent(self, parent: Any) -> None:  # noqa: N802
         """Under twistd, the parent is the Application: give it our log observer, which

@@ -25,6 +25,7 @@ from twisted.python import usage
 from twisted.python.logfile import LogFile
 
 from portainer_agent.config import Config
+from portainer_agent.httpkit.twisted_private import forget_exit_signal
 from portainer_agent.logs import make_observer
 from portainer_agent.options import AgentOptions, report_usage_error
 
@@ -60,13 +61,9 @@ def exit_like_the_console_script(reactor: Any, exit_code: Callable[[], int]) -> 
     """Exit 0 after a graceful stop (not by re-raising SIGTERM) and ``exit_code()``
     after a fatal error, once twistd has finished (pid file removed, logs flushed)."""
 
-    def forget_signal() -> None:
-        # twistd re-raises ``reactor._exitSignal`` after the reactor stops (see
-        # twisted.scripts.twistd.runApp); the stop was graceful, so clear it.
-        if hasattr(reactor, "_exitSignal"):
-            reactor._exitSignal = None
-
-    reactor.addSystemEventTrigger("after", "shutdown", forget_signal)
+    # twistd re-raises the signal that stopped the reactor once it is done (see
+    # twisted.scripts.twistd.runApp); the stop was graceful, so forget it.
+    reactor.addSystemEventTrigger("after", "shutdown", forget_exit_signal, reactor)
 
     def exit_with_code() -> None:
         code = exit_code()

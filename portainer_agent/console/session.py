@@ -1,7 +1,7 @@
 """The websocket end of a console: frames in, bytes to Docker; Docker's bytes, text out.
 
 Runs on the client's connection once it has been taken over from twisted.web (see
-:mod:`portainer_agent.console.resource`), with wsproto doing the framing. What it adds:
+:mod:`portainer_agent.http.console`), with wsproto doing the framing. What it adds:
 
 - client messages (text or binary) go to Docker as their bytes, chunk by chunk as
   wsproto parses them: no size limit and nothing reassembled in memory;

@@ -15,7 +15,8 @@ from twisted.web.server import Request
 
 from portainer_agent.cluster.membership import MembershipView
 from portainer_agent.errors import AgentError
-from portainer_agent.http.responses import write_error, write_json
+from portainer_agent.httpkit.responses import write_error, write_json
+from portainer_agent.routing import Route
 
 STANDALONE = AgentError(
     503,
@@ -60,7 +61,7 @@ class AgentsResource(Resource):
         super().__init__()
         self.view = view
 
-    def render(self, request: Request) -> bytes:
+    def render(self, request: Request, route: Route | None = None) -> bytes:
         if request.method not in (b"GET", b"HEAD"):
             request.setHeader(b"allow", b"GET, HEAD")
             return write_error(request, AgentError(405, "method not allowed", "only GET on /agents"))

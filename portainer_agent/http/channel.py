@@ -14,10 +14,10 @@ from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
-from twisted.web.http import HTTPChannel
 
 from portainer_agent.errors import AgentError
 from portainer_agent.http.root import AGENT_HEADERS
+from portainer_agent.httpkit.twisted_private import RefusalHookChannel, answering, head_received
 
 log = Logger()
 
@@ -39,7 +39,7 @@ def refusal_response(status: int, message: str, details: str) -> bytes:
     return b"\r\n".join(head) + b"\r\n\r\n" + body
 
 
-class AgentHTTPChannel(HTTPChannel):
+class AgentHTTPChannel(RefusalHookChannel):
     """HTTPChannel with the agent's limits and its own answer to a refused request.
 
     * A request the parser refuses (a malformed request line or header, both
@@ -53,8 +53,8 @@ class AgentHTTPChannel(HTTPChannel):
       the shutdown forever.
     * The request head must complete within ``head_timeout`` of its first byte.
 
-    ``_respondToBadRequestAndDisconnect`` is private Twisted API, the one place all
-    parser refusals go through (covered by the refusal tests).
+    Every parser refusal comes to :meth:`refuse_bad_request` (the private Twisted method
+    behind it is hooked in :mod:`portainer_agent.httpkit.twisted_private`).
     """
 
     MAX_LENGTH = MAX_LINE_LENGTH
@@ -94,21 +94,21 @@ class AgentHTTPChannel(HTTPChannel):
         else:
             self._refusal = (431, "Request Header Fields Too Large",
                              f"a header line is longer than {self.MAX_LENGTH} bytes")
-        self._respondToBadRequestAndDisconnect()
+        self.refuse_bad_request()
 
     def lineReceived(self, line: bytes) -> None:
-        if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
+        if head_received(self)[0] + len(line) > self.totalHeadersSize:
             self._refusal = (431, "Request Header Fields Too Large",
                              f"the request head is larger than {self.totalHeadersSize} bytes")
         self._line_count += 1
         super().lineReceived(line)
 
     def headerReceived(self, line: bytes) -> bool:
-        if self._receivedHeaderCount >= self.maxHeaders:
+        if head_received(self)[1] >= self.maxHeaders:
             self._refusal = (431, "Request Header Fields Too Large", f"more than {self.maxHeaders} headers")
         return super().headerReceived(line)
 
-    def _respondToBadRequestAndDisconnect(self) -> None:
+    def refuse_bad_request(self) -> None:
         status, message, details = self._refusal or (
             400, "Bad request", "the request could not be parsed: malformed request line or header, or "
                                 "conflicting Content-Length/Transfer-Encoding")
@@ -120,7 +120,7 @@ class AgentHTTPChannel(HTTPChannel):
         # The head deadline starts with the first byte of a request (an idle kept-alive
         # connection is the idle timeout's business) and ends with its last header.
         # A request being handled (a stream such as ``logs -f``) is never timed here.
-        if self._awaiting_head and self._head_timer is None and self.head_timeout and not self._handlingRequest:
+        if self._awaiting_head and self._head_timer is None and self.head_timeout and not answering(self):
             self._head_timer = self.callLater(self.head_timeout, self._head_timed_out)
         super().dataReceived(data)
 

@@ -15,8 +15,9 @@ from twisted.web.server import NOT_DONE_YET, Request
 from portainer_agent.errors import AgentError
 from portainer_agent.fs.hostinfo import PciNames, host_info
 from portainer_agent.fs.pool import RunInPool
-from portainer_agent.http.responses import finish_with_error, write_error, write_json
-from portainer_agent.http.twisted_private import client_gone
+from portainer_agent.httpkit.responses import finish_with_error, write_error, write_json
+from portainer_agent.httpkit.twisted_private import client_gone
+from portainer_agent.routing import Route
 
 log = Logger()
 
@@ -30,7 +31,7 @@ class HostInfoResource(Resource):
         self._names = PciNames()
         self._run = run_in_pool
 
-    def render(self, request: Request) -> Any:
+    def render(self, request: Request, route: Route | None = None) -> Any:
         if request.method not in (b"GET", b"HEAD"):
             request.setHeader(b"allow", b"GET, HEAD")
             return write_error(request, AgentError(405, "Method not allowed", "only GET on /host/info"))

@@ -5,32 +5,20 @@ from __future__ import annotations
 
 import time
 import weakref
-from typing import Any, Callable
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.web import http
-from twisted.web.http import _GenericHTTPChannelProtocol
 from twisted.web.server import Request, Site
 
 from portainer_agent.http.channel import AgentHTTPChannel
+from portainer_agent.httpkit.twisted_private import channel_protocol
 from portainer_agent.http.inflight import InFlight
-from portainer_agent.http.upload import StreamingUploads
+from portainer_agent.http.request import AgentRequests
 from portainer_agent.metrics import AgentMetrics
-from portainer_agent.security.body import DiscardUnauthenticatedBody
 
 log = Logger(namespace="portainer_agent.access")
-
-
-class AgentRequest(DiscardUnauthenticatedBody, StreamingUploads, Request):
-    """Never parses form bodies into memory (the proxy streams them as they are), drops
-    the body of a request without valid signature headers instead of spooling it, and
-    streams large bodies bound for an upstream as they arrive (:mod:`..upload`)."""
-
-    def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
-        kwargs["parsePOSTFormSubmission"] = False
-        super().__init__(channel, *args, **kwargs)
-        self.startedAt = time.monotonic()
 
 
 class AgentSite(Site):
@@ -39,27 +27,28 @@ class AgentSite(Site):
     into the in-flight registry (:class:`~portainer_agent.http.inflight.InFlight`), which
     counts it when it is released and tells a graceful stop what is still running."""
 
-    requestFactory = AgentRequest
     noisy = False
 
-    def protocol(self) -> _GenericHTTPChannelProtocol:  # type: ignore[override]
-        # HTTPFactory builds ``_GenericHTTPChannelProtocol(HTTPChannel())`` with no
+    def protocol(self) -> Any:  # type: ignore[override]
+        # HTTPFactory builds Twisted's protocol wrapper around a plain HTTPChannel, with no
         # public seam for the channel class; this is the same, with our channel.
         channel = AgentHTTPChannel()
         channel.head_timeout = self.head_timeout
         if self.metrics is not None:
             channel.on_cut = self.metrics.connection_cut
         self.channels.add(channel)
-        return _GenericHTTPChannelProtocol(channel)
+        return channel_protocol(channel)
 
-    def __init__(self, resource: Any, access_log: bool = False, inflight: InFlight | None = None,
-                 metrics: AgentMetrics | None = None, head_timeout: float | None = None,
-                 **kwargs: Any) -> None:
-        """``timeout`` (a Site argument) is the idle timeout of kept-alive connections."""
+    def __init__(self, resource: Any, requests: AgentRequests | None = None, access_log: bool = False,
+                 inflight: InFlight | None = None, metrics: AgentMetrics | None = None,
+                 head_timeout: float | None = None, **kwargs: Any) -> None:
+        """``requests`` builds each request with the router and the guard (without one, requests
+        are not routed before ``render`` and keep every body); ``timeout`` (a Site argument) is
+        the idle timeout of kept-alive connections."""
         # No parsing of multipart/form bodies into request.args: twisted.web would read
         # the whole body into memory (a volume upload is streamed by its handler).
         kwargs.setdefault("parsePOSTFormSubmission", False)
-        super().__init__(resource, requestFactory=AgentRequest, **kwargs)
+        super().__init__(resource, requestFactory=requests or AgentRequests(), **kwargs)
         self._accessLog = access_log
         self.channels: "weakref.WeakSet[AgentHTTPChannel]" = weakref.WeakSet()
         #: Shared with whoever routes (the kind) and takes connections over (hijack, console).

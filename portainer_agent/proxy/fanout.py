@@ -28,8 +28,8 @@ from twisted.web.server import NOT_DONE_YET, Request
 from portainer_agent.cluster.member import Member
 from portainer_agent.cluster.swarm_nodes import NodeListState, uncovered_nodes, unknown_list_warning
 from portainer_agent.errors import AgentError
-from portainer_agent.http.responses import finish_with_error
-from portainer_agent.http.twisted_private import client_gone
+from portainer_agent.httpkit.responses import finish_with_error
+from portainer_agent.httpkit.twisted_private import client_gone
 from portainer_agent.proxy.collect import collect_body
 from portainer_agent.proxy.local import DockerProxy
 from portainer_agent.proxy.merge import (

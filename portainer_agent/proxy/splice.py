@@ -25,7 +25,8 @@ Each splice carries on an HTTP request that twisted.web will never finish: it is
 over to the site's in-flight registry (``hand_over``) and released when the splice ends.
 
 The private Twisted names this needs (the bytes twisted.web read past the request head,
-"client gone") are behind :mod:`portainer_agent.http.twisted_private`.
+"client gone") are behind :mod:`portainer_agent.httpkit.twisted_private`; the takeover itself
+is :func:`portainer_agent.httpkit.takeover.take_over_transport`, shared with the console.
 """
 from __future__ import annotations
 
@@ -44,16 +45,17 @@ from zope.interface import implementer
 from portainer_agent.docker import wire
 from portainer_agent.docker.client import DOCKER_HOST, DockerClient, Upgraded
 from portainer_agent.errors import AgentError, bad_gateway_docker
-from portainer_agent.http.paths import AGENT_RESPONSE_HEADERS
-from portainer_agent.http.responses import abort_client, finish_with_error
-from portainer_agent.http.twisted_private import client_gone, take_unread
-from portainer_agent.http.upload import MAX_MEMORY_BODY
+from portainer_agent.httpkit.paths import AGENT_RESPONSE_HEADERS
+from portainer_agent.httpkit.responses import abort_client, finish_with_error
+from portainer_agent.httpkit.takeover import take_over_transport
+from portainer_agent.httpkit.twisted_private import client_gone
+from portainer_agent.httpkit.upload import MAX_MEMORY_BODY
 from portainer_agent.proxy.outgoing import upstream_header_lines
 from portainer_agent.proxy.relay import Drop, failure_reason, relay_response
 
 log = Logger()
 
-MAX_HIJACK_REQUEST_BODY = MAX_MEMORY_BODY  # kept in memory by the request (http/upload.py), never on disk
+MAX_HIJACK_REQUEST_BODY = MAX_MEMORY_BODY  # kept in memory by the request (httpkit/upload.py), never on disk
 #: TCP keep-alive on a spliced client connection: idle seconds, probe interval, probes.
 KEEPALIVE = (30, 10, 3)
 
@@ -235,35 +237,6 @@ def _abort_open(transports: list[Any]) -> None:
                     abort()
                 except Exception:
                     pass
-
-
-def take_over_transport(request: Request, protocol: Protocol) -> Any:
-    """Detach the client connection from twisted.web and hand it to ``protocol``.
-
-    Replaces the protocol at the transport (TLS wrapper or TCP), so the new protocol
-    also receives half-closes, which twisted.web's own websocket upgrade does not
-    pass on. Returns the transport.
-    """
-    channel = request.channel
-    # The concrete connection (TLS wrapper or TCP): its protocol attribute is swapped,
-    # which no transport interface declares.
-    transport: Any = channel.transport
-    buffered = take_unread(channel)
-    channel.setTimeout(None)
-    try:
-        transport.unregisterProducer()
-    except Exception:
-        pass
-    if hasattr(transport, "wrappedProtocol"):
-        transport.wrappedProtocol = protocol
-    else:
-        transport.protocol = protocol
-    channel.transport = None
-    protocol.makeConnection(transport)
-    transport.resumeProducing()
-    if buffered:
-        protocol.dataReceived(buffered)
-    return transport
 
 
 class HijackProxy:

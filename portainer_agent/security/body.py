@@ -8,18 +8,25 @@ as soon as the headers end (``gotLength``); this mixin checks them there and, if
 not authenticate, drops the body as it arrives. ``render()`` then refuses the request as
 usual, with the same 403 body.
 
-Use it in the site's request class, before ``Request``::
+Use it in the site's request class, before ``Request``, and give each request the guard
+(``tap.py`` gives it to the request factory, :class:`portainer_agent.http.request.AgentRequests`)::
 
     class AgentRequest(DiscardUnauthenticatedBody, Request): ...
 
-It finds the guard on the site's root resource (``site.resource.guard``, as
-:class:`portainer_agent.http.root.AgentRoot` holds it); without a guard it does nothing.
+Without a guard it does nothing.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
-__all__ = ["DiscardUnauthenticatedBody"]
+__all__ = ["BodyGuard", "DiscardUnauthenticatedBody"]
+
+
+class BodyGuard(Protocol):
+    """Says, without answering anything, whether a request's headers authenticate it
+    (:meth:`portainer_agent.security.guard.SignatureGuard.authenticates`)."""
+
+    def authenticates(self, request: Any) -> bool: ...
 
 
 class DiscardUnauthenticatedBody:
@@ -27,9 +34,11 @@ class DiscardUnauthenticatedBody:
 
     #: True once the headers failed the signature check: body chunks are dropped.
     discarding_body = False
+    #: The guard, set by the request's factory (None: every body is kept).
+    guard: BodyGuard | None = None
 
     def gotLength(self, length: int | None) -> None:
-        guard = _guard_for(self)
+        guard = self.guard
         if guard is not None and not guard.authenticates(self):
             self.discarding_body = True
             length = 0  # an empty in-memory body instead of a temporary file
@@ -38,8 +47,3 @@ class DiscardUnauthenticatedBody:
     def handleContentChunk(self, data: bytes) -> None:
         if not self.discarding_body:
             super().handleContentChunk(data)  # type: ignore[misc]
-
-
-def _guard_for(request: Any) -> Any:
-    site = getattr(getattr(request, "channel", None), "site", None)
-    return getattr(getattr(site, "resource", None), "guard", None)

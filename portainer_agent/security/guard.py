@@ -55,16 +55,16 @@ class SignatureGuard:
 
     log = Logger()
 
-    def __init__(self, notary: Notary) -> None:
+    def __init__(self, notary: Notary, on_refused: Callable[[str, str], None] | None = None) -> None:
         self.notary = notary
         self._closed_because: str | None = None
         #: Told ``(message, details)`` of every refusal (metrics); never header values.
-        self.on_refused: Callable[[str, str], None] | None = None
+        self.on_refused = on_refused
 
     @classmethod
-    def from_config(cls, config: object) -> "SignatureGuard":
+    def from_config(cls, config: object, on_refused: Callable[[str, str], None] | None = None) -> "SignatureGuard":
         """A guard for ``Config.secret`` (``None``/empty: default mode with association)."""
-        return cls(Notary(secret=getattr(config, "secret", None)))
+        return cls(Notary(secret=getattr(config, "secret", None)), on_refused)
 
     @property
     def is_associated(self) -> bool:

@@ -32,6 +32,7 @@ from twisted.protocols.policies import ProtocolWrapper
 from zope.interface import implementer
 
 from portainer_agent.connections import TLS_HANDSHAKE_TIMEOUT, RefusalLog
+from portainer_agent.httpkit.twisted_private import tls_factory_clock
 from portainer_agent.tls.certs import TLSIdentity
 
 MODERN_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
@@ -170,7 +171,7 @@ class HalfCloseTLSFactory(TLSMemoryBIOFactory):
                  handshake_timeout: float | None = TLS_HANDSHAKE_TIMEOUT, max_connections: int | None = None,
                  refusals: RefusalLog | None = None, on_cut: Any = None) -> None:
         super().__init__(options, isClient, wrappedFactory, clock)
-        self.clock = self._clock  # the reactor unless a clock was given
+        self.clock = tls_factory_clock(self)  # the reactor unless a clock was given
         self.handshake_timeout = handshake_timeout
         self.max_connections = max_connections
         self.refusals = refusals

@@ -23,7 +23,7 @@ from wsproto.events import (AcceptConnection, BytesMessage, CloseConnection, Eve
 from portainer_agent import __version__
 from portainer_agent.console.docker_stream import (EXEC_START_BODY, TERMINAL_HANGUP, ConsoleTarget, console_opener,
                                                    hangup_for, open_docker_stream)
-from portainer_agent.console.resource import ConsoleResource
+from portainer_agent.http.console import ConsoleResource
 from portainer_agent.console.session import END_OF_INPUT, HANGUP_REPEAT, HANGUP_TRIES
 from portainer_agent.console.sessions import ConsoleSessions
 from portainer_agent.console.text import TerminalText
@@ -31,6 +31,7 @@ from portainer_agent.http.inflight import InFlight
 from portainer_agent.http.root import AgentRoot
 from portainer_agent.proxy.dispatch import Destinations
 from portainer_agent.http.site import AgentSite
+from portainer_agent.http.request import AgentRequests
 from tests.unit.memory import SOCKET, FakeDocker, RecordingHandler, raw_request
 
 UPGRADED = (b"HTTP/1.1 101 UPGRADED\r\nContent-Type: application/vnd.docker.raw-stream\r\n"
@@ -96,7 +97,7 @@ class ConsoleInMemory:
         self.root = AgentRoot(Destinations(RecordingHandler(), RecordingHandler()), guard=None, endpoints=resources,
                               inflight=self.inflight)
         self.client = StringTransport()
-        self.site = AgentSite(self.root, reactor=Clock(), inflight=self.inflight)
+        self.site = AgentSite(self.root, AgentRequests(self.root.router), reactor=Clock(), inflight=self.inflight)
         self.channel = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40001))
         self.channel.makeConnection(self.client)
         self.ws = WSConnection(ConnectionType.CLIENT)

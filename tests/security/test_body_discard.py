@@ -68,6 +68,8 @@ class BodyDiscardTests(SynchronousTestCase):
 
         def factory(*args, **kwargs):
             request = original(*args, **kwargs)
+            # The guard is given to each request (as AgentRequests does), not found on the site.
+            request.guard = getattr(self.site.resource, "guard", None)
             self.requests.append(request)
             return request
 

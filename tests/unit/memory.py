@@ -22,6 +22,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from portainer_agent.docker.testing import MemoryDocker
 from portainer_agent.http.site import AgentSite
+from portainer_agent.http.request import AgentRequests
 from portainer_agent.proxy.local import DockerProxy
 from portainer_agent.http.root import AgentRoot
 from portainer_agent.proxy.dispatch import Destinations
@@ -77,7 +78,7 @@ class RecordingHandler:
         self.requests: list[Request] = []
         self._body = body
 
-    def render(self, request: Request) -> bytes:
+    def render(self, request: Request, route: Any = None) -> bytes:
         self.requests.append(request)
         return self._body
 
@@ -114,7 +115,7 @@ class Memory:
 
     def raw(self, request: bytes) -> "Wire":
         """Send raw request bytes to the agent's Site; return what reached the wire."""
-        site = AgentSite(self.root, reactor=Clock())
+        site = AgentSite(self.root, AgentRequests(self.root.router, self.root.guard), reactor=Clock())
         protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
         transport = StringTransport()
         protocol.makeConnection(transport)

@@ -20,11 +20,13 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from portainer_agent.errors import AgentError
 from portainer_agent.fs.pool import POOL_STOPPED, PoolService, run_inline
-from portainer_agent.http.bodysink import HIGH_WATER
+from portainer_agent.httpkit.bodysink import HIGH_WATER
 from portainer_agent.http.browse import BrowseService, browse_endpoints
 from portainer_agent.http.root import AgentRoot
 from portainer_agent.http.site import AgentSite
-from portainer_agent.http.upload import MAX_MEMORY_BODY, STREAM_THRESHOLD, InMemoryBody
+from portainer_agent.http.request import AgentRequests
+from portainer_agent.http.router import Router, streaming_paths
+from portainer_agent.httpkit.upload import MAX_MEMORY_BODY, STREAM_THRESHOLD, InMemoryBody
 from portainer_agent.proxy.dispatch import Destinations
 
 from .memory import RecordingHandler
@@ -75,11 +77,12 @@ class Agent:
     def __init__(self, case: SynchronousTestCase, run: Any = run_inline, max_upload: int = 0) -> None:
         self.root_dir: Path = temp_dir(case)
         self.hijack = RecordingHandler(b"hijacked")
-        self.root = AgentRoot(Destinations(RecordingHandler(), self.hijack))
-        self.root.endpoints.update(browse_endpoints(BrowseService(None, True, self.root_dir, run,  # type: ignore[arg-type]
-                                                                  max_upload=max_upload)))
+        endpoints = browse_endpoints(BrowseService(None, True, self.root_dir, run,  # type: ignore[arg-type]
+                                                   max_upload=max_upload))
+        router = Router(streaming=streaming_paths(endpoints))
+        self.root = AgentRoot(Destinations(RecordingHandler(), self.hijack), router, endpoints=endpoints)
         self.requests: list[Request] = []
-        self.site = AgentSite(self.root, reactor=Clock())
+        self.site = AgentSite(self.root, AgentRequests(router), reactor=Clock())
         original = self.site.getResourceFor
 
         def remember(request: Request) -> Any:
@@ -237,7 +240,8 @@ class InMemoryBodyTests(SynchronousTestCase):
         endpoint = agent.root.endpoints[b"/browse/put"]
         contents: list[Any] = []
         original = endpoint.render
-        endpoint.render = lambda request: (contents.append(type(request.content)), original(request))[1]  # type: ignore
+        endpoint.render = lambda request, route: (  # type: ignore
+            contents.append(type(request.content)), original(request, route))[1]
         head = form_head("small.txt", "/")
         agent.send(put_head(len(head) + 5 + len(FORM_TAIL)) + head + b"small" + FORM_TAIL)
         self.assertTrue(agent.status().startswith(b"HTTP/1.1 204"), agent.client.value())

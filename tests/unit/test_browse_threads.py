@@ -20,11 +20,13 @@ from portainer_agent.fs import hostinfo as hostinfo_module
 from portainer_agent.fs import jail as jail_module
 from portainer_agent.fs.pool import PoolService
 from portainer_agent.http import browse as browse_module
-from portainer_agent.http import filesend as filesend_module
+from portainer_agent.httpkit import filesend as filesend_module
 from portainer_agent.http.browse import BrowseService, browse_endpoints
 from portainer_agent.http.hostinfo import HostInfoResource
 from portainer_agent.http.root import AgentRoot
+from portainer_agent.http.router import Router, streaming_paths
 from portainer_agent.http.site import AgentSite
+from portainer_agent.http.request import AgentRequests
 from portainer_agent.proxy.dispatch import Destinations
 
 from .memory import RecordingHandler
@@ -79,10 +81,13 @@ class DiskWorkThreadTests(TestCase):
 
             return self.pool.run(where, *args)
 
-        root = AgentRoot(Destinations(RecordingHandler(), RecordingHandler()))
-        root.endpoints.update(browse_endpoints(BrowseService(None, True, self.root_dir, run)))  # type: ignore[arg-type]
-        root.endpoints[b"/host/info"] = HostInfoResource(self.root_dir, run)
-        self.site = AgentSite(root, reactor=reactor)
+        endpoints: dict[bytes, Any] = {
+            **browse_endpoints(BrowseService(None, True, self.root_dir, run)),  # type: ignore[arg-type]
+            b"/host/info": HostInfoResource(self.root_dir, run),
+        }
+        router = Router(streaming=streaming_paths(endpoints))
+        root = AgentRoot(Destinations(RecordingHandler(), RecordingHandler()), router, endpoints=endpoints)
+        self.site = AgentSite(root, AgentRequests(router), reactor=reactor)
         self.port = reactor.listenTCP(0, self.site, interface="127.0.0.1")
         self.addCleanup(self.port.stopListening)
         self.base = f"http://127.0.0.1:{self.port.getHost().port}"

@@ -22,6 +22,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from portainer_agent.cluster.member import Member
 from portainer_agent.http.root import AgentRoot
+from portainer_agent.http.router import Router
 from portainer_agent.metrics import AgentMetrics
 from portainer_agent.docker.testing import MemoryDocker
 from portainer_agent.proxy.dispatch import Destinations
@@ -135,7 +136,7 @@ class Cluster:
                                        timeout=5.0, wait=2.0) if node_list else None
         self.fanout = FanOut(self.clock, docker, self.peers, timeout, max_bytes=max_bytes, node_list=self.node_list)
         destinations = Destinations(docker, RecordingHandler(), self.peers, self.fanout)
-        self.root = AgentRoot(destinations, cluster=lambda: self.snapshot)
+        self.root = AgentRoot(destinations, Router(lambda: self.snapshot))
         self.client: Any = StubTreq(self.root)
 
     def stop(self) -> None:

@@ -29,6 +29,7 @@ from portainer_agent.proxy.splice import (
 from portainer_agent.http.inflight import InFlight
 from portainer_agent.http.root import AgentRoot
 from portainer_agent.http.site import AgentSite
+from portainer_agent.http.request import AgentRequests
 from portainer_agent.metrics import AgentMetrics
 from portainer_agent.proxy.dispatch import Destinations
 
@@ -203,7 +204,7 @@ class HijackInMemory:
         hijack = HijackProxy(DockerClient.for_socket(self.reactor, SOCKET), hand_over=self.inflight.hand_over)
         self.root = AgentRoot(Destinations(self.docker_handler, hijack), guard=None, inflight=self.inflight)
         self.clock = Clock()
-        self.site = AgentSite(self.root, reactor=self.clock, inflight=self.inflight, metrics=self.metrics)
+        self.site = AgentSite(self.root, AgentRequests(self.root.router), reactor=self.clock, inflight=self.inflight, metrics=self.metrics)
         self.client: Any = HalfCloseTransport()
         self.channel = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40001))
         self.channel.makeConnection(self.client)

@@ -16,7 +16,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
-from portainer_agent.http.site import AgentHTTPChannel, AgentRequest, AgentSite
+from portainer_agent.http.request import AgentRequest
+from portainer_agent.http.site import AgentHTTPChannel, AgentSite
 
 GRACE = 5.0
 

@@ -72,7 +72,7 @@ class StartupImportTests(SynchronousTestCase):
     def test_building_a_standalone_agent_imports_no_optional_or_test_stack(self) -> None:
         """Building the services too: what a constructor imports counts."""
         modules = modules_after(BUILD_STANDALONE)
-        self.assertIn("portainer_agent.console.resource", modules)  # the endpoints exist, their stacks wait
+        self.assertIn("portainer_agent.http.console", modules)  # the endpoints exist, their stacks wait
         self.assertEqual(loaded(modules, TEST_ONLY + ON_DEMAND), [])
 
     def test_the_check_sees_an_on_demand_stack(self) -> None:

@@ -19,7 +19,9 @@ from portainer_agent.docker.testing import MemoryEndpoint
 from portainer_agent.errors import AgentError
 from portainer_agent.http.root import AgentRoot
 from portainer_agent.http.site import AgentSite
-from portainer_agent.http.upload import BodyAlreadyConsumed
+from portainer_agent.http.request import AgentRequests
+from portainer_agent.http.router import Router, streaming_paths
+from portainer_agent.httpkit.upload import BodyAlreadyConsumed
 from portainer_agent.proxy.dispatch import Destinations
 from portainer_agent.proxy.local import DockerProxy
 from portainer_agent.proxy.outgoing import request_body_producer
@@ -47,13 +49,14 @@ class Refuse:
 
 
 class Agent:
-    def __init__(self, guard: Any = None) -> None:
+    def __init__(self, guard: Any = None, endpoints: dict[bytes, Any] | None = None) -> None:
         self.servers: list[ScriptedDocker] = []
         self.endpoint = MemoryEndpoint(Factory.forProtocol(lambda: ScriptedDocker(self.servers)))
         self.clock = Clock()
         proxy = DockerProxy(DockerClient(self.clock, self.endpoint), "/docker.sock")
-        self.root = AgentRoot(Destinations(proxy, RecordingHandler()), guard=guard)
-        self.site = AgentSite(self.root, reactor=self.clock)
+        router = Router(streaming=streaming_paths(endpoints or {}))
+        self.root = AgentRoot(Destinations(proxy, RecordingHandler()), router, guard=guard, endpoints=endpoints)
+        self.site = AgentSite(self.root, AgentRequests(router, guard), reactor=self.clock)
         self.channel: Any = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
         self.client = StringTransport()
         self.channel.makeConnection(self.client)
@@ -168,13 +171,12 @@ class StreamingUploadTests(SynchronousTestCase):
         seen: list[bytes] = []
 
         class Endpoint:
-            def render(self, request: Request) -> bytes:
+            def render(self, request: Request, route: Any) -> bytes:
                 assert request.content is not None
                 seen.append(request.content.read())
                 return b"{}"
 
-        agent = Agent()
-        agent.root.endpoints[b"/browse/put"] = Endpoint()
+        agent = Agent(endpoints={b"/browse/put": Endpoint()})
         agent.send(head(b"POST", b"/browse/put", 100_000) + b"p" * 100_000)
         self.assertEqual(seen, [b"p" * 100_000])
         self.assertEqual(agent.servers, [])

@@ -31,11 +31,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET, Request
 
-from portainer_agent.http.twisted_private import client_gone
+from portainer_agent.httpkit.twisted_private import client_gone
 from portainer_agent.console.docker_stream import ConsoleTarget, DockerStream
-from portainer_agent.proxy.splice import take_over_transport
+from portainer_agent.httpkit.takeover import take_over_transport
 from portainer_agent.errors import AgentError
-from portainer_agent.http.responses import finish_with_error, write_error
+from portainer_agent.httpkit.responses import finish_with_error, write_error
+from portainer_agent.routing import Route
 
 if TYPE_CHECKING:
     from wsproto.handshake import H11Handshake
@@ -107,7 +108,7 @@ class ConsoleResource:
         self._hand_over = hand_over
         self._close_timeout = close_timeout
 
-    def render(self, request: Request) -> Any:
+    def render(self, request: Request, route: Route | None = None) -> Any:
         try:
             if request.method != b"GET":
                 request.setHeader(b"allow", b"GET")

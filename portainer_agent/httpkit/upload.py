@@ -12,22 +12,20 @@ connection is paused (its transport stops reading), so the agent holds at most a
 one read (64 kB) plus :data:`HIGH_WATER` per upload.
 
 The same stream carries the body of a local agent endpoint that reads its body as it
-arrives (``/browse/put``, which writes it to the volume): the root says which
-(``root.body_goes_to_endpoint(request)``). Every other body is read whole before
+arrives (``/browse/put``, which writes it to the volume). Which bodies stream is the
+request class's decision (:meth:`StreamingUploads.body_streams`: the agent's request asks
+its route, :mod:`portainer_agent.http.request`). Every other body is read whole before
 ``render``, in memory and bounded (:class:`InMemoryBody`, :data:`MAX_MEMORY_BODY`): never
 twisted.web's temporary file, so no request (an upgrade request's, a misrouted upload)
 can write to the agent's disk.
 
-At ``gotLength`` time twisted.web has parsed the request line but keeps it private on the
-channel (:func:`~portainer_agent.http.twisted_private.request_line`, with the other private
-names and why); the rest is the documented ``Request`` hooks ``gotLength``,
-``handleContentChunk``, ``requestReceived`` and ``finish``.
+The mixin uses the documented ``Request`` hooks ``gotLength``, ``handleContentChunk``,
+``requestReceived`` and ``finish``.
 """
 from __future__ import annotations
 
 import io
 from typing import Any, Callable
-from urllib.parse import parse_qs
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IConsumer, IPushProducer
@@ -35,7 +33,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
-from portainer_agent.http.twisted_private import client_gone, request_line
+from portainer_agent.httpkit.twisted_private import client_gone
 
 #: Bodies smaller than this (with a known length) are read whole before ``render``.
 STREAM_THRESHOLD = 64 * 1024
@@ -252,10 +250,9 @@ def body_producer(request: Any) -> IBodyProducer | None:
 class StreamingUploads:
     """``twisted.web.server.Request`` mixin: start large uploads before their body is in.
 
-    The site's root resource decides which requests qualify
-    (``root.body_goes_upstream(request)`` or ``root.body_goes_to_endpoint(request)``,
-    called with ``method``, ``uri``, ``path`` and the headers set); the body of the others
-    is read whole before ``render``, into an :class:`InMemoryBody`.
+    The request class says which requests qualify (:meth:`body_streams`, asked at
+    ``gotLength`` time, when the headers are in); the body of the others is read whole
+    before ``render``, into an :class:`InMemoryBody`.
     """
 
     #: The request's body, while it streams; None for bodies read whole.
@@ -264,7 +261,7 @@ class StreamingUploads:
 
     def gotLength(self, length: int | None) -> None:  # noqa: N802
         request: Any = self
-        if (length is None or length >= STREAM_THRESHOLD) and self._wants_stream():
+        if (length is None or length >= STREAM_THRESHOLD) and self.body_streams():
             channel = request.channel
             transport = IPushProducer(channel.transport)
             request.body_stream = RequestBodyStream(length, transport.pauseProducing, transport.resumeProducing)
@@ -282,19 +279,10 @@ class StreamingUploads:
         # temporary file of any size.
         request.content = InMemoryBody()
 
-    def _wants_stream(self) -> bool:
-        request: Any = self
-        channel = request.channel
-        root = getattr(getattr(channel, "site", None), "resource", None)
-        deciders = [decide for decide in (getattr(root, "body_goes_upstream", None),
-                                          getattr(root, "body_goes_to_endpoint", None)) if decide is not None]
-        if not deciders:
-            return False
-        command, path, version = request_line(channel)
-        request.method, request.uri, request.clientproto = command, path, version
-        request.path, _, query = path.partition(b"?")
-        request.args = parse_qs(query, True) if query else {}
-        return any(decide(request) for decide in deciders)
+    def body_streams(self) -> bool:
+        """Whether this request's body is read as it arrives (not asked for bodies smaller
+        than :data:`STREAM_THRESHOLD`); a request class overrides it."""
+        return False
 
     def handleContentChunk(self, data: bytes) -> None:  # noqa: N802
         stream = self.body_stream
