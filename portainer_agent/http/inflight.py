@@ -24,8 +24,12 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.web.server import Request
 
 from portainer_agent.httpkit.responses import abort_client
+from portainer_agent.routing import RouteKind
 
 UNROUTED = "unrouted"
+#: Every kind a request can have: each is reported, at 0 when none is in flight, so a
+#: dashboard's series never vanish.
+KINDS = tuple(kind.value for kind in RouteKind) + (UNROUTED,)
 
 
 class RequestMetrics(Protocol):
@@ -75,7 +79,8 @@ class InFlight:
         return sum(1 for entry in self._entries.values() if entry.stream is not None)
 
     def by_kind(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
+        """Requests in flight by route kind (every kind of :data:`KINDS`, 0 included)."""
+        counts = dict.fromkeys(KINDS, 0)
         for entry in self._entries.values():
             counts[entry.kind] = counts.get(entry.kind, 0) + 1
         return counts

@@ -28,8 +28,13 @@ INFLIGHT = "portainer_agent_inflight_requests"
 #: How long an agent may take to let go of a connection or a descriptor.
 RELEASE_DEADLINE = 30.0
 #: RSS an agent may still hold after 1,000 execs and attaches, over its post-warm-up level
-#: (the leak this guards against is ~12 kB per exec: 12 MB over the run).
-RSS_SLACK = 4 << 20
+#: (the leak this guards against is ~12 kB per exec: 12 MB over the run). A fixed agent still
+#: grows a few MB over its first couple of thousand streams (allocator arenas, caches filling)
+#: and then stays flat (measured: +3.6, +1.4, +0.9, +0.0, +0.0 MB per 600 streams), so the
+#: second half of the run is held to a tighter bound than the whole.
+RSS_SLACK = 6 << 20
+#: RSS the second 500 streams may add (a 12 kB-per-stream leak adds 6 MB there).
+RSS_SLACK_SECOND_HALF = 2 << 20
 #: Descriptors an agent may hold over its baseline: a few pooled, kept-alive connections to
 #: another agent or to Docker, never one per stream.
 FD_SLACK = 4
@@ -149,12 +154,14 @@ class LifecycleLabTests(SynchronousLabTestCase):
                     else:
                         self.attach_once(via, target)
 
-        run(10)  # warm-up: pools, TLS sessions, lazily imported modules
+        run(60)  # warm-up: pools, TLS sessions, lazily imported modules, allocator arenas
         connection.close()
         poll(lambda: False, 1.0)  # let the warm-up's connections settle before the baseline
         baseline = self.readings()
         started = time.monotonic()
-        run(250)  # 4 x 250 = 1,000: exec and attach, on node3 itself and on node1 through it
+        run(125)  # 4 x 250 = 1,000: exec and attach, on node3 itself and on node1 through it
+        halfway = self.readings()
+        run(125)
         elapsed = time.monotonic() - started
         connection.close()
         slack = {node: FD_SLACK for node in baseline}
@@ -166,7 +173,8 @@ class LifecycleLabTests(SynchronousLabTestCase):
         final = self.readings()
         inflight = {node: self.settled_inflight(node) for node in baseline}
         summary = ", ".join(
-            f"{node}: RSS {baseline[node][0] / 2**20:.1f} -> {final[node][0] / 2**20:.1f} MB, "
+            f"{node}: RSS {baseline[node][0] / 2**20:.1f} -> {halfway[node][0] / 2**20:.1f} -> "
+            f"{final[node][0] / 2**20:.1f} MB, "
             f"fds {baseline[node][1]} -> {final[node][1]}, in flight {inflight[node]}" for node in baseline)
         print(f"\n1,000 execs and attaches in {elapsed:.1f}s; {summary}")
         problems = []
@@ -178,6 +186,10 @@ class LifecycleLabTests(SynchronousLabTestCase):
             if grown > RSS_SLACK:
                 problems.append(f"{node}'s agent RSS grew by {grown / 1024:.0f} kB over 1,000 streams "
                                 f"(~{grown / 1000:.0f} B each; {RSS_SLACK >> 20} MB allowed)")
+            late = final[node][0] - halfway[node][0]
+            if late > RSS_SLACK_SECOND_HALF:
+                problems.append(f"{node}'s agent RSS still grew by {late / 1024:.0f} kB over the last 500 streams "
+                                f"({RSS_SLACK_SECOND_HALF >> 20} MB allowed): not flat")
             if inflight[node]:
                 problems.append(f"{node}'s agent still counts {inflight[node]:g} requests in flight")
         if problems:

@@ -380,7 +380,7 @@ class HijackProxyTests(SynchronousTestCase):
     def test_a_spliced_stream_is_in_flight_until_it_ends_then_released_once(self) -> None:
         hijack = HijackInMemory(ATTACH)
         hijack.upgrade()
-        self.assertEqual(hijack.inflight.by_kind(), {"hijack": 1})
+        self.assertEqual({k: n for k, n in hijack.inflight.by_kind().items() if n}, {"hijack": 1})
         self.assertEqual(hijack.inflight.streams(), 1)
         hijack.docker.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(len(hijack.inflight), 0)

@@ -160,7 +160,8 @@ class SiteRecordingTests(SynchronousTestCase):
         found = samples(metrics)
         self.assertEqual(found[("portainer_agent_requests_total", (("kind", "local"), ("method", "GET"), ("status", "aborted")))], 1)
         self.assertEqual(found[("portainer_agent_open_connections", ())], 1)
-        self.assertNotIn(("portainer_agent_inflight_requests", (("kind", "local"),)), found)
+        self.assertEqual(found[("portainer_agent_inflight_requests", (("kind", "local"),))], 0)
+        self.assertEqual(found[("portainer_agent_inflight_requests", (("kind", "hijack"),))], 0, "every kind reported")
 
 
 class MetricsResourceTests(SynchronousTestCase):
