@@ -736,10 +736,15 @@ class Lab:
         """SIGSTOP the node's agent: the kernel still accepts TCP connections on its
         listeners (the backlog), but nothing reads, answers or probes: a hung process."""
         os.kill(self._agent_pid(ref), signal.SIGSTOP)
+        # The signal is delivered asynchronously: return once the process is stopped.
+        self.wait_for(lambda: self.agent_frozen(ref), 10, f"{self.node(ref).name}'s agent to stop",
+                      interval=0.01)
 
     def thaw_agent(self, ref: NodeRef) -> None:
-        """SIGCONT the node's agent (undo :meth:`freeze_agent`)."""
+        """SIGCONT the node's agent (undo :meth:`freeze_agent`); returns once it runs."""
         os.kill(self._agent_pid(ref), signal.SIGCONT)
+        self.wait_for(lambda: not self.agent_frozen(ref), 10, f"{self.node(ref).name}'s agent to run again",
+                      interval=0.01)
 
     def agent_frozen(self, ref: NodeRef) -> bool:
         """True while the node's agent is stopped (``T`` in ``/proc/PID/stat``)."""
