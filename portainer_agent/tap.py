@@ -180,7 +180,10 @@ class AgentService(MultiService):
         only: a standalone agent never imports treq, msgspec or the peer TLS stack)."""
         from portainer_agent.proxy.fanout import FanOut
         from portainer_agent.proxy.node_list import SwarmNodeList
+        from twisted.web.client import Agent
+
         from portainer_agent.proxy.peer import PeerForwarder, PeerTLSPolicy
+        from portainer_agent.proxy.peer_endpoints import PeerEndpoints
 
         def pin_for(host: str, port: int) -> str | None:
             member = next((m for m in view.alive_members() if m.api_addr == host and m.api_port == port), None)
@@ -189,9 +192,12 @@ class AgentService(MultiService):
         pool = self.peer_pool = make_pool(self.reactor)
         policy = PeerTLSPolicy(pin_for, authenticated=self.config.cluster_key is not None, clock=self.reactor,
                                handshake_timeout=self.config.peer_timeout)
+        # Connections only to live members: a frozen agent declared dead is never dialled again.
+        endpoints = PeerEndpoints(self.reactor, policy, self.config.peer_timeout, view.has_live_agent_at)
+        agent = Agent.usingEndpointFactory(self.reactor, endpoints, pool=pool)
         peers = PeerForwarder(self.reactor, policy, pool, lambda: view.local.node_name, self.hijack,
                               connect_timeout=self.config.peer_timeout, metrics=self.metrics, alive=view.is_alive,
-                              response_timeout=self.config.peer_response_timeout)
+                              response_timeout=self.config.peer_response_timeout, agent=agent)
         # Deadlines follow membership: a member declared dead has its requests failed at once.
         view.watch_departures(peers.member_departed)
         # The Swarm's node list, so an aggregate names the nodes no live agent answers for.

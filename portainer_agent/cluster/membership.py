@@ -55,6 +55,11 @@ class MembershipView:
             except Exception:  # noqa: BLE001 - one watcher's bug must not hide the others
                 log.failure("a departure watcher failed for {node}", node=member.node_name)
 
+    def has_live_agent_at(self, api_addr: str, api_port: int) -> bool:
+        """Whether a live member serves its agent API at this address (peers are dialled
+        only then)."""
+        return any(m.api_addr == api_addr and m.api_port == api_port for m in self._source.live_members())
+
     def is_alive(self, member: Member) -> bool:
         """Whether this very agent (same address, same process generation) is live."""
         return any(m.key == member.key and m.boot == member.boot

@@ -369,7 +369,9 @@ class PeerForwarder:
         """The failure as the cluster understands it: a member declared dead, or a late head."""
         if deadline.expired and failure.check(CancelledError):
             return Failure(PeerResponseTimeout(deadline.seconds))
-        if self._alive is not None and not failure.check(CancelledError) and not self._alive(member):
+        if (self._alive is not None and not failure.check(CancelledError) and not failed_before_sending(failure)
+                and not self._alive(member)):
+            # (A request that never left stays a connection failure: another peer may take it.)
             return Failure(MemberGone(member.node_name))
         return failure
 
