@@ -21,7 +21,7 @@ from typing import IO, Mapping, Sequence
 from twisted.python import usage
 
 from portainer_agent.config import Config
-from portainer_agent.docker.client import get_json_blocking
+from portainer_agent.docker.blocking import get_json_blocking
 from portainer_agent.docker.wire import ProtocolError
 
 TIMEOUT = 4.0

@@ -132,9 +132,10 @@ class AgentService(MultiService):
             **browse_endpoints(browse),
             b"/host/info": HostInfoResource(config.host_root, self.disk.run),
         }
+        open_console = console_opener(self.docker)  # its upgrades are fresh connections of the one client
         for kind in ("exec", "attach"):
             endpoints[b"/websocket/" + kind.encode()] = ConsoleResource(
-                kind, console_opener(reactor, config.docker_socket_path, self.docker), reactor,
+                kind, open_console, reactor,
                 config.console_ping_interval, track=self.consoles.track, hand_over=self.inflight.hand_over)
         # Each request is routed once, when its headers are in (the request asks the router).
         self.router = Router(cluster_snapshot, streaming=streaming_paths(endpoints))

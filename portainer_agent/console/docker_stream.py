@@ -1,9 +1,10 @@
 """Docker's side of a console: ``exec start`` or ``attach`` upgraded to a raw stream.
 
 :func:`open_docker_stream` is the one place the console reaches Docker. It rides on the
-project's one Docker client (:meth:`~portainer_agent.docker.client.DockerClient.upgrade`
-over the unix socket, which parses Docker's answer), so re-pointing the console at
-another Docker client means changing this module only.
+agent's one Docker client, the one ``tap.py`` builds for the socket
+(:meth:`~portainer_agent.docker.client.DockerClient.upgrade`: a fresh connection of that
+client, which parses Docker's answer), so the console shares its socket path, its error
+messages and its shutdown with the proxy.
 """
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from portainer_agent.docker import wire
-from portainer_agent.docker.client import DockerClient, Upgraded, read_body
+from portainer_agent.docker.client import DockerClient
+from portainer_agent.docker.response import read_body
+from portainer_agent.docker.upgrade import Upgraded
 from portainer_agent.errors import AgentError, bad_gateway_docker
 from portainer_agent.proxy.relay import failure_reason
 
@@ -165,31 +168,28 @@ def inspect_exec(docker: Any, target: ConsoleTarget) -> "Deferred[ConsoleTarget]
     return docker.get_json(f"/exec/{target.id}/json").addCallback(checked).addErrback(unreachable)
 
 
-def console_opener(reactor: Any, socket_path: str, docker: Any) -> Callable[[ConsoleTarget], "Deferred[DockerStream]"]:
-    """How the console resources open Docker's side (wired in tap.py): exec instances
-    are inspected first (:func:`inspect_exec`, through ``docker``), then the stream is
-    upgraded on a connection of its own to the socket."""
-    upgrades = DockerClient.for_socket(reactor, socket_path)
+def console_opener(docker: DockerClient) -> Callable[[ConsoleTarget], "Deferred[DockerStream]"]:
+    """How the console resources open Docker's side (wired in tap.py, with the agent's one
+    Docker client): exec instances are inspected first (:func:`inspect_exec`), then the
+    stream is upgraded (:func:`open_docker_stream`, on a fresh connection of the same client)."""
 
     def open_stream(target: ConsoleTarget) -> "Deferred[DockerStream]":
         if target.kind != "exec":
-            return open_docker_stream(reactor, socket_path, target, upgrades)
-        return inspect_exec(docker, target).addCallback(
-            lambda t: open_docker_stream(reactor, socket_path, t, upgrades))
+            return open_docker_stream(docker, target)
+        return inspect_exec(docker, target).addCallback(lambda t: open_docker_stream(docker, t))
 
     return open_stream
 
 
-def open_docker_stream(reactor: Any, socket_path: str, target: ConsoleTarget,
-                       docker: DockerClient | None = None) -> "Deferred[DockerStream]":
-    """Ask Docker for ``target``'s stream (a new connection to the socket).
+def open_docker_stream(docker: DockerClient, target: ConsoleTarget) -> "Deferred[DockerStream]":
+    """Ask Docker for ``target``'s stream (:meth:`DockerClient.upgrade`: a new connection
+    to the socket, which never goes back to the pool).
 
     Fires with a :class:`DockerStream` on ``101``; fails with an :class:`AgentError`
     (Docker's refusal, or 502 when the socket is unreachable). Cancelling it aborts the
     Docker connection (the client left first)."""
-    client = docker if docker is not None else DockerClient.for_socket(reactor, socket_path)
     path, body = target.request_line()
-    pending = client.upgrade(b"POST", path, UPGRADE_HEADERS, body)
+    pending = docker.upgrade(b"POST", path, UPGRADE_HEADERS, body)
     result: Deferred[DockerStream] = Deferred(lambda _: pending.cancel())
 
     def answered(answer: Any) -> Any:
@@ -208,7 +208,7 @@ def open_docker_stream(reactor: Any, socket_path: str, target: ConsoleTarget,
 
     def failed(failure: Failure) -> None:
         if not result.called and not failure.check(CancelledError):
-            result.errback(Failure(bad_gateway_docker(socket_path, failure_reason(failure))))
+            result.errback(Failure(bad_gateway_docker(docker.label, failure_reason(failure))))
 
     pending.addCallbacks(answered, failed).addErrback(failed)
     return result

@@ -12,7 +12,8 @@ from typing import Any, Generator
 import attrs
 from twisted.internet.defer import Deferred, inlineCallbacks
 
-from portainer_agent.docker.client import ProtocolError, get_json_blocking
+from portainer_agent.docker.blocking import get_json_blocking
+from portainer_agent.docker.wire import ProtocolError
 
 
 class DockerUnavailable(Exception):

@@ -1,8 +1,8 @@
 """HTTP/1.1 on the wire to Docker (or a peer agent): request heads out, responses in.
 
 Pure: bytes in, events out; no reactor, no sockets, so the same code serves the
-asynchronous client (:mod:`portainer_agent.docker.client`), the blocking start-up read
-of the node identity, and the hijack splice.
+asynchronous client (:mod:`portainer_agent.docker.client` and its connections), the
+blocking start-up reader (:mod:`portainer_agent.docker.blocking`), and the hijack splice.
 
 Responses are parsed by llhttp (Node.js's parser) through ``httptools``: status line,
 headers, length-delimited, chunked (trailers included) and close-delimited bodies, and
@@ -21,6 +21,11 @@ import httptools
 
 #: The ``Host`` the agent sends Docker; the socket path decides where it goes.
 DOCKER_HOST = b"docker"
+
+#: Bytes per read of the Docker socket (Twisted's default is 64 kB): big bodies cross
+#: the parser, the relay and TLS in a quarter of the slices (-19% CPU per GB exported).
+#: The asynchronous connections and the blocking start-up reader both use it.
+READ_SIZE = 256 * 1024
 
 #: RFC 9110 token (method) and request-target without controls or spaces.
 _METHOD = re.compile(rb"\A[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")

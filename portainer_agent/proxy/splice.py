@@ -43,7 +43,9 @@ from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from portainer_agent.docker import wire
-from portainer_agent.docker.client import DOCKER_HOST, DockerClient, Upgraded
+from portainer_agent.docker.client import DockerClient
+from portainer_agent.docker.upgrade import Upgraded
+from portainer_agent.docker.wire import DOCKER_HOST
 from portainer_agent.errors import AgentError, bad_gateway_docker
 from portainer_agent.httpkit.paths import AGENT_RESPONSE_HEADERS
 from portainer_agent.httpkit.responses import abort_client, finish_with_error

@@ -15,6 +15,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from portainer_agent.docker.client import DockerClient
 from portainer_agent.docker.testing import MemoryDocker
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import (AcceptConnection, BytesMessage, CloseConnection, Event, Ping, Pong, Request,
@@ -85,8 +86,11 @@ class ConsoleInMemory:
         # Wired as tap.py does: the site, the root and the consoles share one registry.
         self.inflight = InFlight()
 
+        # The agent's one Docker client, on the socket (its connections land in the MemoryReactor).
+        docker = DockerClient.for_socket(self.reactor, SOCKET)
+
         def opener(target: ConsoleTarget) -> Any:
-            return open_docker_stream(self.reactor, SOCKET, attrs.evolve(target, hangup=hangup))
+            return open_docker_stream(docker, attrs.evolve(target, hangup=hangup))
 
         resources = {
             b"/websocket/" + k.encode(): ConsoleResource(
@@ -360,47 +364,58 @@ class HangupTests(SynchronousTestCase):
 
 
 class OpenerTests(SynchronousTestCase):
-    """The exec inspection through the Docker client over a fake Docker, in memory."""
+    """The exec inspection and the upgrade through the one Docker client, over a fake
+    Docker in memory: both are requests of that client, on connections of its own."""
 
-    def opener(self, answer: Any) -> tuple[Any, MemoryReactor]:
+    def opener(self, answer: Any) -> tuple[Any, FakeDocker]:
         def handler(request: Any) -> bytes:
+            if request.method == b"POST":  # the upgrade
+                request.setResponseCode(101, b"UPGRADED")
+                request.setHeader(b"connection", b"Upgrade")
+                request.setHeader(b"upgrade", b"tcp")
+                return b""
             code, document = answer(request)
             request.setResponseCode(code)
             request.setHeader(b"content-type", b"application/json")
             return json.dumps(document).encode()
 
-        reactor = MemoryReactor()
-        docker = MemoryDocker(FakeDocker(handler))
-        open_stream = console_opener(reactor, SOCKET, docker)
+        fake = FakeDocker(handler)
+        docker = MemoryDocker(fake)
+        open_stream = console_opener(docker)
 
         def opening(target: ConsoleTarget) -> Any:
             d = open_stream(target)
-            docker.flush()  # the inspection, in memory
+            docker.flush()  # the inspection, then the upgrade, in memory
             return d
 
-        return opening, reactor
+        return opening, fake
 
     def test_unknown_exec_is_refused_before_any_upgrade(self) -> None:
-        opener, reactor = self.opener(lambda r: (404, {"message": "No such exec instance: ab"}))
+        opener, fake = self.opener(lambda r: (404, {"message": "No such exec instance: ab"}))
         failure = self.failureResultOf(opener(ConsoleTarget("exec", "ab")))
         self.assertEqual((failure.value.status, failure.value.message), (404, "No such exec instance: ab"))
-        self.assertEqual(reactor.unixClients, [])
+        self.assertEqual([(s.method, s.uri) for s in fake.seen], [(b"GET", b"/exec/ab/json")])
 
     def test_tty_exec_is_opened_with_its_hangup(self) -> None:
-        seen = []
-        opener, reactor = self.opener(lambda r: (seen.append(r.uri), (200, {"ProcessConfig": {"tty": True}}))[1])
+        opener, fake = self.opener(lambda r: (200, {"ProcessConfig": {"tty": True}}))
         opening = opener(ConsoleTarget("exec", "ab"))
-        self.assertEqual(seen, [b"/exec/ab/json"])
-        _, factory, _, _ = reactor.unixClients[-1]
-        docker = factory.buildProtocol(None)
-        docker.makeConnection(StringTransport())
-        docker.dataReceived(UPGRADED)
+        self.assertEqual([(s.method, s.uri, s.body) for s in fake.seen],
+                         [(b"GET", b"/exec/ab/json", b""), (b"POST", b"/exec/ab/start", EXEC_START_BODY)])
+        self.assertEqual(fake.seen[1].headers.getRawHeaders(b"upgrade"), [b"tcp"])
         self.assertEqual(self.successResultOf(opening).target.hangup, TERMINAL_HANGUP)
 
     def test_attach_is_not_inspected(self) -> None:
-        opener, reactor = self.opener(lambda r: (500, {}))
-        opener(ConsoleTarget("attach", "ab"))
-        self.assertEqual(len(reactor.unixClients), 1)
+        opener, fake = self.opener(lambda r: (500, {}))
+        self.successResultOf(opener(ConsoleTarget("attach", "ab")))
+        self.assertEqual([(s.method, s.uri) for s in fake.seen],
+                         [(b"POST", b"/containers/ab/attach?stdin=1&stdout=1&stderr=1&stream=1")])
+
+    def test_docker_unreachable_names_the_clients_socket(self) -> None:
+        docker = MemoryDocker(FakeDocker())
+        docker.endpoint.refuse = Failure(ConnectError(string="no socket"))
+        failure = self.failureResultOf(console_opener(docker)(ConsoleTarget("attach", "ab")))
+        self.assertEqual(failure.value.status, 502)
+        self.assertIn(docker.label, failure.value.message)
 
 
 class StopTests(SynchronousTestCase):

@@ -16,10 +16,13 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.client import ResponseDone
+from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.iweb import UNKNOWN_LENGTH
 
-from portainer_agent.docker.client import DockerClient, DockerResponse, Upgraded, get_json_blocking
+from portainer_agent.docker.blocking import get_json_blocking
+from portainer_agent.docker.client import DockerClient
+from portainer_agent.docker.response import DockerResponse
+from portainer_agent.docker.upgrade import Upgraded
 from portainer_agent.docker.testing import MemoryEndpoint
 from portainer_agent.docker.wire import ProtocolError
 
@@ -191,6 +194,27 @@ class ClientTests(SynchronousTestCase):
         d = self.client.upgrade(b"POST", b"/containers/x/attach", [(b"Upgrade", b"tcp")])
         response = self.respond(d, b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n\r\n{}")
         self.assertEqual((response.code, self.body(response).data), (404, b"{}"))
+        # An upgrade's connection never goes back to the pool, even for a normal answer.
+        self.assertTrue(self.servers[0].lost)
+        self.respond(self.client.request(b"GET", b"/_ping"), PING)
+        self.assertEqual(len(self.servers), 2)
+
+    def test_upgrade_after_a_kept_connection_takes_a_fresh_one(self) -> None:
+        self.body(self.respond(self.client.request(b"GET", b"/_ping"), PING))
+        d = self.client.upgrade(b"POST", b"/exec/e1/start", [(b"Upgrade", b"tcp")])
+        upgraded = self.respond(d, b"HTTP/1.1 101 UPGRADED\r\nConnection: Upgrade\r\nUpgrade: tcp\r\n\r\n")
+        self.assertIsInstance(upgraded, Upgraded)
+        self.assertEqual(len(self.servers), 2)
+        self.assertFalse(self.servers[0].lost)
+
+    def test_101_to_a_plain_request_breaks_the_response(self) -> None:
+        d = self.client.request(b"GET", b"/_ping")
+        response = self.respond(d, b"HTTP/1.1 101 UPGRADED\r\nConnection: Upgrade\r\nUpgrade: tcp\r\n\r\nraw")
+        body = self.body(response)
+        assert body.reason is not None
+        self.assertIsInstance(body.reason.value, ResponseFailed)
+        self.assertTrue(body.reason.value.reasons[0].check(ProtocolError))
+        self.assertTrue(self.servers[0].lost)
 
     def test_streamed_body_is_chunked_with_backpressure(self) -> None:
         producer = Producer()
@@ -299,12 +323,12 @@ class QuietTests(SynchronousTestCase):
         # A connection per hijack used to log "Starting factory"/"Stopping factory" at INFO.
         from twisted.python import log
 
-        from portainer_agent.docker.client import _ConnectionFactory
+        from portainer_agent.docker.connection import ConnectionFactory
 
         events: list[dict[str, Any]] = []
         log.addObserver(events.append)
         self.addCleanup(log.removeObserver, events.append)
-        factory = _ConnectionFactory(Protocol())
+        factory = ConnectionFactory(Protocol())
         factory.doStart()
         factory.doStop()
         self.assertEqual([e for e in events if "factory" in str(e.get("message", "")).lower()

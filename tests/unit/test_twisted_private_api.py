@@ -30,7 +30,7 @@ The private uses (grep ``twisted\\..*\\._`` imports and ``._name`` on Twisted ob
   ``_tlsConnection``, ``_shutdownTLS``, ``_tlsShutdownFinished``, ``_aborted``,
   ``_flushSendBIO``) (tls/server.py, ``HalfCloseTLSProtocol``);
 * ``Request.gotLength``/``handleContentChunk`` as the body hooks (security/body.py);
-* a connection's ``bufferSize`` as its read size (docker/client.py, http/channel.py: public
+* a connection's ``bufferSize`` as its read size (docker/connection.py, http/channel.py: public
   name, undocumented meaning).
 """
 from __future__ import annotations
@@ -260,7 +260,7 @@ class ReadSizeTests(SynchronousTestCase):
         source = inspect.getsource(unix.Client.doRead)
         self.assertIn("self.bufferSize", source, _loud(
             "the unix client connection no longer reads bufferSize bytes at a time",
-            "docker/client.py _LargeReadClientProtocol (256 kB reads from the Docker socket)"))
+            "docker/connection.py Connection.connectionMade (256 kB reads from the Docker socket)"))
 
 
 class OperationsPrivateAPITests(SynchronousTestCase):
