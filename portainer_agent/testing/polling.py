@@ -9,7 +9,10 @@ condition is changed by the reactor itself).
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
 
 __all__ = ["wait_for", "wait_for_deferred"]
 
@@ -34,10 +37,17 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: 
         time.sleep(interval)
 
 
-async def wait_for_deferred(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.05,
-                            describe: Callable[[], str] | None = None, reactor: Any = None) -> Any:
-    """:func:`wait_for` on the reactor: a coroutine (wrap with ``Deferred.fromCoroutine`` or
-    ``await`` it in an ``async def`` test) that lets the reactor run between polls."""
+def wait_for_deferred(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.05,
+                      describe: Callable[[], str] | None = None, reactor: Any = None) -> "Deferred[Any]":
+    """:func:`wait_for` on the reactor: a Deferred (``yield`` it under ``inlineCallbacks`` or
+    ``await`` it) that lets the reactor run between polls and fails with the same error."""
+    from twisted.internet.defer import Deferred
+
+    return Deferred.fromCoroutine(_poll_on_reactor(condition, timeout, what, interval, describe, reactor))
+
+
+async def _poll_on_reactor(condition: Callable[[], Any], timeout: float, what: str, interval: float,
+                           describe: Callable[[], str] | None, reactor: Any) -> Any:
     from twisted.internet.task import deferLater
 
     if reactor is None:
