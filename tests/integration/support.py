@@ -260,11 +260,11 @@ class UnixRelay:
 
 class RealDockerTestCase(ClassFixture):
     """Mixin for trial test cases needing the session's real dockerd (``cls.daemon``)
-    and, when ``start_agent`` is true, one agent process shared by the class
+    and, when ``class_agent`` is true, one agent process shared by the class
     (``cls.agent``). Skips with the reason when the machine cannot run dockerd.
     Works under trial's runner too (:class:`ClassFixture`)."""
 
-    start_agent = True
+    class_agent = True
     daemon: Any
     agent: "AgentProcess | None" = None
 
@@ -273,7 +273,7 @@ class RealDockerTestCase(ClassFixture):
         require(Need.ROOT, Need.DOCKERD)
         super().setUpClass()
         cls.daemon = shared_daemon()
-        if cls.start_agent:
+        if cls.class_agent:
             cls.agent = AgentProcess.start(cls.daemon.socket_path)
 
     @classmethod

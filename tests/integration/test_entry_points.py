@@ -20,7 +20,7 @@ from tests.integration.support import RealDockerTestCase, free_port
 
 
 class EntryPointCases(RealDockerTestCase):
-    start_agent = False
+    class_agent = False
     entry = "console"
 
     def start(self, **kwargs):  # type: ignore[no-untyped-def]

@@ -186,7 +186,7 @@ class AgentHTTPTests(RealDockerTestCase, SynchronousTestCase):
 class AgentProcessTests(RealDockerTestCase, SynchronousTestCase):
     """Start-up, failure and shutdown behaviour of the agent process."""
 
-    start_agent = False
+    class_agent = False
 
     def start(self, *args, **kwargs) -> AgentProcess:
         agent = AgentProcess.start(*args, **kwargs)

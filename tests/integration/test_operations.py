@@ -39,7 +39,7 @@ def healthcheck(*args: str, env: dict[str, str] | None = None) -> subprocess.Com
 
 
 class MetricsAndHealthTests(RealDockerTestCase, SynchronousTestCase):
-    start_agent = False
+    class_agent = False
     agent = None
     metrics_port = 0
 
@@ -107,7 +107,7 @@ class MetricsAndHealthTests(RealDockerTestCase, SynchronousTestCase):
 
 
 class HardeningCase(RealDockerTestCase):
-    start_agent = False
+    class_agent = False
     agent = None
     agent_args: tuple[str, ...] = ()
 
