@@ -37,19 +37,14 @@ from typing import Any, ClassVar
 
 from twisted.trial import unittest as trial_unittest
 
-from portainer_agent.lab.dockerd import INSTALL_HINT, missing_tools
 from portainer_agent.lab.harness import Lab, NodeRef
 from portainer_agent.testing.classfixture import ClassFixture
+from portainer_agent.testing.gates import Need, missing, require
 
 
 def lab_skip_reason() -> str | None:
-    """Why a lab cannot run here, or None."""
-    if os.geteuid() != 0:
-        return "the lab needs root (network namespaces, bridges, iptables, dockerd)"
-    missing = missing_tools()
-    if missing:
-        return f"the lab needs {', '.join(missing)}: {INSTALL_HINT}"
-    return None
+    """Why a lab cannot run here, or None (the suite's one gate: :mod:`portainer_agent.testing.gates`)."""
+    return missing(Need.ROOT, Need.DOCKERD)
 
 
 def agent_available() -> bool:
@@ -93,9 +88,7 @@ class LabMixin(ClassFixture):
     @classmethod
     def _start_lab(cls) -> Lab:
         """Skip when this machine cannot run a lab; otherwise bring one up for the class."""
-        reason = lab_skip_reason()
-        if reason:
-            raise unittest.SkipTest(reason)
+        require(Need.ROOT, Need.DOCKERD)
         lab = cls.make_lab()
         lab.up()
         cls.lab = lab

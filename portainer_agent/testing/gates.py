@@ -30,6 +30,8 @@ class Need(enum.Enum):
     DOCKERD = "dockerd"
     #: busybox-static alone (the image the lab imports as busybox:local).
     BUSYBOX = "busybox"
+    #: A statically linked docker CLI (mounted into busybox containers).
+    STATIC_DOCKER_CLI = "static-docker-cli"
     #: The deployment tests (image build + stack deploy, minutes): opt in with PA_DEPLOY_TESTS=1.
     DEPLOY = "deploy"
 
@@ -47,6 +49,14 @@ def _why_not(need: Need) -> str | None:
 
         present = any(os.path.exists(path) for path in BUSYBOX_PATHS)
         return None if present else "needs busybox-static (apt-get install busybox-static)"
+    if need is Need.STATIC_DOCKER_CLI:
+        import subprocess
+
+        cli = shutil.which("docker")
+        if cli is None:
+            return "needs the docker CLI (apt-get install docker.io)"
+        kind = subprocess.run(["file", "-L", cli], capture_output=True, text=True).stdout
+        return None if "statically linked" in kind else f"{cli} is not a static binary; it cannot run in busybox"
     if need is Need.DEPLOY:
         if os.environ.get("PA_DEPLOY_TESTS") != "1":
             return "deployment tests are slow (image build + stack deploy) and opt-in: set PA_DEPLOY_TESTS=1"

@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import time
-import unittest
 import uuid
 from pathlib import Path
 
@@ -19,7 +18,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from portainer_agent.lab import harness
 from portainer_agent.lab.dockerd import _pid_alive
 from portainer_agent.lab.harness import Lab, LabError, Leftovers, leftovers, state_path
-from portainer_agent.lab.testing import SynchronousLabTestCase, agent_available, lab_skip_reason
+from portainer_agent.lab.testing import SynchronousLabTestCase, agent_available
+from portainer_agent.testing.gates import Need, require
 
 PROJECT_ROOT = str(Path(harness.__file__).resolve().parents[2])
 
@@ -212,9 +212,7 @@ class LabLifecycleTests(SynchronousTestCase):
     """Bring-up and teardown edge cases, each with its own small lab."""
 
     def setUp(self) -> None:
-        reason = lab_skip_reason()
-        if reason:
-            raise unittest.SkipTest(reason)
+        require(Need.ROOT, Need.DOCKERD)
 
     def test_down_leaves_nothing_behind(self) -> None:
         lab = Lab(prefix="palt2", subnet="10.77.51.0/24", nodes_count=2, managers=1, agents=agent_available())
@@ -278,9 +276,7 @@ class CommandLineLabTests(SynchronousTestCase):
     prefix = "palt7"
 
     def setUp(self) -> None:
-        reason = lab_skip_reason()
-        if reason:
-            raise unittest.SkipTest(reason)
+        require(Need.ROOT, Need.DOCKERD)
         self.addCleanup(self.command, "down")
 
     def command(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import unittest
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -19,7 +18,7 @@ from portainer_agent.lab.dockerd import (
     processes_under,
     wait_for_exit,
 )
-from portainer_agent.lab.testing import lab_skip_reason
+from portainer_agent.testing.gates import Need, require
 from portainer_agent.testing.classfixture import ClassFixture
 
 
@@ -30,9 +29,7 @@ class DockerDaemonTests(ClassFixture, SynchronousTestCase):
 
     @classmethod
     def setUpClass(cls) -> None:
-        reason = lab_skip_reason()
-        if reason:
-            raise unittest.SkipTest(reason)
+        require(Need.ROOT, Need.DOCKERD)
         super().setUpClass()
         cls.daemon = DockerDaemon.start(make_workdir(), "solo")
         cls.daemon.import_busybox()
@@ -83,9 +80,7 @@ class DockerDaemonTests(ClassFixture, SynchronousTestCase):
 
 class DockerDaemonLifecycleTests(SynchronousTestCase):
     def setUp(self) -> None:
-        reason = lab_skip_reason()
-        if reason:
-            raise unittest.SkipTest(reason)
+        require(Need.ROOT, Need.DOCKERD)
 
     def test_stop_removes_containers_processes_mounts_and_workdir(self) -> None:
         with DockerDaemon.temporary("lifecycle") as daemon:

@@ -10,7 +10,6 @@ import sys
 import tarfile
 import tempfile
 import time
-import unittest
 from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -18,13 +17,13 @@ from twisted.trial.unittest import SynchronousTestCase
 from portainer_agent.lab import cli, harness
 from portainer_agent.lab.dockerd import (
     BUSYBOX_APPLETS,
-    BUSYBOX_PATHS,
     DockerCommandError,
     DockerDaemon,
     busybox_tar,
     processes_under,
 )
 from portainer_agent.lab.harness import Lab, LabError, Leftovers
+from portainer_agent.testing.gates import Need, require
 from portainer_agent.testing.signing import placeholder_ca_pem
 from portainer_agent.lab.testing import default_prefix_and_subnet
 
@@ -136,8 +135,7 @@ class StateTests(SynchronousTestCase):
 
 class ImageTests(SynchronousTestCase):
     def test_busybox_image_has_the_applets_linked(self) -> None:
-        if not any(os.path.exists(path) for path in BUSYBOX_PATHS):
-            raise unittest.SkipTest("busybox-static is not installed")  # and nothing else skips
+        require(Need.BUSYBOX)  # and nothing else skips
         data = busybox_tar()
         with tarfile.open(fileobj=io.BytesIO(data)) as tar:
             names = {member.name: member for member in tar.getmembers()}
