@@ -25,7 +25,7 @@ from typing import Any, Mapping, Sequence
 from hypothesis import HealthCheck, given, settings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from portainer_agent.security.testing import make_ca
+from portainer_agent.testing.certs import client_pki
 from portainer_agent.testing.polling import wait_for
 from portainer_agent.testing.ports import reserve_port
 from portainer_agent.testing.signing import PortainerSigner, write_docker_config
@@ -325,11 +325,9 @@ class MutualTLSAgentTests(DockerdFixture, SynchronousTestCase):
     def test_client_certificate_required_and_signature_still_checked(self) -> None:
         tmp = Path(tempfile.mkdtemp(prefix="pa-mtls-"))
         self.addCleanup(shutil.rmtree, tmp, ignore_errors=True)
-        ca = make_ca()
-        (tmp / "ca.pem").write_bytes(ca.certificate.cert_pem)
-        good = ca.issue("portainer").write(tmp, "good")
-        stranger = make_ca("other").issue("intruder").write(tmp, "stranger")
-        agent = self.start_agent("--tls-ca", str(tmp / "ca.pem"), probe_cert=good)
+        pki = client_pki(tmp)
+        good, stranger = pki.trusted, pki.foreign
+        agent = self.start_agent("--tls-ca", str(pki.ca_pem), probe_cert=good)
         signer = PortainerSigner.generate()
         self.assertEqual(https_request(agent.port, "/version", signer.headers(), cert=good)[0], 200)
         self.assertEqual(https_request(agent.port, "/version", cert=good)[0], 403)
