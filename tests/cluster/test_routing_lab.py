@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 from portainer_agent.lab.dockerd import run_docker
 from portainer_agent.lab.harness import Lab
 from portainer_agent.lab.testing import LabTestCase
+from portainer_agent.testing.polling import wait_for
 from portainer_agent.testing.signing import write_docker_config
 
 SERVICE = "sleeper"
@@ -67,7 +68,7 @@ class RoutingBase(LabTestCase):
 
     @classmethod
     def wait_for(cls, condition: Any, timeout: float, what: str) -> Any:
-        return Lab.wait_for(condition, timeout, what)
+        return wait_for(condition, timeout, what, interval=0.2)
 
     @classmethod
     def ensure_cluster(cls) -> None:

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 from portainer_agent.lab.harness import Lab
 from portainer_agent.lab.testing import SynchronousLabTestCase
+from portainer_agent.testing.polling import wait_for
 from tests.console.test_console_docker import poll, receive
 
 TARGET = "X-PortainerAgent-Target"
@@ -36,7 +37,7 @@ class ConsoleLabTests(SynchronousLabTestCase):
                     return False
             return True
 
-        Lab.wait_for(converged, 30, "both agents to list 2 members")
+        wait_for(converged, 30, "both agents to list 2 members", interval=0.2)
         for node in ("node1", "node2"):
             if node not in self.containers:
                 self.containers[node] = lab.docker(node, "run", "-d", "-t", "-i", "busybox:local", "sh").stdout.strip()

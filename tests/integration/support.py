@@ -28,6 +28,8 @@ from portainer_agent.testing.ports import reserve_port
 from portainer_agent.testing.signing import PortainerSigner, write_docker_config
 
 _daemon: Any = None
+#: The shared daemon's name (its hostname, and so ``docker info``'s Name).
+SHARED_DAEMON_NAME = "itnode"
 
 
 def shared_daemon() -> Any:
@@ -36,7 +38,7 @@ def shared_daemon() -> Any:
     if _daemon is None:
         from portainer_agent.lab.dockerd import DockerDaemon, make_workdir
 
-        _daemon = DockerDaemon.start(make_workdir("it"), "itnode")
+        _daemon = DockerDaemon.start(make_workdir("it"), SHARED_DAEMON_NAME)
         _daemon.import_busybox()
         atexit.register(_stop_daemon)
     return _daemon

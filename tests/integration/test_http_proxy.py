@@ -278,35 +278,19 @@ class AgentProcessTests(RealDockerTestCase, SynchronousTestCase):
         import subprocess
         import sys
 
-        from tests.integration.support import free_port
+        from tests.integration.entrypoints import start_agent
 
         twistd = str(Path(sys.executable).with_name("twistd"))
         listing = subprocess.run([twistd, "--help"], capture_output=True, text=True, timeout=60, cwd="/")
         self.assertIn("portainer-agent", listing.stdout)
-        port = free_port()
-        workdir = tempfile.mkdtemp(prefix="pa-twistd-")
-        self.addCleanup(shutil.rmtree, workdir, True)
-        proc = subprocess.Popen([twistd, "-n", "--pidfile=", "portainer-agent",
-                                 "--docker-host", f"unix://{self.daemon.socket_path}", "--host", "127.0.0.1",
-                                 "--port", str(port), "--data-dir", workdir], stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, cwd=workdir)
+        agent = start_agent("twistd", self.daemon.socket_path)  # waits for /ping to answer 204
         try:
-            fake = AgentProcess.__new__(AgentProcess)
-            fake.port, fake.proc, fake.workdir = port, proc, Path(workdir)
-            fake.headers = {}
-            deadline = time.monotonic() + 30
-            status = None
-            while time.monotonic() < deadline and proc.poll() is None:
-                try:
-                    status = fake.request("GET", "/ping", signed=False, timeout=2)[0]
-                    break
-                except OSError:
-                    time.sleep(0.2)
-            self.assertEqual(status, 204)
+            self.assertEqual(agent.request("GET", "/ping", signed=False)[0], 204)
         finally:
-            proc.send_signal(signal.SIGTERM)
+            agent.proc.send_signal(signal.SIGTERM)
             # twistd re-raises the signal that stopped it once shut down cleanly.
-            self.assertIn(proc.wait(30), (0, -signal.SIGTERM))
+            self.assertIn(agent.proc.wait(30), (0, -signal.SIGTERM))
+            agent.cleanup()
 
 
 class RawHijackHalfCloseTests(RealDockerTestCase, SynchronousTestCase):
