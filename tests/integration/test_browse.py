@@ -13,6 +13,8 @@ from typing import Iterator
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from portainer_agent.testing.polling import wait_for
+
 from tests.integration.support import RealDockerTestCase, rss_kib
 
 BOUNDARY = "pabrBoundary7MA4YWxkTrZu0gW"
@@ -229,10 +231,8 @@ class VolumeBrowserTests(RealDockerTestCase, SynchronousTestCase):
         self.assertIn("keep.txt", [i["Name"] for i in items])
         self.assertEqual((self.data / "keep.txt").read_bytes(), b"original\n")
         # The staged file is removed in the disk pool once the agent saw the connection go.
-        deadline = time.monotonic() + 10
-        while [n for n in os.listdir(self.data) if n.endswith(".upload")] and time.monotonic() < deadline:
-            time.sleep(0.05)
-        self.assertEqual([n for n in os.listdir(self.data) if n.endswith(".upload")], [])
+        staged = lambda: [n for n in os.listdir(self.data) if n.endswith(".upload")]  # noqa: E731
+        wait_for(lambda: not staged(), 10, "the staged upload to be removed", describe=lambda: repr(staged()))
 
     def test_host_info_lists_this_machines_disk(self) -> None:
         document = self.agent.json("GET", "/v2/host/info")

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from portainer_agent.testing.polling import wait_for
+
 from tests.integration.support import AgentProcess, RealDockerTestCase, rss_kib
 
 AGENT_HEADERS = ("Portainer-Agent", "Portainer-Agent-Api-Version", "Portainer-Agent-Platform")
@@ -251,10 +253,7 @@ class AgentProcessTests(RealDockerTestCase, SynchronousTestCase):
             with socket.socket() as sock:
                 return sock.connect_ex(("127.0.0.1", agent.port)) != 0
 
-        deadline = time.monotonic() + 10
-        while not refused():  # it stops accepting first...
-            self.assertLess(time.monotonic(), deadline, "the agent still accepts connections after SIGTERM")
-            time.sleep(0.05)
+        wait_for(refused, 10, "the agent to stop accepting connections after SIGTERM")  # it stops accepting first...
         self.assertIsNone(agent.proc.poll(), "...but waits for the request under way")
         self.daemon.docker("exec", container, "touch", "/tmp/go")
         self.assertTrue(response.read().endswith(b"done\n"))

@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from portainer_agent.lab.dockerd import _pid_alive
 from portainer_agent.lab.harness import Lab, LabError, Leftovers, leftovers, state_path
 from portainer_agent.lab.testing import SynchronousLabTestCase, agent_available
 from portainer_agent.testing.gates import Need, require
+from portainer_agent.testing.polling import wait_for
 
 PROJECT_ROOT = str(Path(harness.__file__).resolve().parents[2])
 
@@ -324,11 +324,11 @@ class CommandLineLabTests(SynchronousTestCase):
              "--subnet", "10.77.56.0/24", "--no-agents"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd="/")
         self.addCleanup(lambda: None if process.poll() is not None else process.kill())
-        deadline = time.monotonic() + 60
-        while not leftovers(self.prefix).processes:  # some dockerd is starting
+        def starting() -> bool:  # some dockerd is starting
             self.assertIsNone(process.poll(), "up finished before it could be interrupted")
-            self.assertLess(time.monotonic(), deadline)
-            time.sleep(0.02)
+            return bool(leftovers(self.prefix).processes)
+
+        wait_for(starting, 60, "a dockerd of the lab to start", interval=0.02)
         process.send_signal(signal.SIGINT)
         _, stderr = process.communicate(timeout=120)
         self.assertEqual(process.returncode, 1, stderr)

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -23,9 +22,10 @@ from portainer_agent.lab.dockerd import (
     processes_under,
 )
 from portainer_agent.lab.harness import Lab, LabError, Leftovers
-from portainer_agent.testing.gates import Need, require
-from portainer_agent.testing.signing import placeholder_ca_pem
 from portainer_agent.lab.testing import default_prefix_and_subnet
+from portainer_agent.testing.gates import Need, require
+from portainer_agent.testing.polling import wait_for
+from portainer_agent.testing.signing import placeholder_ca_pem
 
 
 class NamingTests(SynchronousTestCase):
@@ -161,12 +161,10 @@ class ProcessMatchingTests(SynchronousTestCase):
         neighbour = subprocess.Popen([*sleeper, f"{base}x/other"])
         self.addCleanup(neighbour.wait)
         self.addCleanup(neighbour.kill)
-        deadline = time.monotonic() + 10  # until both have exec'd
-        while process.pid not in processes_under(base) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        while f"{base}x/other".encode() not in Path(f"/proc/{neighbour.pid}/cmdline").read_bytes() \
-                and time.monotonic() < deadline:
-            time.sleep(0.01)
+        # until both have exec'd
+        wait_for(lambda: process.pid in processes_under(base), 10, "the sleeper to exec", interval=0.01)
+        wait_for(lambda: f"{base}x/other".encode() in Path(f"/proc/{neighbour.pid}/cmdline").read_bytes(), 10,
+                 "the neighbour to exec", interval=0.01)
         found = processes_under(base)
         self.assertIn(process.pid, found)
         self.assertNotIn(neighbour.pid, found)
