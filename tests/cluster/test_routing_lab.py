@@ -493,8 +493,8 @@ class RoutingLabTests(RoutingBase):
 class UnauthenticatedRoutingLabTests(RoutingBase):
     """No cluster key: peers are reached without verification, as the original agent did."""
 
-    lab_prefix, lab_subnet = "paroutu", "10.77.62.0/24"
-    lab_nodes, lab_managers = 2, 1
+    # One 2-node lab (1 manager, no secret) with the other classes that leave it as they found it.
+    lab_shared = "two-nodes"
     worker = "node2"
 
     def setUp(self) -> Any:

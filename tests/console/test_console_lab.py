@@ -20,8 +20,8 @@ TARGET = "X-PortainerAgent-Target"
 
 
 class ConsoleLabTests(SynchronousLabTestCase):
-    lab_prefix, lab_subnet = "pacon", "10.77.75.0/24"
-    lab_nodes, lab_managers = 2, 1
+    # One 2-node lab (1 manager, no secret) with the other classes that leave it as they found it.
+    lab_shared = "two-nodes"
     lab: ClassVar[Lab]
     containers: ClassVar[dict[str, str]] = {}
 

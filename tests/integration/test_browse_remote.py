@@ -22,9 +22,8 @@ BIG_MB = int(os.environ.get("PA_BROWSE_BIG_MB", "128"))
 
 
 class RemoteVolumeBrowserTests(SynchronousLabTestCase):
-    lab_prefix = "pabr1"
-    lab_subnet = "10.77.70.0/24"
-    lab_nodes, lab_managers = 2, 1
+    # One 2-node lab (1 manager, no secret) with the other classes that leave it as they found it.
+    lab_shared = "two-nodes"
     volume: str
 
     @classmethod
