@@ -10,11 +10,11 @@ import ssl
 import time
 from typing import Any, ClassVar
 
-
 from portainer_agent.lab.harness import Lab
 from portainer_agent.lab.testing import SynchronousLabTestCase
 from portainer_agent.testing.polling import wait_for
-from tests.console.test_console_docker import poll, receive
+
+from tests.console.test_console_docker import receive
 
 TARGET = "X-PortainerAgent-Target"
 
@@ -118,8 +118,8 @@ class ConsoleLabTests(SynchronousLabTestCase):
             receive(ws, "33 99")
         finally:
             ws.close()
-        poll(lambda: not self.api("node1", "GET", f"/exec/{exec_id}/json", "node2")["Running"],
-             message="the exec on node2 ended after the client closed")
+        wait_for(lambda: not self.api("node1", "GET", f"/exec/{exec_id}/json", "node2")["Running"], 15,
+                 "the exec on node2 to end after the client closed")
 
     def test_no_target_header_means_this_node(self) -> None:
         ws = self.connect("node2", "exec", self.exec_create("node2", "node2", None, "sh"), None)
@@ -159,7 +159,8 @@ class ConsoleLabTests(SynchronousLabTestCase):
         # Docker calls (exec create/inspect): a handful, not one per cycle.
         slack = {"node1": 4, "node2": 0}
         for node in ("node1", "node2"):
-            poll(lambda: self.agent_fds(node) <= baseline[node] + slack[node],
-                 message=f"{node}'s agent fds back to {baseline[node]} (+{slack[node]})")
+            wait_for(lambda: self.agent_fds(node) <= baseline[node] + slack[node], 15,
+                     f"{node}'s agent fds back to {baseline[node]} (+{slack[node]})",
+                     describe=lambda: f"now {self.agent_fds(node)}")
         print(f"\n100 cross-node console cycles in {elapsed:.1f}s; fds {baseline} -> "
               f"{ {n: self.agent_fds(n) for n in baseline} }")
