@@ -21,6 +21,7 @@ from portainer_agent.lab.harness import Lab
 from portainer_agent.lab.testing import LabTestCase
 from portainer_agent.testing.polling import wait_for
 from portainer_agent.testing.signing import write_docker_config
+from portainer_agent.testing.threads import CheckedThread
 
 SERVICE = "sleeper"
 TARGET = "X-PortainerAgent-Target"
@@ -375,8 +376,7 @@ class RoutingLabTests(RoutingBase):
                 peak[0] = max(peak[0], rss_kb(pid))
                 stop.wait(0.05)
 
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
+        sampler = CheckedThread.started(sample)
         client = self.lab.signed_client(self.worker, timeout=600)
         self.addCleanup(client.close)
         client.api.headers[TARGET] = "node1"
@@ -394,7 +394,7 @@ class RoutingLabTests(RoutingBase):
             for _ in client.api.load_image(tar):
                 pass
         stop.set()
-        sampler.join()
+        sampler.finish()
         self.addCleanup(self.lab.docker, "node2", "rmi", "-f", "big:local", check=False)
         self.assertEqual(self.lab.docker("node2", "image", "inspect", "-f", "{{.Size}}", "big:local").returncode, 0)
         growth_mb = (peak[0] - before) / 1024

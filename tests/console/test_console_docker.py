@@ -11,6 +11,7 @@ from typing import Any
 from twisted.trial.unittest import SynchronousTestCase
 
 from portainer_agent.testing.polling import wait_for
+from portainer_agent.testing.threads import CheckedThread
 
 from tests.integration.support import AgentProcess, RealDockerTestCase, rss_kib
 
@@ -246,8 +247,6 @@ class ConsoleAgainstDockerTests(RealDockerTestCase, SynchronousTestCase):
 
         ws = connect(self.agent, "exec", self.exec_create("sleep", "3600"))
         sent, stop = [0], threading.Event()
-        timed_out: list[WebSocketTimeoutException] = []
-        errors: list[BaseException] = []
 
         def flood() -> None:
             chunk = "y" * (1 << 20)
@@ -255,26 +254,22 @@ class ConsoleAgainstDockerTests(RealDockerTestCase, SynchronousTestCase):
                 while not stop.is_set() and sent[0] < 256:
                     ws.send(chunk)
                     sent[0] += 1
-            except WebSocketTimeoutException as timeout:  # nothing is read any more: backpressure
-                timed_out.append(timeout)
-            except BaseException as error:  # anything else is the test's failure, raised below
-                errors.append(error)
+            except WebSocketTimeoutException:  # nothing is read any more: backpressure
+                pass  # the one expected error; any other fails the test (CheckedThread)
 
         ws.sock.settimeout(2)
-        thread = threading.Thread(target=flood, daemon=True)
-        thread.start()
+        thread = CheckedThread.started(flood)
         try:
             growth = self.rss_growth_while(3)
         finally:
             stop.set()
-            thread.join(30)
             # Closed only once the sender is gone: a socket closed under a blocked sender
             # frees its descriptor for the next test's connection, which the sender's late
             # TLS records would then corrupt.
-            self.assertFalse(thread.is_alive())
-            ws.sock.close()
-        if errors:
-            raise errors[0]
+            try:
+                thread.finish(30)
+            finally:
+                ws.sock.close()
         print(f"\nclient flood into a process not reading: {sent[0]} MB sent, agent RSS growth {growth} kB")
         # dockerd itself takes in much of the flood; what matters is the agent holds none of it.
         self.assertLess(growth, 40_000)

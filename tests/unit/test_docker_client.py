@@ -8,7 +8,6 @@ import os
 import shutil
 import socket
 import tempfile
-import threading
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -22,6 +21,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 from portainer_agent.docker.client import DockerClient, DockerResponse, Upgraded, get_json_blocking
 from portainer_agent.docker.testing import MemoryEndpoint
 from portainer_agent.docker.wire import ProtocolError
+from portainer_agent.testing.threads import CheckedThread
 
 
 class ScriptedDocker(Protocol):
@@ -276,9 +276,8 @@ class BlockingGetTests(SynchronousTestCase):
                 connection.sendall(answer)
             server.close()
 
-        thread = threading.Thread(target=serve, daemon=True)
-        thread.start()
-        self.addCleanup(thread.join, 10)
+        thread = CheckedThread.started(serve)
+        self.addCleanup(thread.finish, 10)
         self.addCleanup(shutil.rmtree, directory, True)
         return path
 
