@@ -81,7 +81,9 @@ class RoutingBase(LabTestCase):
                     return False
             return True
 
-        cls.wait_for(converged, 30, "every agent to list 3 members")
+        # A poll bound, not a timing claim: after a test killed and restarted an agent, the
+        # rejoin waits out the joiner's backoff, which took over 30 s on a loaded machine.
+        cls.wait_for(converged, 90, "every agent to list 3 members")
         existing = cls.lab.docker("node1", "service", "ls", "-q", "--filter", f"name={SERVICE}").stdout.strip()
         if not existing:
             cls.lab.docker("node1", "service", "create", "--detach", "--no-resolve-image", "--mode", "global",
