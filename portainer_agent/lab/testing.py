@@ -22,36 +22,34 @@ and dockerds' logs (teardown deletes the lab's work directory). Two runs of the 
 one machine wait for each other (the lab's lock); they never clean each other's nodes.
 
 Prefixes and subnets already taken: ``tests/lab`` uses ``palt``..``palt7`` on
-``10.77.50-56.0/24``, ``tests/cluster`` ``parout``/``paroutu`` on ``10.77.61-62.0/24`` and
-``pacl``/``pacla`` on ``10.77.86-87.0/24``, ``tests/deploy`` ``padep`` on ``10.77.80.0/24``,
-``tests/cluster/test_lifecycle_lab.py`` ``pahs`` on ``10.77.105.0/24``,
-``bench/lab_bringup.py`` ``pabench`` on ``10.77.90.0/24``, ``bench/soak.py`` ``pasoak`` on
-``10.77.106.0/24`` and the CLI ``palab`` on
-``10.77.0.0/24``. Pick others (e.g. ``10.77.60-89.0/24``) for new classes.
+``10.77.50-56.0/24``, ``tests/cluster`` ``parout`` on ``10.77.61.0/24``, ``pacl``/``pacla``
+on ``10.77.86-87.0/24`` and ``pahf`` on ``10.77.102.0/24``, the shared two-node lab
+(``lab_shared = "two-nodes"``) ``pa2node`` on ``10.77.63.0/24``, ``tests/deploy`` ``padep`` on
+``10.77.80.0/24``, ``tests/cluster/test_lifecycle_lab.py`` ``pahs`` on ``10.77.105.0/24``,
+``bench/soak.py`` ``pasoak`` on ``10.77.106.0/24``, ``bench/lab_bringup.py`` ``pabench`` on ``10.77.90.0/24`` and the CLI
+``palab`` on ``10.77.0.0/24``. Pick others (e.g. ``10.77.60-89.0/24``) for new classes.
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import importlib.util
 import os
 import unittest
 from typing import Any, ClassVar
 
+import attrs
+
 from twisted.trial import unittest as trial_unittest
 
-from portainer_agent.lab.dockerd import INSTALL_HINT, missing_tools
 from portainer_agent.lab.harness import Lab, NodeRef
 from portainer_agent.testing.classfixture import ClassFixture
+from portainer_agent.testing.gates import Need, missing, require
 
 
 def lab_skip_reason() -> str | None:
-    """Why a lab cannot run here, or None."""
-    if os.geteuid() != 0:
-        return "the lab needs root (network namespaces, bridges, iptables, dockerd)"
-    missing = missing_tools()
-    if missing:
-        return f"the lab needs {', '.join(missing)}: {INSTALL_HINT}"
-    return None
+    """Why a lab cannot run here, or None (the suite's one gate: :mod:`portainer_agent.testing.gates`)."""
+    return missing(Need.ROOT, Need.DOCKERD)
 
 
 def agent_available() -> bool:
@@ -68,6 +66,36 @@ def default_prefix_and_subnet(cls: type) -> tuple[str, str]:
     return f"pl{digest[:4].hex()[:7]}", f"10.77.{100 + digest[4] % 150}.0/24"
 
 
+@attrs.frozen
+class SharedLab:
+    """The shape of a lab that several test classes share (``lab_shared``)."""
+
+    prefix: str
+    subnet: str
+    nodes: int
+    managers: int
+
+
+#: The shared labs: 2 nodes (1 manager), default options: agents without a secret.
+SHARED_LABS: dict[str, SharedLab] = {
+    "two-nodes": SharedLab(prefix="pa2node", subnet="10.77.63.0/24", nodes=2, managers=1),
+}
+_shared_up: dict[str, Lab] = {}
+
+
+def _down(lab: Lab) -> None:
+    keep = os.environ.get("PA_LAB_KEEP_LOGS")
+    if keep:
+        lab.collect_logs(keep)
+    lab.down()
+
+
+def _down_shared_labs() -> None:
+    while _shared_up:
+        _, lab = _shared_up.popitem()
+        _down(lab)
+
+
 class LabMixin(ClassFixture):
     """The lab lifecycle; mix into any TestCase (``LabTestCase`` is the trial one)."""
 
@@ -81,11 +109,19 @@ class LabMixin(ClassFixture):
     lab_options: ClassVar[dict[str, Any]] = {}
     #: How long to wait for another run holding the same prefix.
     lab_lock_timeout: ClassVar[float] = 600
+    #: Classes naming the same shared lab run on one lab, brought up by the first of them and
+    #: taken down at process exit (``SHARED_LABS`` says which exist). Only for classes that
+    #: leave the lab as they found it (no faults left behind, no cluster-wide settings).
+    lab_shared: ClassVar[str | None] = None
     #: The running lab (set by ``setUpClass``; absent before and after).
     lab: ClassVar[Lab]
 
     @classmethod
     def make_lab(cls) -> Lab:
+        if cls.lab_shared is not None:
+            shape = SHARED_LABS[cls.lab_shared]
+            return Lab(prefix=shape.prefix, subnet=shape.subnet, nodes_count=shape.nodes, managers=shape.managers,
+                       agents=agent_available(), lock_timeout=cls.lab_lock_timeout)
         prefix, subnet = default_prefix_and_subnet(cls)
         return Lab(prefix=cls.lab_prefix or prefix, subnet=cls.lab_subnet or subnet,
                    nodes_count=cls.lab_nodes, managers=cls.lab_managers,
@@ -94,12 +130,18 @@ class LabMixin(ClassFixture):
 
     @classmethod
     def _start_lab(cls) -> Lab:
-        """Skip when this machine cannot run a lab; otherwise bring one up for the class."""
-        reason = lab_skip_reason()
-        if reason:
-            raise unittest.SkipTest(reason)
-        lab = cls.make_lab()
-        lab.up()
+        """Skip when this machine cannot run a lab; otherwise bring one up for the class
+        (or join the shared lab the class names, bringing it up if it is not up yet)."""
+        require(Need.ROOT, Need.DOCKERD)
+        if cls.lab_shared is not None and cls.lab_shared in _shared_up:
+            lab = _shared_up[cls.lab_shared]
+        else:
+            lab = cls.make_lab()
+            lab.up()
+            if cls.lab_shared is not None:
+                if not _shared_up:
+                    atexit.register(_down_shared_labs)
+                _shared_up[cls.lab_shared] = lab
         cls.lab = lab
         return lab
 
@@ -114,11 +156,8 @@ class LabMixin(ClassFixture):
         if lab is not None:
             del cls.lab
         try:
-            if lab is not None:
-                keep = os.environ.get("PA_LAB_KEEP_LOGS")
-                if keep:
-                    lab.collect_logs(keep)
-                lab.down()
+            if lab is not None and cls.lab_shared is None:  # a shared lab goes down at exit
+                _down(lab)
         finally:
             super().tearDownClass()
 

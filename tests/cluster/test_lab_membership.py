@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 from portainer_agent.lab.dockerd import terminate
 from portainer_agent.lab.testing import SynchronousLabTestCase
+from portainer_agent.testing.polling import wait_for
 
 NAMES = {"node1", "node2", "node3"}
 DNS_NAME = "agents.cluster.lab"
@@ -103,13 +104,11 @@ class LabMembershipTests(SynchronousLabTestCase):
             connection.close()
 
     def wait(self, condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.1) -> float:
+        """Poll until ``condition``; return the seconds it took (printed, never asserted)."""
         start = time.monotonic()
-        while time.monotonic() - start < timeout:
-            if condition():
-                return time.monotonic() - start
-            time.sleep(interval)
-        self.fail(f"timed out after {timeout}s waiting for {what}; views: "
-                  f"{ {n: self.agents(n) for n in sorted(NAMES)} }")
+        wait_for(condition, timeout, what, interval,
+                 describe=lambda: f"views: { {n: self.agents(n) for n in sorted(NAMES)} }")
+        return time.monotonic() - start
 
     def all_see(self, expected: set[str], nodes: set[str] = NAMES) -> bool:
         return all(self.agents(n, timeout=1.0) == expected for n in nodes)

@@ -19,7 +19,9 @@ from typing import Any, ClassVar
 from portainer_agent.lab.dockerd import run_docker
 from portainer_agent.lab.harness import Lab
 from portainer_agent.lab.testing import LabTestCase
+from portainer_agent.testing.polling import wait_for
 from portainer_agent.testing.signing import write_docker_config
+from portainer_agent.testing.threads import CheckedThread
 
 SERVICE = "sleeper"
 TARGET = "X-PortainerAgent-Target"
@@ -67,7 +69,7 @@ class RoutingBase(LabTestCase):
 
     @classmethod
     def wait_for(cls, condition: Any, timeout: float, what: str) -> Any:
-        return Lab.wait_for(condition, timeout, what)
+        return wait_for(condition, timeout, what, interval=0.2)
 
     @classmethod
     def ensure_cluster(cls) -> None:
@@ -79,7 +81,9 @@ class RoutingBase(LabTestCase):
                     return False
             return True
 
-        cls.wait_for(converged, 30, "every agent to list 3 members")
+        # A poll bound, not a timing claim: after a test killed and restarted an agent, the
+        # rejoin waits out the joiner's backoff, which took over 30 s on a loaded machine.
+        cls.wait_for(converged, 90, "every agent to list 3 members")
         existing = cls.lab.docker("node1", "service", "ls", "-q", "--filter", f"name={SERVICE}").stdout.strip()
         if not existing:
             cls.lab.docker("node1", "service", "create", "--detach", "--no-resolve-image", "--mode", "global",
@@ -374,8 +378,7 @@ class RoutingLabTests(RoutingBase):
                 peak[0] = max(peak[0], rss_kb(pid))
                 stop.wait(0.05)
 
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
+        sampler = CheckedThread.started(sample)
         client = self.lab.signed_client(self.worker, timeout=600)
         self.addCleanup(client.close)
         client.api.headers[TARGET] = "node1"
@@ -393,7 +396,7 @@ class RoutingLabTests(RoutingBase):
             for _ in client.api.load_image(tar):
                 pass
         stop.set()
-        sampler.join()
+        sampler.finish()
         self.addCleanup(self.lab.docker, "node2", "rmi", "-f", "big:local", check=False)
         self.assertEqual(self.lab.docker("node2", "image", "inspect", "-f", "{{.Size}}", "big:local").returncode, 0)
         growth_mb = (peak[0] - before) / 1024
@@ -492,8 +495,8 @@ class RoutingLabTests(RoutingBase):
 class UnauthenticatedRoutingLabTests(RoutingBase):
     """No cluster key: peers are reached without verification, as the original agent did."""
 
-    lab_prefix, lab_subnet = "paroutu", "10.77.62.0/24"
-    lab_nodes, lab_managers = 2, 1
+    # One 2-node lab (1 manager, no secret) with the other classes that leave it as they found it.
+    lab_shared = "two-nodes"
     worker = "node2"
 
     def setUp(self) -> Any:

@@ -1,21 +1,20 @@
 """The membership service over real TLS sockets on loopback addresses (127.0.0.x)."""
 from __future__ import annotations
 
-import socket
-import time
-from typing import Any, Callable
+from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.protocol import Protocol
-from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from portainer_agent.cluster.member import MemberState
 from portainer_agent.cluster.service import ClusterService
 from portainer_agent.docker.identity import NodeIdentity
+from portainer_agent.testing.polling import wait_for_deferred
+from portainer_agent.testing.ports import reserve_port
 from portainer_agent.tls.certs import generate_self_signed
 from portainer_agent.tls.server import server_options
 
@@ -23,51 +22,17 @@ KEY = b"test-cluster-key"
 HOSTS = [f"127.0.0.{20 + index}" for index in range(1, 5)]
 
 
-def free_port_on_all(hosts: list[str]) -> int:
-    """A port free on every one of ``hosts`` (every agent of a cluster uses the same
-    cluster port): the kernel picks one on the first, the others are checked."""
-    for _ in range(50):
-        with socket.socket() as first:
-            first.bind((hosts[0], 0))
-            port: int = first.getsockname()[1]
-            others = [socket.socket() for _ in hosts[1:]]
-            try:
-                for sock, host in zip(others, hosts[1:]):
-                    sock.bind((host, port))
-            except OSError:
-                continue
-            finally:
-                for sock in others:
-                    sock.close()
-            return port
-    raise RuntimeError(f"no port free on all of {hosts}")
-
-
-PORT = free_port_on_all(HOSTS)
-
-
-def make_service(index: int, key: bytes | None = KEY, join: str | None = "127.0.0.21", **kw: Any) -> ClusterService:
+def make_service(index: int, port: int, key: bytes | None = KEY, join: str | None = "127.0.0.21",
+                 **kw: Any) -> ClusterService:
     host = f"127.0.0.{20 + index}"
     tls = generate_self_signed([host])
     identity = NodeIdentity(name=f"node{index}", node_id=f"id{index}", role="manager" if index == 1 else "worker",
                             is_leader=index == 1, node_addr=host)
     return ClusterService(
-        reactor, identity=identity, api_port=9001, cluster_port=PORT, fingerprint=tls.fingerprint,
+        reactor, identity=identity, api_port=9001, cluster_port=port, fingerprint=tls.fingerprint,
         server_tls=server_options(tls), version="test", key=key, cluster_addr=join, advertise_addr=host,
         listen_host=host, **kw,
     )
-
-
-@inlineCallbacks
-def wait_for(condition: Callable[[], bool], timeout: float) -> Any:
-    """Poll ``condition`` on the reactor; True as soon as it holds, False at the deadline
-    (callers assert on it)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        yield deferLater(reactor, 0.05, lambda: None)
-    return condition()
 
 
 def names(service: ClusterService) -> set[str]:
@@ -83,7 +48,23 @@ def stop_if_running(service: ClusterService) -> Any:
     return service.stopService() if service.running else None
 
 
-class ServiceTests(TestCase):
+class ClusterPortCase(TestCase):
+    """Every agent of a cluster uses one cluster port, and advertises it before it listens,
+    so the port is chosen before the services start: the kernel picks a free one on the
+    first address and the test holds it on all of them (``reserve_port``) while the
+    services listen beside the reservation. Held for the whole test, it also keeps the port
+    from being reused between a service's stop and a check that nothing listens."""
+
+    def setUp(self) -> None:
+        reserved = reserve_port(HOSTS)
+        self.addCleanup(reserved.release)
+        self.port = reserved.port
+
+    def service(self, index: int, **kw: Any) -> ClusterService:
+        return make_service(index, self.port, **kw)
+
+
+class ServiceTests(ClusterPortCase):
     timeout = 60
 
     def start(self, *services: ClusterService) -> None:
@@ -93,17 +74,17 @@ class ServiceTests(TestCase):
 
     @inlineCallbacks
     def test_three_agents_form_one_cluster_and_a_leave_is_seen_at_once(self) -> Any:
-        services = [make_service(i) for i in (1, 2, 3)]
+        services = [self.service(i) for i in (1, 2, 3)]
         self.start(*services)
-        formed = yield wait_for(lambda: all(names(s) == {"node1", "node2", "node3"} for s in services), 10)
-        self.assertTrue(formed, [names(s) for s in services])
+        yield wait_for_deferred(lambda: all(names(s) == {"node1", "node2", "node3"} for s in services), 10,
+                                "one cluster of three", describe=lambda: repr([names(s) for s in services]))
         for service in services:
             self.assertEqual([m.node_name for m in service.view.managers()], ["node1"])
         departed: list[tuple[str, MemberState]] = []
         services[0].view.watch_departures(lambda m: departed.append((m.node_name, m.state)))
         yield services[2].stopService()
-        gone = yield wait_for(lambda: all(names(s) == {"node1", "node2"} for s in services[:2]), 5)
-        self.assertTrue(gone, [names(s) for s in services[:2]])
+        yield wait_for_deferred(lambda: all(names(s) == {"node1", "node2"} for s in services[:2]), 5,
+                                "node3's leave to be seen", describe=lambda: repr([names(s) for s in services[:2]]))
         # LEFT, not suspect or dead: the leave message told them (failure detection would
         # have taken probe rounds and ended in DEAD). No wall-clock bound needed.
         for service in services[:2]:
@@ -115,15 +96,16 @@ class ServiceTests(TestCase):
 
     @inlineCallbacks
     def test_wrong_key_cannot_join_or_inject(self) -> Any:
-        honest = [make_service(1), make_service(2)]
-        impostors = [make_service(3, key=b"wrong"), make_service(4, key=None)]
+        honest = [self.service(1), self.service(2)]
+        impostors = [self.service(3, key=b"wrong"), self.service(4, key=None)]
         self.start(*honest, *impostors)
-        formed = yield wait_for(lambda: all(names(s) == {"node1", "node2"} for s in honest), 10)
-        self.assertTrue(formed)
+        yield wait_for_deferred(lambda: all(names(s) == {"node1", "node2"} for s in honest), 10,
+                                "the honest pair to form", describe=lambda: repr([names(s) for s in honest]))
         # Wait until every impostor has really tried: its join attempts reached the
         # cluster port and were refused, twice (the third attempt has started).
-        tried = yield wait_for(lambda: all(i.joiner is not None and i.joiner.attempts >= 3 for i in impostors), 15)
-        self.assertTrue(tried, [i.joiner and i.joiner.attempts for i in impostors])
+        yield wait_for_deferred(lambda: all(i.joiner is not None and i.joiner.attempts >= 3 for i in impostors), 15,
+                                "three join attempts by each impostor",
+                                describe=lambda: repr([i.joiner and i.joiner.attempts for i in impostors]))
         for service in honest:
             self.assertEqual(names(service), {"node1", "node2"})
         for impostor in impostors:
@@ -141,26 +123,24 @@ class ServiceTests(TestCase):
 
             return succeed(current["identity"] or services[1].identity)
 
-        services = [make_service(1), make_service(2, refresh_identity=refresh)]
+        services = [self.service(1), self.service(2, refresh_identity=refresh)]
         self.start(*services)
-        formed = yield wait_for(lambda: all(len(names(s)) == 2 for s in services), 10)
-        self.assertTrue(formed, [names(s) for s in services])
+        yield wait_for_deferred(lambda: all(len(names(s)) == 2 for s in services), 10, "a cluster of two",
+                                describe=lambda: repr([names(s) for s in services]))
         self.assertFalse(is_leader(services[0], "node2"))
         current["identity"] = promoted
-        spread = yield wait_for(lambda: is_leader(services[0], "node2"), 10)
-        self.assertTrue(spread)
+        yield wait_for_deferred(lambda: is_leader(services[0], "node2"), 10, "node1 to see node2 lead")
 
 
-class ServiceEdgeTests(TestCase):
+class ServiceEdgeTests(ClusterPortCase):
     timeout = 30
 
     @inlineCallbacks
     def test_invalid_cluster_address_runs_alone(self) -> Any:
-        service = make_service(1, join="bad:host:name")
+        service = self.service(1, join="bad:host:name")
         service.startService()
         self.addCleanup(service.stopService)
-        running = yield wait_for(lambda: service.node is not None and service.node.running, 5)
-        self.assertTrue(running, "the service did not start")
+        yield wait_for_deferred(lambda: service.node is not None and service.node.running, 5, "the service to start")
         self.assertIsNone(service.joiner)
         self.assertEqual(names(service), {"node1"})
         self.assertIsNotNone(service.port, "alone, but still listening for agents that join it")
@@ -168,14 +148,14 @@ class ServiceEdgeTests(TestCase):
 
     @inlineCallbacks
     def test_stop_right_after_start_leaves_nothing_listening(self) -> Any:
-        service = make_service(1)
+        service = self.service(1)
         service.startService()
         yield service.stopService()
         yield service._started  # a start still under way must not listen afterwards
         self.assertIsNone(service.port)
-        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.21", PORT, timeout=5)
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.21", self.port, timeout=5)
         connecting = connectProtocol(endpoint, Protocol())
         connected = yield connecting.addErrback(lambda failure: failure.trap(ConnectionRefusedError) and None)
         if connected is not None:
             connected.transport.abortConnection()
-        self.assertIsNone(connected, f"something still listens on 127.0.0.21:{PORT}")
+        self.assertIsNone(connected, f"something still listens on 127.0.0.21:{self.port}")

@@ -5,14 +5,14 @@ import json
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.integration.support import AgentProcess, shared_daemon, skip_reason
+from portainer_agent.testing.gates import Need, require
+
+from tests.integration.support import AgentProcess, shared_daemon
 
 
 class StandaloneAgentTests(SynchronousTestCase):
     def setUp(self) -> None:
-        reason = skip_reason()
-        if reason:
-            self.skipTest(reason)
+        require(Need.ROOT, Need.DOCKERD)
         self.agent = AgentProcess.start(shared_daemon().socket_path)
         self.addCleanup(self.agent.cleanup)
 

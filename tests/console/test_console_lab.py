@@ -10,17 +10,18 @@ import ssl
 import time
 from typing import Any, ClassVar
 
-
 from portainer_agent.lab.harness import Lab
 from portainer_agent.lab.testing import SynchronousLabTestCase
-from tests.console.test_console_docker import poll, receive
+from portainer_agent.testing.polling import wait_for
+
+from tests.console.test_console_docker import receive
 
 TARGET = "X-PortainerAgent-Target"
 
 
 class ConsoleLabTests(SynchronousLabTestCase):
-    lab_prefix, lab_subnet = "pacon", "10.77.75.0/24"
-    lab_nodes, lab_managers = 2, 1
+    # One 2-node lab (1 manager, no secret) with the other classes that leave it as they found it.
+    lab_shared = "two-nodes"
     lab: ClassVar[Lab]
     containers: ClassVar[dict[str, str]] = {}
 
@@ -36,7 +37,7 @@ class ConsoleLabTests(SynchronousLabTestCase):
                     return False
             return True
 
-        Lab.wait_for(converged, 30, "both agents to list 2 members")
+        wait_for(converged, 30, "both agents to list 2 members", interval=0.2)
         for node in ("node1", "node2"):
             if node not in self.containers:
                 self.containers[node] = lab.docker(node, "run", "-d", "-t", "-i", "busybox:local", "sh").stdout.strip()
@@ -117,8 +118,8 @@ class ConsoleLabTests(SynchronousLabTestCase):
             receive(ws, "33 99")
         finally:
             ws.close()
-        poll(lambda: not self.api("node1", "GET", f"/exec/{exec_id}/json", "node2")["Running"],
-             message="the exec on node2 ended after the client closed")
+        wait_for(lambda: not self.api("node1", "GET", f"/exec/{exec_id}/json", "node2")["Running"], 15,
+                 "the exec on node2 to end after the client closed")
 
     def test_no_target_header_means_this_node(self) -> None:
         ws = self.connect("node2", "exec", self.exec_create("node2", "node2", None, "sh"), None)
@@ -158,7 +159,8 @@ class ConsoleLabTests(SynchronousLabTestCase):
         # Docker calls (exec create/inspect): a handful, not one per cycle.
         slack = {"node1": 4, "node2": 0}
         for node in ("node1", "node2"):
-            poll(lambda: self.agent_fds(node) <= baseline[node] + slack[node],
-                 message=f"{node}'s agent fds back to {baseline[node]} (+{slack[node]})")
+            wait_for(lambda: self.agent_fds(node) <= baseline[node] + slack[node], 15,
+                     f"{node}'s agent fds back to {baseline[node]} (+{slack[node]})",
+                     describe=lambda: f"now {self.agent_fds(node)}")
         print(f"\n100 cross-node console cycles in {elapsed:.1f}s; fds {baseline} -> "
               f"{ {n: self.agent_fds(n) for n in baseline} }")

@@ -16,15 +16,14 @@ Portainer's shape) mounts every node's own socket.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import time
-import unittest
 from pathlib import Path
 from typing import Any, ClassVar
 
 from portainer_agent.lab.testing import SynchronousLabTestCase
+from portainer_agent.testing.gates import Need, require
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "build-image-offline"
@@ -35,15 +34,7 @@ STACK_NAME = "portainer"
 NETWORK = f"{STACK_NAME}_agent_network"
 SERVICE = f"{STACK_NAME}_agent"
 NAMES = {"node1", "node2", "node3"}
-ROOTFS_CACHE = Path("/var/cache/portainer-agent-image")
 
-
-def _skip_reason() -> str | None:
-    if os.environ.get("PA_DEPLOY_TESTS") != "1":
-        return "slow (image build + stack deploy); set PA_DEPLOY_TESTS=1"
-    if shutil.which("debootstrap") is None and not any(ROOTFS_CACHE.glob("rootfs-*.tar")):
-        return "needs debootstrap (apt-get install debootstrap) or a cached rootfs"
-    return None
 
 
 class SwarmStackTests(SynchronousLabTestCase):
@@ -59,15 +50,11 @@ class SwarmStackTests(SynchronousLabTestCase):
 
     @classmethod
     def setUpClass(cls) -> None:
-        reason = _skip_reason()
-        if reason:
-            raise unittest.SkipTest(reason)
+        require(Need.DEPLOY)
         super().setUpClass()
 
     def setUp(self) -> Any:
-        reason = _skip_reason()
-        if reason:
-            raise unittest.SkipTest(reason)
+        require(Need.DEPLOY)
         result = super().setUp()
         cls = type(self)
         if cls._failed:
@@ -220,10 +207,9 @@ class SwarmStackTests(SynchronousLabTestCase):
     def _docker_cli_in_overlay(self, script: str) -> subprocess.CompletedProcess:
         """Run ``script`` (sh) in a busybox container on the overlay network with this machine's
         docker CLI (a static binary) at /docker and DOCKER_CONFIG sending the lab's signature."""
+        require(Need.STATIC_DOCKER_CLI)
         cli = shutil.which("docker")
         assert cli is not None
-        if "statically linked" not in subprocess.run(["file", "-L", cli], capture_output=True, text=True).stdout:
-            raise unittest.SkipTest(f"{cli} is not a static binary; it cannot run inside busybox:local")
         config = self.lab.write_docker_config()
         return self.lab.docker("node2", "run", "--rm", "--network", NETWORK, "-v", f"{cli}:/docker:ro",
                                "-v", f"{config}:/cfg:ro", "-e", "DOCKER_CONFIG=/cfg", "busybox:local",

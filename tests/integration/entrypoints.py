@@ -8,13 +8,13 @@ import ssl
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
+from portainer_agent.testing.ports import reserve_port
 from portainer_agent.testing.signing import PortainerSigner
 
-from tests.integration.support import AgentProcess, free_port, unverified_tls
+from tests.integration.support import AgentProcess, unverified_tls
 
 TWISTD = str(Path(sys.executable).with_name("twistd"))
 ENTRY_POINTS = ("console", "twistd")
@@ -36,16 +36,19 @@ def clean_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 def start_agent(entry: str, socket_path: str, args: Sequence[str] = (), env: Mapping[str, str] | None = None,
                 wait: bool = True, port: int | None = None, twistd_args: Sequence[str] = ("--pidfile=",),
                 timeout: float = 30) -> AgentProcess:
-    """An agent on 127.0.0.1 through ``entry``; its output (stdout and stderr) in ``agent.log``."""
-    port = port or free_port()
-    workdir = Path(tempfile.mkdtemp(prefix="pa-ops-"))
-    full = command(entry, ["--docker-host", f"unix://{socket_path}", "--host", "127.0.0.1", "--port", str(port),
-                           "--data-dir", str(workdir / "data"), *args], twistd_args)
-    with open(workdir / "agent.log", "wb") as log:
-        proc = subprocess.Popen(full, stdout=log, stderr=subprocess.STDOUT, env=clean_environment(env), cwd=workdir)
-    agent = AgentProcess(proc, port, workdir, PortainerSigner.generate())
-    if wait:
-        agent.wait_ready(timeout)
+    """An agent on 127.0.0.1 through ``entry``; its output (stdout and stderr) in ``agent.log``.
+    Without ``port``, the kernel picks one, held until the agent answers (``reserve_port``)."""
+    with reserve_port() as reserved:
+        port = port or reserved.port
+        workdir = Path(tempfile.mkdtemp(prefix="pa-ops-"))
+        full = command(entry, ["--docker-host", f"unix://{socket_path}", "--host", "127.0.0.1", "--port", str(port),
+                               "--data-dir", str(workdir / "data"), *args], twistd_args)
+        with open(workdir / "agent.log", "wb") as log:
+            proc = subprocess.Popen(full, stdout=log, stderr=subprocess.STDOUT, env=clean_environment(env),
+                                    cwd=workdir)
+        agent = AgentProcess(proc, port, workdir, PortainerSigner.generate())
+        if wait:
+            agent.wait_ready(timeout)
     return agent
 
 
@@ -62,14 +65,10 @@ def run(entry: str, args: Sequence[str], env: Mapping[str, str] | None = None,
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def wait_for(condition: Callable[[], bool], timeout: float, what: str, step: float = 0.05) -> None:
-    """Poll ``condition`` until true; fail naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(step)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) the process has used: work done, whatever the machine's load."""
+    fields = open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def open_fds(pid: int) -> int:

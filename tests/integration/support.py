@@ -22,18 +22,14 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from portainer_agent.testing.classfixture import ClassFixture
+from portainer_agent.testing.gates import Need, require
+from portainer_agent.testing.polling import wait_for
+from portainer_agent.testing.ports import reserve_port
 from portainer_agent.testing.signing import PortainerSigner, write_docker_config
 
 _daemon: Any = None
-
-
-def skip_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root to run a real dockerd"
-    for tool in ("dockerd", "docker", "unshare"):
-        if shutil.which(tool) is None:
-            return f"{tool} not installed (apt-get install docker.io busybox-static)"
-    return None
+#: The shared daemon's name (its hostname, and so ``docker info``'s Name).
+SHARED_DAEMON_NAME = "itnode"
 
 
 def shared_daemon() -> Any:
@@ -42,7 +38,7 @@ def shared_daemon() -> Any:
     if _daemon is None:
         from portainer_agent.lab.dockerd import DockerDaemon, make_workdir
 
-        _daemon = DockerDaemon.start(make_workdir("it"), "itnode")
+        _daemon = DockerDaemon.start(make_workdir("it"), SHARED_DAEMON_NAME)
         _daemon.import_busybox()
         atexit.register(_stop_daemon)
     return _daemon
@@ -55,12 +51,6 @@ def _stop_daemon() -> None:
             _daemon.stop()
         finally:
             _daemon = None
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def unverified_tls() -> ssl.SSLContext:
@@ -85,38 +75,38 @@ class AgentProcess:
     @classmethod
     def start(cls, socket_path: str, args: Sequence[str] = (), env: Mapping[str, str] | None = None,
               wait: bool = True, timeout: float = 20) -> "AgentProcess":
-        port = free_port()
-        workdir = Path(tempfile.mkdtemp(prefix="pa-agent-"))
-        command = [sys.executable, "-m", "portainer_agent", "--docker-host", f"unix://{socket_path}",
-                   "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(workdir / "data"),
-                   "--log-level", "DEBUG", *args]
-        environ = {k: v for k, v in os.environ.items() if not k.startswith(("AGENT_", "DOCKER_"))}
-        environ.update(env or {})
-        log = open(workdir / "agent.log", "wb")
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environ)
-        log.close()
-        agent = cls(proc, port, workdir, PortainerSigner.generate())
-        if wait:
-            agent.wait_ready(timeout)
+        # The port is held until the agent answers (see portainer_agent.testing.ports).
+        with reserve_port() as reserved:
+            workdir = Path(tempfile.mkdtemp(prefix="pa-agent-"))
+            command = [sys.executable, "-m", "portainer_agent", "--docker-host", f"unix://{socket_path}",
+                       "--host", "127.0.0.1", "--port", str(reserved.port), "--data-dir", str(workdir / "data"),
+                       "--log-level", "DEBUG", *args]
+            environ = {k: v for k, v in os.environ.items() if not k.startswith(("AGENT_", "DOCKER_"))}
+            environ.update(env or {})
+            log = open(workdir / "agent.log", "wb")
+            proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environ)
+            log.close()
+            agent = cls(proc, reserved.port, workdir, PortainerSigner.generate())
+            if wait:
+                agent.wait_ready(timeout)
         return agent
 
     @property
     def log_text(self) -> str:
         return (self.workdir / "agent.log").read_text(errors="replace")
 
+    def answers_ping(self) -> bool:
+        """True once the agent answers ``/ping``; raises when the process has exited."""
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"agent exited {self.proc.returncode}:\n{self.log_text}")
+        try:
+            return self.request("GET", "/ping", signed=False, timeout=2)[0] == 204
+        except OSError:
+            return False
+
     def wait_ready(self, timeout: float = 20) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"agent exited {self.proc.returncode}:\n{self.log_text}")
-            try:
-                status, _, _ = self.request("GET", "/ping", signed=False, timeout=2)
-                if status == 204:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"agent not ready after {timeout}s:\n{self.log_text}")
+        wait_for(self.answers_ping, timeout, "the agent to answer /ping", interval=0.1,
+                 describe=lambda: self.log_text)
 
     def connection(self, timeout: float = 30) -> http.client.HTTPSConnection:
         return http.client.HTTPSConnection("127.0.0.1", self.port, timeout=timeout, context=unverified_tls())
@@ -272,24 +262,20 @@ class UnixRelay:
 
 class RealDockerTestCase(ClassFixture):
     """Mixin for trial test cases needing the session's real dockerd (``cls.daemon``)
-    and, when ``start_agent`` is true, one agent process shared by the class
+    and, when ``class_agent`` is true, one agent process shared by the class
     (``cls.agent``). Skips with the reason when the machine cannot run dockerd.
     Works under trial's runner too (:class:`ClassFixture`)."""
 
-    start_agent = True
+    class_agent = True
     daemon: Any
     agent: "AgentProcess | None" = None
 
     @classmethod
     def setUpClass(cls) -> None:
-        from twisted.trial.unittest import SkipTest
-
-        reason = skip_reason()
-        if reason:
-            raise SkipTest(reason)
+        require(Need.ROOT, Need.DOCKERD)
         super().setUpClass()
         cls.daemon = shared_daemon()
-        if cls.start_agent:
+        if cls.class_agent:
             cls.agent = AgentProcess.start(cls.daemon.socket_path)
 
     @classmethod

@@ -13,6 +13,9 @@ from typing import Iterator
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from portainer_agent.testing.polling import wait_for
+from portainer_agent.testing.threads import CheckedThread
+
 from tests.integration.support import RealDockerTestCase, rss_kib
 
 BOUNDARY = "pabrBoundary7MA4YWxkTrZu0gW"
@@ -51,8 +54,7 @@ class PeakRSS:
         self.before = rss_kib(pid)
         self.peak = self.before
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        self._thread = CheckedThread.started(self._run)
 
     def _run(self) -> None:
         while not self._stop.wait(0.02):
@@ -60,7 +62,7 @@ class PeakRSS:
 
     def stop(self) -> int:
         self._stop.set()
-        self._thread.join()
+        self._thread.finish()
         return self.peak - self.before
 
 
@@ -229,10 +231,8 @@ class VolumeBrowserTests(RealDockerTestCase, SynchronousTestCase):
         self.assertIn("keep.txt", [i["Name"] for i in items])
         self.assertEqual((self.data / "keep.txt").read_bytes(), b"original\n")
         # The staged file is removed in the disk pool once the agent saw the connection go.
-        deadline = time.monotonic() + 10
-        while [n for n in os.listdir(self.data) if n.endswith(".upload")] and time.monotonic() < deadline:
-            time.sleep(0.05)
-        self.assertEqual([n for n in os.listdir(self.data) if n.endswith(".upload")], [])
+        staged = lambda: [n for n in os.listdir(self.data) if n.endswith(".upload")]  # noqa: E731
+        wait_for(lambda: not staged(), 10, "the staged upload to be removed", describe=lambda: repr(staged()))
 
     def test_host_info_lists_this_machines_disk(self) -> None:
         document = self.agent.json("GET", "/v2/host/info")
@@ -276,8 +276,7 @@ class BigListingTests(RealDockerTestCase, SynchronousTestCase):
             finally:
                 conn.close()
 
-        pinger = threading.Thread(target=ping, daemon=True)
-        pinger.start()
+        pinger = CheckedThread.started(ping)
         try:
             conn = self.agent.connection(300)
             started = time.monotonic()
@@ -288,7 +287,7 @@ class BigListingTests(RealDockerTestCase, SynchronousTestCase):
             conn.close()
         finally:
             stop.set()
-            pinger.join(30)
+            pinger.finish(30)
         self.assertEqual(response.status, 200, body[:200])
         names = [item["Name"] for item in json.loads(body)]
         self.assertEqual(names, [f"f{index:06d}" for index in range(self.FILES)])

@@ -13,6 +13,8 @@ import uuid
 from typing import Any
 
 from portainer_agent.lab.testing import SynchronousLabTestCase
+from portainer_agent.testing.polling import wait_for
+
 from tests.integration.test_browse import BOUNDARY, MB, PeakRSS, multipart_stream
 
 #: Size of the big upload/download through the remote agent (PA_BROWSE_BIG_MB to change).
@@ -20,9 +22,8 @@ BIG_MB = int(os.environ.get("PA_BROWSE_BIG_MB", "128"))
 
 
 class RemoteVolumeBrowserTests(SynchronousLabTestCase):
-    lab_prefix = "pabr1"
-    lab_subnet = "10.77.70.0/24"
-    lab_nodes, lab_managers = 2, 1
+    # One 2-node lab (1 manager, no secret) with the other classes that leave it as they found it.
+    lab_shared = "two-nodes"
     volume: str
 
     @classmethod
@@ -34,15 +35,12 @@ class RemoteVolumeBrowserTests(SynchronousLabTestCase):
         lab.docker("node2", "run", "--rm", "-v", f"{cls.volume}:/data", "busybox:local", "sh", "-c",
                    "echo remote > /data/hello.txt && mkdir /data/sub && ln -s / /data/link"
                    " && ln -s /etc/hostname /data/hostfile")
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
+        def node1_sees_node2() -> bool:
             response = lab.agent_request("node1", "/agents")
-            if response is not None and response.status == 200 and {"node1", "node2"} <= {
-                    e["NodeName"] for e in response.json()}:
-                break
-            time.sleep(0.2)
-        else:
-            raise AssertionError("node1's agent never saw node2")
+            return response is not None and response.status == 200 and {"node1", "node2"} <= {
+                e["NodeName"] for e in response.json()}
+
+        wait_for(node1_sees_node2, 60, "node1's agent to see node2", interval=0.2)
 
     def setUp(self) -> Any:
         result = super().setUp()

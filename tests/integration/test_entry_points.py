@@ -15,12 +15,14 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from portainer_agent.testing.ports import reserve_port
+
 from tests.integration.entrypoints import ENTRY_POINTS, run, start_agent
-from tests.integration.support import RealDockerTestCase, free_port
+from tests.integration.support import RealDockerTestCase
 
 
 class EntryPointCases(RealDockerTestCase):
-    start_agent = False
+    class_agent = False
     entry = "console"
 
     def start(self, **kwargs):  # type: ignore[no-untyped-def]
@@ -49,8 +51,9 @@ class EntryPointCases(RealDockerTestCase):
     def test_docker_unreachable_exits_1_with_one_line(self) -> None:
         workdir = tempfile.mkdtemp(prefix="pa-ops-")
         self.addCleanup(shutil.rmtree, workdir, True)
-        result = run(self.entry, ["--docker-host", "unix:///nonexistent/docker.sock", "--data-dir", workdir,
-                                  "--port", str(free_port())])
+        with reserve_port() as reserved:
+            result = run(self.entry, ["--docker-host", "unix:///nonexistent/docker.sock", "--data-dir", workdir,
+                                      "--port", str(reserved.port)])
         self.assertEqual(result.returncode, 1, result.stderr + result.stdout)
         self.assertOneLine(result.stderr, "/nonexistent/docker.sock")
 

@@ -8,9 +8,10 @@ import json
 import os
 import socket
 import ssl
-import time
 
 from twisted.trial.unittest import SynchronousTestCase
+
+from portainer_agent.testing.polling import wait_for
 
 from tests.integration.support import RealDockerTestCase, unverified_tls
 
@@ -89,12 +90,12 @@ class HijackCancelTests(RealDockerTestCase, SynchronousTestCase):
         sock.close()
 
     def assertDescriptorsReturn(self, what: str) -> None:
-        deadline = time.monotonic() + DEADLINE
-        while open_fds(self.pid) > self.baseline:
-            if time.monotonic() > deadline:
-                links = sorted(os.readlink(f"/proc/{self.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{self.pid}/fd"))
-                self.fail(f"{what}: agent holds {open_fds(self.pid)} fds, baseline {self.baseline}: {links}")
-            time.sleep(0.05)  # polling the condition under a deadline
+        def held() -> str:
+            links = sorted(os.readlink(f"/proc/{self.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{self.pid}/fd"))
+            return f"agent holds {open_fds(self.pid)} fds, baseline {self.baseline}: {links}"
+
+        wait_for(lambda: open_fds(self.pid) <= self.baseline, DEADLINE, f"{what}: descriptors back to baseline",
+                 describe=held)
 
     def exec_and_cancel(self, tty: bool, cmd: list[str]) -> None:
         exec_id = self.exec_create(self.sleeper, cmd, tty)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from portainer_agent.testing.polling import wait_for
+
 from tests.integration.support import AgentProcess, RealDockerTestCase, rss_kib
 
 AGENT_HEADERS = ("Portainer-Agent", "Portainer-Agent-Api-Version", "Portainer-Agent-Platform")
@@ -186,7 +188,7 @@ class AgentHTTPTests(RealDockerTestCase, SynchronousTestCase):
 class AgentProcessTests(RealDockerTestCase, SynchronousTestCase):
     """Start-up, failure and shutdown behaviour of the agent process."""
 
-    start_agent = False
+    class_agent = False
 
     def start(self, *args, **kwargs) -> AgentProcess:
         agent = AgentProcess.start(*args, **kwargs)
@@ -251,10 +253,7 @@ class AgentProcessTests(RealDockerTestCase, SynchronousTestCase):
             with socket.socket() as sock:
                 return sock.connect_ex(("127.0.0.1", agent.port)) != 0
 
-        deadline = time.monotonic() + 10
-        while not refused():  # it stops accepting first...
-            self.assertLess(time.monotonic(), deadline, "the agent still accepts connections after SIGTERM")
-            time.sleep(0.05)
+        wait_for(refused, 10, "the agent to stop accepting connections after SIGTERM")  # it stops accepting first...
         self.assertIsNone(agent.proc.poll(), "...but waits for the request under way")
         self.daemon.docker("exec", container, "touch", "/tmp/go")
         self.assertTrue(response.read().endswith(b"done\n"))
@@ -278,35 +277,19 @@ class AgentProcessTests(RealDockerTestCase, SynchronousTestCase):
         import subprocess
         import sys
 
-        from tests.integration.support import free_port
+        from tests.integration.entrypoints import start_agent
 
         twistd = str(Path(sys.executable).with_name("twistd"))
         listing = subprocess.run([twistd, "--help"], capture_output=True, text=True, timeout=60, cwd="/")
         self.assertIn("portainer-agent", listing.stdout)
-        port = free_port()
-        workdir = tempfile.mkdtemp(prefix="pa-twistd-")
-        self.addCleanup(shutil.rmtree, workdir, True)
-        proc = subprocess.Popen([twistd, "-n", "--pidfile=", "portainer-agent",
-                                 "--docker-host", f"unix://{self.daemon.socket_path}", "--host", "127.0.0.1",
-                                 "--port", str(port), "--data-dir", workdir], stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, cwd=workdir)
+        agent = start_agent("twistd", self.daemon.socket_path)  # waits for /ping to answer 204
         try:
-            fake = AgentProcess.__new__(AgentProcess)
-            fake.port, fake.proc, fake.workdir = port, proc, Path(workdir)
-            fake.headers = {}
-            deadline = time.monotonic() + 30
-            status = None
-            while time.monotonic() < deadline and proc.poll() is None:
-                try:
-                    status = fake.request("GET", "/ping", signed=False, timeout=2)[0]
-                    break
-                except OSError:
-                    time.sleep(0.2)
-            self.assertEqual(status, 204)
+            self.assertEqual(agent.request("GET", "/ping", signed=False)[0], 204)
         finally:
-            proc.send_signal(signal.SIGTERM)
+            agent.proc.send_signal(signal.SIGTERM)
             # twistd re-raises the signal that stopped it once shut down cleanly.
-            self.assertIn(proc.wait(30), (0, -signal.SIGTERM))
+            self.assertIn(agent.proc.wait(30), (0, -signal.SIGTERM))
+            agent.cleanup()
 
 
 class RawHijackHalfCloseTests(RealDockerTestCase, SynchronousTestCase):

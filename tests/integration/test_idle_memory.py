@@ -66,7 +66,7 @@ def floor_rss_mb() -> float:
 
 
 class IdleMemoryTests(RealDockerTestCase, SynchronousTestCase):
-    start_agent = False
+    class_agent = False
 
     def test_idle_standalone_agent_stays_within_budget_above_the_floor(self) -> None:
         agent = AgentProcess.start(self.daemon.socket_path, args=["--log-level", "INFO"])

@@ -6,7 +6,6 @@ from __future__ import annotations
 import http.client
 import select
 import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -14,8 +13,11 @@ import time
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.integration.entrypoints import clean_environment, is_closed, open_fds, start_agent, tls_connect, wait_for
-from tests.integration.support import RealDockerTestCase, free_port
+from portainer_agent.testing.polling import wait_for
+from portainer_agent.testing.ports import reserve_port
+
+from tests.integration.entrypoints import clean_environment, cpu_seconds, is_closed, open_fds, start_agent, tls_connect
+from tests.integration.support import RealDockerTestCase
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -37,16 +39,17 @@ def healthcheck(*args: str, env: dict[str, str] | None = None) -> subprocess.Com
 
 
 class MetricsAndHealthTests(RealDockerTestCase, SynchronousTestCase):
-    start_agent = False
+    class_agent = False
     agent = None
     metrics_port = 0
 
     @classmethod
     def setUpClass(cls) -> None:
         super().setUpClass()
-        cls.metrics_port = free_port()
-        cls.agent = start_agent("console", cls.daemon.socket_path,
-                                args=["--metrics-addr", f"127.0.0.1:{cls.metrics_port}"])
+        with reserve_port() as metrics:  # held until the agent answers
+            cls.metrics_port = metrics.port
+            cls.agent = start_agent("console", cls.daemon.socket_path,
+                                    args=["--metrics-addr", f"127.0.0.1:{cls.metrics_port}"])
 
     def test_requests_by_kind_and_signature_failures(self) -> None:
         before = scrape(self.metrics_port)
@@ -91,7 +94,8 @@ class MetricsAndHealthTests(RealDockerTestCase, SynchronousTestCase):
         ok = healthcheck("--host", "0.0.0.0", "--port", str(self.agent.port),
                          "--docker-host", f"unix://{self.daemon.socket_path}")
         self.assertEqual(ok.returncode, 0, ok.stderr)
-        no_api = healthcheck("--port", str(free_port()), "--docker-host", f"unix://{self.daemon.socket_path}")
+        with reserve_port() as nobody:  # held, never listening: connections to it are refused
+            no_api = healthcheck("--port", str(nobody.port), "--docker-host", f"unix://{self.daemon.socket_path}")
         self.assertEqual(no_api.returncode, 1)
         self.assertEqual(len(no_api.stderr.splitlines()), 1, no_api.stderr)
         self.assertIn("agent API https://127.0.0.1:", no_api.stderr)
@@ -103,17 +107,18 @@ class MetricsAndHealthTests(RealDockerTestCase, SynchronousTestCase):
 
 
 class HardeningCase(RealDockerTestCase):
-    start_agent = False
+    class_agent = False
     agent = None
     agent_args: tuple[str, ...] = ()
 
     @classmethod
     def setUpClass(cls) -> None:
         super().setUpClass()
-        cls.metrics_port = free_port()
-        cls.agent = start_agent("console", cls.daemon.socket_path,
-                                args=["--log-level", "INFO", "--metrics-addr", f"127.0.0.1:{cls.metrics_port}",
-                                      *cls.agent_args])
+        with reserve_port() as metrics:  # held until the agent answers
+            cls.metrics_port = metrics.port
+            cls.agent = start_agent("console", cls.daemon.socket_path,
+                                    args=["--log-level", "INFO", "--metrics-addr", f"127.0.0.1:{cls.metrics_port}",
+                                          *cls.agent_args])
 
     def setUp(self) -> None:
         super().setUp()  # brings the class fixture up under trial's runner
@@ -166,52 +171,68 @@ class HardeningTests(HardeningCase, SynchronousTestCase):
             return (time.monotonic() - began) * 1000
 
         timed("/ping", {})  # the handshake
+        cpu_before = cpu_seconds(self.agent.proc.pid)
         ping = [timed("/ping", {}) for _ in range(5)]
         containers = [timed("/containers/json", dict(self.agent.headers)) for _ in range(5)]
+        cpu = cpu_seconds(self.agent.proc.pid) - cpu_before
         print(f"\n1000 TLS connections in {connect_seconds:.1f}s; with them open, on a kept-alive connection: "
-              f"/ping {[round(t, 1) for t in ping]} ms, signed /containers/json {[round(t, 1) for t in containers]} ms;"
+              f"/ping {[round(t, 1) for t in ping]} ms, signed /containers/json {[round(t, 1) for t in containers]} ms"
+              f" ({cpu * 1000:.0f} ms of agent CPU for the 10);"
               f" /ping on a new connection (with its handshake): {[round(t, 1) for t in fresh]} ms")
-        self.assertLess(statistics.median(ping), 100)
-        self.assertLess(statistics.median(containers), 100)
-        self.assertFalse(any(is_closed(s) for s in self.sockets[:50]))
+        # Work, not wall-clock time (which the machine's load decides): serving a request must
+        # not walk the 1000 idle connections. A walk costs well over 50 ms of CPU per request
+        # in Python; a request alone costs a few.
+        self.assertLess(cpu, 0.5, "10 requests cost the agent this much CPU with 1000 idle connections open")
+        self.assertFalse(any(is_closed(s) for s in self.sockets))
+
+    def cuts(self) -> dict[str, float]:
+        """``portainer_agent_connections_cut_total`` by reason: what the agent cut, and why."""
+        return {dict(labels)["reason"]: value for (name, labels), value in scrape(self.metrics_port).items()
+                if name == "portainer_agent_connections_cut_total"}
 
     def test_200_dripping_heads_are_cut_at_the_deadline(self) -> None:
+        before = self.cuts()
         for _ in range(200):
             self.sockets.append(tls_connect(self.agent.port))
         for sock in self.sockets:
             sock.sendall(b"GET /_ping HTTP/1.1\r\nX-Drip: ")
-        started = time.monotonic()
-        cut_at: dict[int, float] = {}
-        deadline = started + 10
-        while len(cut_at) < len(self.sockets) and time.monotonic() < deadline:
+        cut: set[int] = set()
+
+        def drip_until_all_cut() -> bool:
+            # One byte per connection every ~0.2 s: an inactivity timer would never fire,
+            # only a deadline on the whole head cuts these.
             for index, sock in enumerate(self.sockets):
-                if index in cut_at:
+                if index in cut:
                     continue
                 try:
-                    sock.sendall(b"x")  # one byte per connection every ~0.2 s
+                    sock.sendall(b"x")
                 except OSError:
-                    cut_at[index] = time.monotonic() - started
-            readable, _, _ = select.select([s for i, s in enumerate(self.sockets) if i not in cut_at], [], [], 0.2)
-            for sock in readable:
-                if is_closed(sock):
-                    cut_at[self.sockets.index(sock)] = time.monotonic() - started
-        print(f"\n200 dripping heads cut between {min(cut_at.values()):.2f}s and {max(cut_at.values()):.2f}s")
-        self.assertEqual(len(cut_at), 200)
-        self.assertGreater(min(cut_at.values()), 1.5)  # not before the 2 s deadline (client-side clock)
-        self.assertLess(max(cut_at.values()), 5)
+                    cut.add(index)
+            readable, _, _ = select.select([s for i, s in enumerate(self.sockets) if i not in cut], [], [], 0.2)
+            cut.update(self.sockets.index(sock) for sock in readable if is_closed(sock))
+            return len(cut) == len(self.sockets)
+
+        # The poll deadline only bounds a broken build; the cut and its reason are the test.
+        wait_for(drip_until_all_cut, 60, "every dripping head to be cut", interval=0,
+                 describe=lambda: f"{len(cut)} of {len(self.sockets)} cut")
+        after = self.cuts()
+        self.assertEqual(after.get("header_timeout", 0) - before.get("header_timeout", 0), 200, after)
+        self.assertEqual(after.get("tls_handshake_timeout", 0), before.get("tls_handshake_timeout", 0), after)
         self.assertEqual(self.agent.request("GET", "/ping", signed=False)[0], 204)
 
     def test_tls_handshake_deadline(self) -> None:
-        silent = socket.create_connection(("127.0.0.1", self.agent.port), timeout=20)
+        before = self.cuts()
+        silent = socket.create_connection(("127.0.0.1", self.agent.port), timeout=60)
         self.sockets.append(silent)
-        started = time.monotonic()
         try:
-            self.assertEqual(silent.recv(1), b"")  # blocks until the agent cuts it (or 20 s)
+            self.assertEqual(silent.recv(1), b"")  # blocks until the agent cuts it
         except ConnectionResetError:
             pass  # cut with a reset: the agent aborts, it owes a silent client nothing
-        elapsed = time.monotonic() - started
-        self.assertGreater(elapsed, 9)
-        self.assertLess(elapsed, 13)
+        # Cut by the handshake deadline, and by nothing else (not the head deadline, which a
+        # connection reaches only once TLS is up).
+        after = self.cuts()
+        self.assertEqual(after.get("tls_handshake_timeout", 0) - before.get("tls_handshake_timeout", 0), 1, after)
+        self.assertEqual(after.get("header_timeout", 0), before.get("header_timeout", 0), after)
 
 
 class StreamsTests(HardeningCase, SynchronousTestCase):
@@ -259,12 +280,14 @@ class StreamsTests(HardeningCase, SynchronousTestCase):
     def test_idle_kept_alive_connection_is_closed(self) -> None:
         sock = tls_connect(self.agent.port)
         self.sockets.append(sock)
-        sock.sendall(b"GET /ping HTTP/1.1\r\nHost: agent\r\n\r\n")
         sock.settimeout(10)
-        self.assertIn(b"204", sock.recv(4096))
-        started = time.monotonic()
+        for _ in range(2):  # kept alive: the second request is served on the same connection
+            sock.sendall(b"GET /ping HTTP/1.1\r\nHost: agent\r\n\r\n")
+            head = sock.recv(4096)
+            self.assertIn(b"204", head)
+            self.assertNotIn(b"connection: close", head.lower())
+        # ... and then closed once idle, by the agent (nothing was sent after the answer).
         wait_for(lambda: is_closed(sock), 10, "the idle connection to be closed")
-        self.assertGreater(time.monotonic() - started, 0.5)
 
 
 class CapTests(HardeningCase, SynchronousTestCase):

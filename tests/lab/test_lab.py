@@ -9,8 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-import unittest
 import uuid
 from pathlib import Path
 
@@ -19,7 +17,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from portainer_agent.lab import harness
 from portainer_agent.lab.dockerd import _pid_alive
 from portainer_agent.lab.harness import Lab, LabError, Leftovers, leftovers, state_path
-from portainer_agent.lab.testing import SynchronousLabTestCase, agent_available, lab_skip_reason
+from portainer_agent.lab.testing import SynchronousLabTestCase, agent_available
+from portainer_agent.testing.gates import Need, require
+from portainer_agent.testing.polling import wait_for
 
 PROJECT_ROOT = str(Path(harness.__file__).resolve().parents[2])
 
@@ -212,9 +212,7 @@ class LabLifecycleTests(SynchronousTestCase):
     """Bring-up and teardown edge cases, each with its own small lab."""
 
     def setUp(self) -> None:
-        reason = lab_skip_reason()
-        if reason:
-            raise unittest.SkipTest(reason)
+        require(Need.ROOT, Need.DOCKERD)
 
     def test_down_leaves_nothing_behind(self) -> None:
         lab = Lab(prefix="palt2", subnet="10.77.51.0/24", nodes_count=2, managers=1, agents=agent_available())
@@ -278,9 +276,7 @@ class CommandLineLabTests(SynchronousTestCase):
     prefix = "palt7"
 
     def setUp(self) -> None:
-        reason = lab_skip_reason()
-        if reason:
-            raise unittest.SkipTest(reason)
+        require(Need.ROOT, Need.DOCKERD)
         self.addCleanup(self.command, "down")
 
     def command(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -328,11 +324,11 @@ class CommandLineLabTests(SynchronousTestCase):
              "--subnet", "10.77.56.0/24", "--no-agents"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd="/")
         self.addCleanup(lambda: None if process.poll() is not None else process.kill())
-        deadline = time.monotonic() + 60
-        while not leftovers(self.prefix).processes:  # some dockerd is starting
+        def starting() -> bool:  # some dockerd is starting
             self.assertIsNone(process.poll(), "up finished before it could be interrupted")
-            self.assertLess(time.monotonic(), deadline)
-            time.sleep(0.02)
+            return bool(leftovers(self.prefix).processes)
+
+        wait_for(starting, 60, "a dockerd of the lab to start", interval=0.02)
         process.send_signal(signal.SIGINT)
         _, stderr = process.communicate(timeout=120)
         self.assertEqual(process.returncode, 1, stderr)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import unittest
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -19,45 +18,28 @@ from portainer_agent.lab.dockerd import (
     processes_under,
     wait_for_exit,
 )
-from portainer_agent.lab.testing import lab_skip_reason
-from portainer_agent.testing.classfixture import ClassFixture
+from portainer_agent.testing.gates import Need, require
+
+from tests.integration.support import SHARED_DAEMON_NAME, RealDockerTestCase
 
 
-class DockerDaemonTests(ClassFixture, SynchronousTestCase):
-    """One daemon shared by the class (the way the lead's single-node tests use it)."""
+class DockerDaemonTests(RealDockerTestCase, SynchronousTestCase):
+    """The test session's daemon (the one the single-node end-to-end tests use), read only."""
 
-    daemon: DockerDaemon | None = None
-
-    @classmethod
-    def setUpClass(cls) -> None:
-        reason = lab_skip_reason()
-        if reason:
-            raise unittest.SkipTest(reason)
-        super().setUpClass()
-        cls.daemon = DockerDaemon.start(make_workdir(), "solo")
-        cls.daemon.import_busybox()
-
-    @classmethod
-    def tearDownClass(cls) -> None:
-        if cls.daemon is not None:
-            cls.daemon.stop()
-            cls.daemon = None
-        super().tearDownClass()
+    class_agent = False
+    daemon: DockerDaemon
 
     def test_daemon_name_is_its_hostname(self) -> None:
-        assert self.daemon is not None
         info = self.daemon.docker("info", "--format", "{{.Name}} {{.Driver}}").stdout.split()
-        self.assertEqual(info, ["solo", "vfs"])
+        self.assertEqual(info, [SHARED_DAEMON_NAME, "vfs"])
 
     def test_paths_are_short_and_inside_the_workdir(self) -> None:
-        assert self.daemon is not None
         self.assertLess(len(self.daemon.socket_path), 108)
         self.assertTrue(self.daemon.url.startswith("unix:///tmp/pa-"))
         self.assertEqual(self.daemon.data_root, self.daemon.workdir / "data")
         self.assertTrue(self.daemon.ping())
 
     def test_busybox_image_runs_its_applets(self) -> None:
-        assert self.daemon is not None
         result = self.daemon.docker("run", "--rm", "busybox:local", "sh", "-c",
                                     "seq 3 | wc -l; echo hi | tr a-z A-Z; hostname; id -u")
         lines = result.stdout.split()
@@ -66,7 +48,6 @@ class DockerDaemonTests(ClassFixture, SynchronousTestCase):
         self.assertEqual(lines[3], "0")
 
     def test_docker_input_and_failures(self) -> None:
-        assert self.daemon is not None
         result = self.daemon.docker("run", "--rm", "-i", "busybox:local", "cat", input="piped\n")
         self.assertEqual(result.stdout, "piped\n")
         error = self.assertRaises(DockerCommandError, self.daemon.docker, "inspect", "no-such-container")
@@ -74,7 +55,6 @@ class DockerDaemonTests(ClassFixture, SynchronousTestCase):
         self.assertNotEqual(self.daemon.docker("inspect", "no-such-container", check=False).returncode, 0)
 
     def test_daemon_does_not_see_the_hosts_network(self) -> None:
-        assert self.daemon is not None
         result = self.daemon.docker("run", "--rm", "--network", "host", "busybox:local", "cat", "/proc/net/dev")
         interfaces = {line.split(":")[0].strip() for line in result.stdout.splitlines() if ":" in line}
         self.assertNotIn("eth0", interfaces)
@@ -83,9 +63,7 @@ class DockerDaemonTests(ClassFixture, SynchronousTestCase):
 
 class DockerDaemonLifecycleTests(SynchronousTestCase):
     def setUp(self) -> None:
-        reason = lab_skip_reason()
-        if reason:
-            raise unittest.SkipTest(reason)
+        require(Need.ROOT, Need.DOCKERD)
 
     def test_stop_removes_containers_processes_mounts_and_workdir(self) -> None:
         with DockerDaemon.temporary("lifecycle") as daemon:

@@ -9,8 +9,6 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import time
-import unittest
 from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -18,15 +16,16 @@ from twisted.trial.unittest import SynchronousTestCase
 from portainer_agent.lab import cli, harness
 from portainer_agent.lab.dockerd import (
     BUSYBOX_APPLETS,
-    BUSYBOX_PATHS,
     DockerCommandError,
     DockerDaemon,
     busybox_tar,
     processes_under,
 )
 from portainer_agent.lab.harness import Lab, LabError, Leftovers
-from portainer_agent.testing.signing import placeholder_ca_pem
 from portainer_agent.lab.testing import default_prefix_and_subnet
+from portainer_agent.testing.gates import Need, require
+from portainer_agent.testing.polling import wait_for
+from portainer_agent.testing.signing import placeholder_ca_pem
 
 
 class NamingTests(SynchronousTestCase):
@@ -143,8 +142,7 @@ class StateTests(SynchronousTestCase):
 
 class ImageTests(SynchronousTestCase):
     def test_busybox_image_has_the_applets_linked(self) -> None:
-        if not any(os.path.exists(path) for path in BUSYBOX_PATHS):
-            raise unittest.SkipTest("busybox-static is not installed")  # and nothing else skips
+        require(Need.BUSYBOX)  # and nothing else skips
         data = busybox_tar()
         with tarfile.open(fileobj=io.BytesIO(data)) as tar:
             names = {member.name: member for member in tar.getmembers()}
@@ -170,12 +168,10 @@ class ProcessMatchingTests(SynchronousTestCase):
         neighbour = subprocess.Popen([*sleeper, f"{base}x/other"])
         self.addCleanup(neighbour.wait)
         self.addCleanup(neighbour.kill)
-        deadline = time.monotonic() + 10  # until both have exec'd
-        while process.pid not in processes_under(base) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        while f"{base}x/other".encode() not in Path(f"/proc/{neighbour.pid}/cmdline").read_bytes() \
-                and time.monotonic() < deadline:
-            time.sleep(0.01)
+        # until both have exec'd
+        wait_for(lambda: process.pid in processes_under(base), 10, "the sleeper to exec", interval=0.01)
+        wait_for(lambda: f"{base}x/other".encode() in Path(f"/proc/{neighbour.pid}/cmdline").read_bytes(), 10,
+                 "the neighbour to exec", interval=0.01)
         found = processes_under(base)
         self.assertIn(process.pid, found)
         self.assertNotIn(neighbour.pid, found)
@@ -226,11 +222,8 @@ class ProcessFaultTests(SynchronousTestCase):
         self.lab.nodes[0].agent = harness.Agent(pid=child.pid, log_path=self.lab.nodes[0].agent_log, process=child)
 
     def wait_state(self, frozen: bool) -> None:
-        deadline = time.monotonic() + 10
-        while self.lab.agent_frozen("node1") is not frozen:
-            if time.monotonic() > deadline:
-                self.fail(f"state of {self.child.pid} never became {'stopped' if frozen else 'running'}")
-            time.sleep(0.01)
+        wait_for(lambda: self.lab.agent_frozen("node1") is frozen, 10,
+                 f"the state of {self.child.pid} to become {'stopped' if frozen else 'running'}", interval=0.01)
 
     def test_freeze_stops_and_thaw_continues_the_agent(self) -> None:
         self.assertFalse(self.lab.agent_frozen("node1"))

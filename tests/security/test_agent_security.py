@@ -15,48 +15,26 @@ import json
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from hypothesis import HealthCheck, given, settings, strategies as st
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase
 
-from portainer_agent.security.testing import make_ca
-from portainer_agent.testing.classfixture import ClassFixture
+from portainer_agent.testing.certs import client_pki
+from portainer_agent.testing.polling import wait_for
+from portainer_agent.testing.ports import reserve_port
 from portainer_agent.testing.signing import PortainerSigner, write_docker_config
+
+from tests.integration.support import RealDockerTestCase
 
 REPO = Path(__file__).resolve().parents[2]
 MISSING = "Missing request signature headers"
 INVALID = "Invalid request signature"
-
-
-def _skip_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (dockerd in a network namespace)"
-    from portainer_agent.lab.dockerd import missing_tools  # a broken import fails, it does not skip
-
-    missing = missing_tools()
-    return f"missing tools: {', '.join(missing)}" if missing else None
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 class AgentProcess:
@@ -66,24 +44,26 @@ class AgentProcess:
                  probe_cert: tuple[Path, Path] | None = None) -> None:
         self.probe_cert = probe_cert
         self.workdir = Path(tempfile.mkdtemp(prefix="pa-sec-"))
-        self.port = free_port()
         self.log_path = self.workdir / "agent.log"
-        command = [
-            sys.executable, "-m", "portainer_agent",
-            "--docker-host", docker_host, "--host", "127.0.0.1", "--port", str(self.port),
-            "--cluster-port", str(free_port()), "--data-dir", str(self.workdir / "data"),
-            *extra_args,
-        ]
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                command, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, start_new_session=True,
-            )
-        try:
-            wait_until(self.answers_ping, 30, "the agent to answer /ping")
-        except BaseException:
-            self.stop()
-            raise
+        # The port is held until the agent answers (see portainer_agent.testing.ports). The
+        # engine is not in a Swarm, so the agent opens no cluster port.
+        with reserve_port() as reserved:
+            self.port = reserved.port
+            command = [
+                sys.executable, "-m", "portainer_agent",
+                "--docker-host", docker_host, "--host", "127.0.0.1", "--port", str(self.port),
+                "--data-dir", str(self.workdir / "data"), *extra_args,
+            ]
+            with open(self.log_path, "wb") as log:
+                self.process = subprocess.Popen(
+                    command, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, start_new_session=True,
+                )
+            try:
+                wait_for(self.answers_ping, 30, "the agent to answer /ping", describe=self.log)
+            except BaseException:
+                self.stop()
+                raise
 
     def answers_ping(self) -> bool:
         if self.process.poll() is not None:
@@ -137,28 +117,11 @@ def https_request(port: int, path: str, headers: Mapping[str, str | bytes] | Non
         connection.close()
 
 
-class DockerdFixture(ClassFixture):
-    """One dockerd for a whole test class (starting one takes seconds)."""
+class DockerdFixture(RealDockerTestCase):
+    """The test session's dockerd (starting one takes seconds); agents started per test."""
 
-    daemon = None
-
-    @classmethod
-    def setUpClass(cls) -> None:
-        reason = _skip_reason()
-        if reason:
-            raise SkipTest(reason)
-        super().setUpClass()
-        from portainer_agent.lab.dockerd import DockerDaemon
-
-        cls.daemon = DockerDaemon.temporary("secnode")
-
-    @classmethod
-    def tearDownClass(cls) -> None:
-        daemon = cls.__dict__.get("daemon")
-        cls.daemon = None
-        if daemon is not None:
-            daemon.stop()
-        super().tearDownClass()
+    class_agent = False
+    daemon: Any
 
     def start_agent(self, *args: str, probe_cert: tuple[Path, Path] | None = None) -> AgentProcess:
         agent = AgentProcess(self.daemon.url, args, probe_cert=probe_cert)
@@ -180,7 +143,7 @@ class DefaultModeAgentTests(DockerdFixture, SynchronousTestCase):
 
     @classmethod
     def tearDownClass(cls) -> None:
-        agent = getattr(cls, "agent", None)
+        agent, cls.agent = cls.__dict__.get("agent"), None
         if agent is not None:
             agent.stop()
         super().tearDownClass()
@@ -338,7 +301,7 @@ class SecurityShutdownAgentTests(DockerdFixture, SynchronousTestCase):
                 return True
             return False
 
-        wait_until(refused, 15, "the API port to close")
+        wait_for(refused, 15, "the API port to close")
         self.assertTrue(agent.alive)
         self.assertIn("Shutting down the API server", agent.log())
         # ...cannot be used to pair the agent afterwards.
@@ -353,7 +316,7 @@ class SecurityShutdownAgentTests(DockerdFixture, SynchronousTestCase):
         self.assertIn("The API closes in", agent.log(), "armed, unlike in secret mode")
         signer = PortainerSigner.generate()
         self.assertEqual(https_request(agent.port, "/version", signer.headers())[0], 200)
-        wait_until(lambda: "the API stays open" in agent.log(), 15, "the timeout to pass (the check logs it)")
+        wait_for(lambda: "the API stays open" in agent.log(), 15, "the timeout to pass (the check logs it)")
         self.assertEqual(https_request(agent.port, "/version", signer.headers())[0], 200)
         self.assertNotIn("Shutting down the API server", agent.log())
 
@@ -362,11 +325,9 @@ class MutualTLSAgentTests(DockerdFixture, SynchronousTestCase):
     def test_client_certificate_required_and_signature_still_checked(self) -> None:
         tmp = Path(tempfile.mkdtemp(prefix="pa-mtls-"))
         self.addCleanup(shutil.rmtree, tmp, ignore_errors=True)
-        ca = make_ca()
-        (tmp / "ca.pem").write_bytes(ca.certificate.cert_pem)
-        good = ca.issue("portainer").write(tmp, "good")
-        stranger = make_ca("other").issue("intruder").write(tmp, "stranger")
-        agent = self.start_agent("--tls-ca", str(tmp / "ca.pem"), probe_cert=good)
+        pki = client_pki(tmp)
+        good, stranger = pki.trusted, pki.foreign
+        agent = self.start_agent("--tls-ca", str(pki.ca_pem), probe_cert=good)
         signer = PortainerSigner.generate()
         self.assertEqual(https_request(agent.port, "/version", signer.headers(), cert=good)[0], 200)
         self.assertEqual(https_request(agent.port, "/version", cert=good)[0], 403)

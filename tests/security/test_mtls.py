@@ -14,14 +14,15 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from twisted.internet import reactor, task, threads
+from twisted.internet import reactor, threads
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 from twisted.web.static import Data
 
-from portainer_agent.security.testing import make_ca, self_signed_client
+from portainer_agent.testing.certs import client_pki
+from portainer_agent.testing.polling import wait_for_deferred
 from portainer_agent.tls.certs import generate_self_signed
 from portainer_agent.tls.server import TLSServerEndpoint, server_options
 
@@ -74,15 +75,6 @@ class TrackingSite(Site):
         return protocol
 
 
-async def wait_until(condition, timeout: float = 10.0, interval: float = 0.01) -> None:
-    """Poll ``condition`` on the real reactor until it holds or ``timeout`` passes."""
-    deadline = reactor.seconds() + timeout
-    while not condition():
-        if reactor.seconds() > deadline:
-            raise AssertionError("condition not reached in time")
-        await task.deferLater(reactor, interval, lambda: None)
-
-
 #: How a refused client certificate shows at the client: a TLS alert, or (TLS 1.3, where the
 #: server checks the certificate after the client's handshake is done) the connection reset
 #: or closed under the first request. Not a timeout or a refused connection: a server that
@@ -96,11 +88,9 @@ class MutualTLSTests(TestCase):
     def setUp(self) -> None:
         self.tmp = Path(tempfile.mkdtemp())
         self.addCleanup(shutil.rmtree, self.tmp, ignore_errors=True)
-        self.ca = make_ca("portainer-client-ca")
-        self.good = self.ca.issue("portainer").write(self.tmp, "good")
-        self.foreign = make_ca("someone-else").issue("intruder").write(self.tmp, "foreign")
-        self.self_signed = self_signed_client("selfie").write(self.tmp, "self")
-        return self.listen(self.ca.certificate.cert_pem)
+        pki = client_pki(self.tmp)
+        self.good, self.foreign, self.self_signed = pki.trusted, pki.foreign, pki.self_signed
+        return self.listen(pki.ca_pem.read_bytes())
 
     def listen(self, client_ca_pem: bytes | None):
         root = Resource()
@@ -116,7 +106,7 @@ class MutualTLSTests(TestCase):
             self.addCleanup(port.stopListening)
             # The client may close before the server has noticed; wait for the server side
             # to see every connection go, so the reactor is clean after each test.
-            self.addCleanup(wait_until, lambda: not site.open)
+            self.addCleanup(wait_for_deferred, lambda: not site.open, 10, "every server connection to close", 0.01)
 
         return d.addCallback(listening)
 

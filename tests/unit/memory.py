@@ -164,14 +164,29 @@ def raw_request(method: bytes, target: bytes, headers: Sequence[tuple[bytes, byt
 
 
 class HeldOpen(Resource):
-    """Holds every request open (NOT_DONE_YET), so tests can look at it mid-flight."""
+    """Holds requests open (NOT_DONE_YET), so tests can look at them mid-flight: every
+    request, or with ``paths`` only those (like ``logs -f``; the rest answer ``ok`` at once).
+    A held request first writes ``first`` (nothing by default)."""
 
     isLeaf = True
 
-    def __init__(self) -> None:
+    def __init__(self, paths: "set[bytes] | None" = None, first: bytes = b"") -> None:
         super().__init__()
+        self._paths = paths
+        self._first = first
+        #: Every request rendered, held or not.
         self.requests: list[Request] = []
+        #: The requests held open.
+        self.held: list[Request] = []
+        #: (channel, body) as render saw them (a finished request drops both).
+        self.seen: list[tuple[Any, bytes]] = []
 
     def render(self, request: Request) -> Any:
         self.requests.append(request)
+        self.seen.append((request.channel, request.content.read() if request.content else b""))
+        if self._paths is not None and request.path not in self._paths:
+            return b"ok"
+        if self._first:
+            request.write(self._first)
+        self.held.append(request)
         return NOT_DONE_YET

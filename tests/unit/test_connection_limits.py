@@ -14,8 +14,7 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Site
+from twisted.web.server import Site
 
 from portainer_agent.connections import RefusalLog, connection_cap, raise_open_file_limit
 from portainer_agent.http.site import AgentSite
@@ -23,26 +22,10 @@ from portainer_agent.metrics import AgentMetrics
 from portainer_agent.tls.certs import load_or_generate
 from portainer_agent.tls.server import HalfCloseTLSFactory, server_options
 
+from .memory import HeldOpen
 from .tempdirs import temp_dir
 
 ADDRESS = IPv4Address("TCP", "10.0.0.1", 40000)
-
-
-class Root(Resource):
-    """``/stream`` stays open (like ``logs -f``), the rest answers at once."""
-
-    isLeaf = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.streams: list[Any] = []
-
-    def render(self, request: Any) -> Any:
-        if request.path == b"/stream":
-            request.write(b"first line\n")
-            self.streams.append(request)
-            return NOT_DONE_YET
-        return b"ok"
 
 
 class Connection:
@@ -63,7 +46,7 @@ class HeadDeadlineTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.metrics = AgentMetrics()
-        self.root = Root()
+        self.root = HeldOpen({b"/stream"}, first=b"first line\n")
         self.site = AgentSite(self.root, reactor=self.clock, head_timeout=30, timeout=60, metrics=self.metrics)
 
     def cuts(self) -> float:
@@ -115,14 +98,14 @@ class HeadDeadlineTests(SynchronousTestCase):
         conn.send(b"GET /stream HTTP/1.1\r\nHost: a\r\n\r\n")
         for _ in range(100):
             self.clock.advance(60)
-            self.root.streams[0].write(b"tick\n")
+            self.root.held[0].write(b"tick\n")
         self.assertFalse(conn.cut)
         self.assertIn(b"tick", conn.transport.value())
         # a pipelined head arriving during the stream is not timed until it is read
         conn.send(b"GET /x HT")
         self.clock.advance(300)
         self.assertFalse(conn.cut)
-        self.root.streams[0].finish()
+        self.root.held[0].finish()
         self.assertFalse(conn.cut)
 
     def test_closed_connection_leaves_no_timer(self) -> None:
@@ -214,7 +197,7 @@ class ParserRefusalTests(SynchronousTestCase):
     def refused(self, raw: bytes) -> tuple[int, dict[bytes, bytes], dict[str, str], Connection]:
         import json
 
-        conn = Connection(AgentSite(Root(), reactor=Clock()))
+        conn = Connection(AgentSite(HeldOpen({b"/stream"}, first=b"first line\n"), reactor=Clock()))
         conn.send(raw)
         head, _, body = conn.transport.value().partition(b"\r\n\r\n")
         lines = head.split(b"\r\n")
@@ -256,7 +239,7 @@ class ParserRefusalTests(SynchronousTestCase):
         self.assertAgentError(b"GET / HTTP/1.1\r\n" + large + b"\r\n", 431, "Request Header Fields Too Large")
 
     def test_limits_leave_normal_requests_alone(self) -> None:
-        conn = Connection(AgentSite(Root(), reactor=Clock()))
+        conn = Connection(AgentSite(HeldOpen({b"/stream"}, first=b"first line\n"), reactor=Clock()))
         headers = b"".join(b"X-%d: %s\r\n" % (i, b"v" * 200) for i in range(99))
         conn.send(b"GET /" + b"a" * 8000 + b" HTTP/1.1\r\nHost: a\r\n" + headers + b"\r\n")
         self.assertTrue(conn.transport.value().startswith(b"HTTP/1.1 200 OK"))

@@ -8,7 +8,6 @@ import os
 import shutil
 import socket
 import tempfile
-import threading
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -25,6 +24,7 @@ from portainer_agent.docker.response import DockerResponse
 from portainer_agent.docker.upgrade import Upgraded
 from portainer_agent.docker.testing import MemoryEndpoint
 from portainer_agent.docker.wire import ProtocolError
+from portainer_agent.testing.threads import CheckedThread
 
 
 class ScriptedDocker(Protocol):
@@ -300,9 +300,8 @@ class BlockingGetTests(SynchronousTestCase):
                 connection.sendall(answer)
             server.close()
 
-        thread = threading.Thread(target=serve, daemon=True)
-        thread.start()
-        self.addCleanup(thread.join, 10)
+        thread = CheckedThread.started(serve)
+        self.addCleanup(thread.finish, 10)
         self.addCleanup(shutil.rmtree, directory, True)
         return path
 

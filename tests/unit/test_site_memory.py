@@ -12,34 +12,14 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport, StringTransportWithDisconnection
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from portainer_agent.http.request import AgentRequest
 from portainer_agent.http.site import AgentHTTPChannel, AgentSite
 
+from .memory import HeldOpen
+
 GRACE = 5.0
-
-
-class Recorder(Resource):
-    """``/slow`` stays open until the test finishes it; anything else answers ``ok``."""
-
-    isLeaf = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.requests: list[Request] = []
-        #: (channel, body) as render saw them (a finished request drops both).
-        self.seen: list[tuple[Any, bytes]] = []
-
-    def render(self, request: Request) -> Any:
-        self.requests.append(request)
-        self.seen.append((request.channel, request.content.read() if request.content else b""))
-        if request.path == b"/slow":
-            request.write(b"started,")
-            return NOT_DONE_YET
-        return b"ok"
 
 
 class Connection:
@@ -68,9 +48,9 @@ def get(path: bytes) -> bytes:
 
 
 class SiteTestCase(SynchronousTestCase):
-    def make_site(self, **kwargs: Any) -> tuple[AgentSite, Recorder, Clock]:
+    def make_site(self, **kwargs: Any) -> tuple[AgentSite, HeldOpen, Clock]:
         clock = Clock()
-        resource = Recorder()
+        resource = HeldOpen({b"/slow"}, first=b"started,")
         site = AgentSite(resource, reactor=clock, **kwargs)
         return site, resource, clock
 
@@ -214,7 +194,7 @@ class DrainTests(SiteTestCase):
         [request] = resource.requests
         self.assertTrue(request._disconnected)
 
-    def handed_over(self, site: AgentSite, resource: Recorder) -> tuple[Any, Any]:
+    def handed_over(self, site: AgentSite, resource: HeldOpen) -> tuple[Any, Any]:
         """A request taken over by a stream (as a hijack does): (stream, its release)."""
         Connection(site).send(get(b"/slow"))
 
