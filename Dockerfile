@@ -51,7 +51,7 @@ RUN groupadd --gid 10001 agent \
  && find usr/share/doc -mindepth 1 -not -name copyright -not -type d -delete \
  && find usr/share/doc -mindepth 1 -type d -empty -delete \
  && rm -rf usr/share/man usr/share/info usr/share/locale usr/share/lintian usr/share/bash-completion \
-        usr/share/python-wheels usr/share/gcc usr/lib/x86_64-linux-gnu/gconv \
+        usr/share/python-wheels usr/share/gcc usr/lib/*-linux-gnu/gconv \
         usr/lib/python3.11/test usr/lib/python3.11/idlelib usr/lib/python3.11/lib2to3 \
         usr/lib/python3.11/ensurepip usr/lib/python3.11/pydoc_data usr/lib/python3.11/turtledemo \
         usr/lib/python3.11/tkinter \
