@@ -202,7 +202,8 @@ class EditableInstallTests(SynchronousTestCase):
     finds the dropin and the checkout-only subpackages import."""
 
     def test_twistd_finds_the_plugin(self) -> None:
-        tmp = Path(self.mktemp()).resolve()
+        tmp = Path(tempfile.mkdtemp(prefix="pa-editable-"))  # not mktemp(): relative to the cwd under pytest
+        self.addCleanup(shutil.rmtree, tmp, ignore_errors=True)
         source = source_copy(tmp / "src")
         environment = tmp / "venv"
         venv.EnvBuilder(with_pip=True).create(environment)
