@@ -34,6 +34,9 @@ STACK_NAME = "portainer"
 NETWORK = f"{STACK_NAME}_agent_network"
 SERVICE = f"{STACK_NAME}_agent"
 NAMES = {"node1", "node2", "node3"}
+# In the image: the modules that must not be there (prints them, exits 1 when any is).
+IMAGE_PROBE = ("import importlib.util as u; found = [m for m in ('portainer_agent.lab', 'portainer_agent.testing', "
+               "'portainer_agent.tools', 'pip', 'setuptools') if u.find_spec(m)]; print(found); raise SystemExit(bool(found))")
 
 
 
@@ -194,6 +197,17 @@ class SwarmStackTests(SynchronousLabTestCase):
                                  "portainer-agent", "healthcheck", check=False)
         self.assertEqual(broken.returncode, 1)
         self.assertIn("Docker at unix:///nonexistent.sock", broken.stderr)
+
+    def test_image_is_the_runtime_only(self) -> None:
+        """The image weighs at most 150 MB (Dockerfile: a builder stage, then a pruned tree FROM
+        scratch), runs as UID 10001, and carries neither the lab, the test helpers nor pip."""
+        node = self.lab.node("node1")
+        image = json.loads(self.lab.docker(node, "image", "inspect", TAG).stdout)[0]
+        self.assertLessEqual(image["Size"], 150_000_000)
+        self.assertEqual(image["Config"]["User"], "10001:10001")
+        result = self.lab.docker(node, "run", "--rm", "--entrypoint", "python3", TAG, "-c", IMAGE_PROBE,
+                                 check=False)
+        self.assertEqual((result.returncode, result.stdout.strip()), (0, "[]"), result.stderr)
 
     def test_volumes_mount_is_the_nodes(self) -> None:
         node = self.lab.node("node3")
