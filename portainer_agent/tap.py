@@ -195,7 +195,7 @@ class AgentService(MultiService):
         # Deadlines follow membership: a member declared dead has its requests failed at once.
         view.watch_departures(peers.member_departed)
         # The Swarm's node list, so an aggregate names the nodes no live agent answers for.
-        node_list = SwarmNodeList(self.reactor, self.docker, peers.agent,
+        node_list = SwarmNodeList(self.reactor, self.docker, peers.client,
                                   timeout=min(self.config.aggregate_timeout, self.config.peer_timeout * 2),
                                   wait=min(self.config.aggregate_timeout, 2.0))
         fanout = FanOut(self.reactor, self.docker_proxy, peers, self.config.aggregate_timeout,

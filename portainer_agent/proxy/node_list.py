@@ -2,8 +2,8 @@
 :mod:`portainer_agent.cluster.swarm_nodes`).
 
 The list comes from a manager: this node's own Docker socket when it is one, else (or when
-that fails) the live managers' agents, the leader first, with ``GET /nodes`` over the pinned
-peer pool. An agent has no credentials of its own for another agent (each one checks
+that fails) the live managers' agents, the leader first, with ``GET /nodes`` through treq
+over the pinned peer pool. An agent has no credentials of its own for another agent (each one checks
 Portainer's signature), so the peer request carries the signature headers of the aggregated
 request that needs the list, as any forwarded request does: the list is read on demand,
 when an aggregate needs it and it is older than ``max_age`` (5 s), at most once at a time.
@@ -50,13 +50,14 @@ class NodeListUnavailable(Exception):
 class SwarmNodeList:
     """The Swarm's node list, read from a manager and kept fresh on demand."""
 
-    def __init__(self, clock: Any, docker: Any, peer_agent: IAgent | None, *, max_age: float = 5.0,
+    def __init__(self, clock: Any, docker: Any, peer_client: IAgent | None, *, max_age: float = 5.0,
                  timeout: float = 5.0, wait: float = 2.0, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self._clock = clock
         #: The one Docker client (``request(method, target, headers, body)``).
         self._docker = docker
-        #: The peer forwarder's HTTPS agent (pinned pool); None: only the local socket.
-        self._peer_agent = peer_agent
+        #: The client between agents (:class:`~portainer_agent.proxy.peer_client.PeerClient`:
+        #: treq over the pinned pool); None: only the local socket.
+        self._peer_client = peer_client
         self._max_age = max_age
         self._timeout = timeout
         self._wait = wait
@@ -155,11 +156,11 @@ class SwarmNodeList:
               ) -> "Deferred[tuple[SwarmNode, ...]]":
         if local:
             pending: Deferred[Any] = self._docker.request(b"GET", b"/nodes")
-        elif self._peer_agent is None:
+        elif self._peer_client is None:
             raise NodeListUnavailable("no peer agent client")
         else:
             marks = {TARGET_HEADER: [member.node_name.encode("utf-8")], **headers}
-            pending = self._peer_agent.request(b"GET", peer_base_url(member) + b"/nodes", Headers(marks))
+            pending = self._peer_client.request(b"GET", peer_base_url(member) + b"/nodes", Headers(marks))
 
         def read(response: Any) -> "Deferred[tuple[SwarmNode, ...]]":
             body = collect_body(response, member.node_name, self._max_bytes)
