@@ -18,7 +18,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from portainer_agent.docker import wire
-from portainer_agent.docker.client import DockerClient, Upgraded, read_body
+from portainer_agent.docker.client import DockerClient, Upgraded
+from portainer_agent.httpkit.whole_body import read_whole_body
 from portainer_agent.errors import AgentError, bad_gateway_docker
 from portainer_agent.proxy.relay import failure_reason
 
@@ -204,7 +205,7 @@ def open_docker_stream(reactor: Any, socket_path: str, target: ConsoleTarget,
             if not result.called:
                 result.errback(Failure(refusal(target, answer.code, answer.phrase, data)))
 
-        return read_body(answer).addCallback(refused)
+        return read_whole_body(answer, source="Docker").addCallback(refused)
 
     def failed(failure: Failure) -> None:
         if not result.called and not failure.check(CancelledError):

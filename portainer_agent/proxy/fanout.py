@@ -31,7 +31,7 @@ from portainer_agent.errors import AgentError
 from portainer_agent.httpkit.responses import finish_with_error
 from portainer_agent.httpkit.teardown import cancel_when_client_leaves
 from portainer_agent.httpkit.twisted_private import client_gone
-from portainer_agent.proxy.collect import collect_body
+from portainer_agent.httpkit.whole_body import read_whole_body
 from portainer_agent.proxy.local import DockerProxy
 from portainer_agent.proxy.merge import (
     NodeAnswer,
@@ -109,7 +109,8 @@ class FanOut:
                     return NodeAnswer(member.node_name, body)
                 raise _HTTPFailure(member.node_name, response.code, body, content_type)
 
-            return collect_body(response, member.node_name, self._max_bytes).addCallback(check)
+            return read_whole_body(response, self._max_bytes, f"node {member.node_name}",
+                                   " (--aggregate-max-bytes)").addCallback(check)
 
         answer: Deferred[NodeAnswer] = sent.addCallback(read)
         # On the deadline the cancellation reaches whatever the leg waits for: the request

@@ -28,7 +28,7 @@ from twisted.web.server import Request
 
 from portainer_agent.cluster.member import Member
 from portainer_agent.cluster.swarm_nodes import NodeListState, SwarmNode, node_list_sources, parse_node_list
-from portainer_agent.proxy.collect import collect_body
+from portainer_agent.httpkit.whole_body import read_whole_body
 from portainer_agent.proxy.merge import docker_error_message
 from portainer_agent.proxy.peer import peer_base_url
 from portainer_agent.proxy.reasons import upstream_failure_reason
@@ -163,7 +163,7 @@ class SwarmNodeList:
             pending = self._peer_client.request(b"GET", peer_base_url(member) + b"/nodes", Headers(marks))
 
         def read(response: Any) -> "Deferred[tuple[SwarmNode, ...]]":
-            body = collect_body(response, member.node_name, self._max_bytes)
+            body = read_whole_body(response, self._max_bytes, f"node {member.node_name}")
 
             def check(data: bytes) -> tuple[SwarmNode, ...]:
                 if response.code != 200:
