@@ -53,6 +53,7 @@ from portainer_agent.httpkit.twisted_private import client_gone
 from portainer_agent.httpkit.upload import MAX_MEMORY_BODY
 from portainer_agent.proxy.outgoing import upstream_header_lines
 from portainer_agent.proxy.relay import Drop, failure_reason, relay_response
+from portainer_agent.routing import Route
 
 log = Logger()
 
@@ -241,7 +242,7 @@ class HijackProxy:
         self._docker = docker
         self._hand_over = hand_over
 
-    def render(self, request: Request) -> Any:
+    def render(self, request: Request, route: Route | None = None) -> Any:
         """Splice ``request`` to the local Docker socket."""
         return self.open(request, None, DOCKER_HOST, None, self._dockerFailed)
 
