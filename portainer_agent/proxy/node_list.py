@@ -34,6 +34,7 @@ from portainer_agent.proxy.peer import peer_base_url
 from portainer_agent.proxy.reasons import upstream_failure_reason
 from portainer_agent.routing import FORWARDED_HEADER, TARGET_HEADER
 from portainer_agent.security.guard import PUBLIC_KEY_HEADER, SIGNATURE_HEADER
+from portainer_agent.timers import cancel_timer, cancel_timer_when_done
 
 log = Logger()
 
@@ -93,8 +94,7 @@ class SwarmNodeList:
         def cancel(d: "Deferred[NodeListState]") -> None:
             if d in self._waiters:
                 self._waiters.remove(d)
-            if timer is not None and timer.active():
-                timer.cancel()
+            cancel_timer(timer)
 
         waiter: Deferred[NodeListState] = Deferred(cancel)
 
@@ -104,7 +104,7 @@ class SwarmNodeList:
                 waiter.callback(self._state)
 
         timer = self._clock.callLater(self._wait, give_up)
-        waiter.addBoth(_cancel_timer, timer)
+        cancel_timer_when_done(waiter, timer)
         self._waiters.append(waiter)
         return waiter
 
@@ -188,12 +188,6 @@ class SwarmNodeList:
             log.warn("cannot read the Swarm node list: {reason}; aggregated lists {what}", reason=reason,
                      what="use the last one read" if self._state.known else "say the node list is unknown")
             self._failing = True
-
-
-def _cancel_timer(result: Any, timer: Any) -> Any:
-    if timer.active():
-        timer.cancel()
-    return result
 
 
 def _signature_headers(request: Request, local_name: str) -> dict[bytes, list[bytes]]:

@@ -47,6 +47,7 @@ from portainer_agent.proxy.peer_client import PeerClient
 from portainer_agent.proxy.relay import Drop, failure_reason, relay_pending
 from portainer_agent.proxy.splice import HijackProxy
 from portainer_agent.routing import FORWARDED_HEADER, TARGET_HEADER
+from portainer_agent.timers import cancel_timer
 from portainer_agent.tls.certs import certificate_spki_fingerprint
 
 log = Logger()
@@ -130,8 +131,7 @@ class _HeadDeadline:
 
         def over(result: Any) -> Any:
             self._over = True
-            if self._timer is not None and self._timer.active():
-                self._timer.cancel()
+            cancel_timer(self._timer)
             return result
 
         pending.addBoth(over)
