@@ -18,6 +18,7 @@ agents without verification, signed like Portainer):
 Usage (root, from the repository root; bounded: every phase has a request count or a time):
 
     sudo .venv/bin/python bench/routing.py [--requests 300] [--seconds 8] [--image-mb 1024] [--json out.json]
+        [--prefix pabroute --subnet 10.77.63.0/24]
 """
 from __future__ import annotations
 
@@ -155,9 +156,11 @@ def main() -> int:
     parser.add_argument("--containers", type=int, default=50, help="containers per node")
     parser.add_argument("--image-mb", type=int, default=1024, help="size of the image saved across nodes (0: skip)")
     parser.add_argument("--json", help="write the figures here")
+    parser.add_argument("--prefix", default="pabroute", help="lab name prefix (namespaces, bridge)")
+    parser.add_argument("--subnet", default="10.77.63.0/24", help="lab subnet")
     args = parser.parse_args()
 
-    lab = Lab(prefix="pabroute", subnet="10.77.63.0/24", nodes_count=3, managers=2, secret="bench-secret")
+    lab = Lab(prefix=args.prefix, subnet=args.subnet, nodes_count=3, managers=2, secret="bench-secret")
     lab.up()
     try:
         return run(lab, args)

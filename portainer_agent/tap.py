@@ -25,7 +25,7 @@ from portainer_agent.proxy.splice import HijackProxy
 from portainer_agent.docker.identity import DockerUnavailable, NodeIdentity, fetch_identity_blocking
 from portainer_agent.proxy.local import DockerProxy
 from portainer_agent.http.request import AgentRequests
-from portainer_agent.http.root import AgentRoot, Endpoint
+from portainer_agent.http.root import AgentRoot
 from portainer_agent.http.router import Router, streaming_paths
 from portainer_agent.http.inflight import InFlight
 from portainer_agent.http.site import AgentSite
@@ -36,7 +36,7 @@ from portainer_agent.security.guard import SignatureGuard
 from portainer_agent.security.shutdown import SecurityShutdown
 from portainer_agent.tls.server import TLSServerEndpoint, server_options
 from portainer_agent.cluster.membership import MembershipView
-from portainer_agent.proxy.dispatch import Destinations
+from portainer_agent.proxy.dispatch import Destinations, Handler
 from portainer_agent.routing import ClusterSnapshot
 from portainer_agent.http.agents import AgentsResource
 from portainer_agent.fs.pool import PoolService
@@ -127,7 +127,7 @@ class AgentService(MultiService):
         volumes = VolumeRootMap.for_docker_root(identity.docker_root_dir, str(config.volumes_root) if config.volumes_root else None)
         browse = BrowseService(VolumeLocator(self.docker, volumes), config.host_management, config.host_root,
                                self.disk.run, max_upload=config.browse_max_upload)
-        endpoints: dict[bytes, Endpoint] = {
+        endpoints: dict[bytes, Handler] = {
             b"/agents": AgentsResource(self.cluster.view if self.cluster is not None else None),
             **browse_endpoints(browse),
             b"/host/info": HostInfoResource(config.host_root, self.disk.run),
@@ -202,7 +202,7 @@ class AgentService(MultiService):
         # Deadlines follow membership: a member declared dead has its requests failed at once.
         view.watch_departures(peers.member_departed)
         # The Swarm's node list, so an aggregate names the nodes no live agent answers for.
-        node_list = SwarmNodeList(self.reactor, self.docker, peers.agent,
+        node_list = SwarmNodeList(self.reactor, self.docker, peers.client,
                                   timeout=min(self.config.aggregate_timeout, self.config.peer_timeout * 2),
                                   wait=min(self.config.aggregate_timeout, 2.0))
         fanout = FanOut(self.reactor, self.docker_proxy, peers, self.config.aggregate_timeout,

@@ -36,6 +36,7 @@ from twisted.python.failure import Failure
 from portainer_agent.cluster.dissemination import BroadcastQueue, Update, retransmit_limit
 from portainer_agent.cluster.health import LocalHealth
 from portainer_agent.cluster.member import Member, MemberState, PeerAddress, supersedes
+from portainer_agent.timers import cancel_timer
 
 log = Logger(namespace="portainer_agent.cluster")
 
@@ -262,8 +263,7 @@ class SwimNode:
         timer = self.clock.callLater(timeout, expire)
 
         def finished(_: object) -> None:
-            if timer.active():
-                timer.cancel()
+            cancel_timer(timer)
             if not done.called:
                 done.callback(None)
 

@@ -45,6 +45,7 @@ from portainer_agent.cluster.commands import (
 from portainer_agent.cluster.dissemination import Update
 from portainer_agent.cluster.member import Member, MemberState, PeerAddress
 from portainer_agent.cluster.swim import Clock, SwimNode
+from portainer_agent.timers import cancel_timer, cancel_timer_when_done
 from portainer_agent.tls.certs import certificate_spki_fingerprint
 
 if TYPE_CHECKING:
@@ -321,8 +322,7 @@ class AmpPeerTransport:
         timer = self.clock.callLater(self.connect_timeout, attempt.cancel)
 
         def done(result: Any) -> None:
-            if timer.active():
-                timer.cancel()
+            cancel_timer(timer)
             self._connections.pop(peer.key, None)
             waiters = self._waiters.pop(peer.key, [])
             if not isinstance(result, Failure):
@@ -384,11 +384,7 @@ class AmpPeerTransport:
         timer = self.clock.callLater(timeout, abort)
         done = DeferredList([p.closed for p in protocols if p.closed is not None], consumeErrors=True)
 
-        def finished(result: Any) -> None:
-            if timer.active():
-                timer.cancel()
-
-        return done.addBoth(finished)
+        return cancel_timer_when_done(done, timer).addCallback(lambda _: None)
 
     def _call(self, peer: PeerAddress, command: type[amp.Command], **arguments: Any) -> Deferred:
         d = self.connection(peer)

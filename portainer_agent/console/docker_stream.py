@@ -20,8 +20,8 @@ from zope.interface import implementer
 
 from portainer_agent.docker import wire
 from portainer_agent.docker.client import DockerClient
-from portainer_agent.docker.response import read_body
 from portainer_agent.docker.upgrade import Upgraded
+from portainer_agent.httpkit.whole_body import read_whole_body
 from portainer_agent.errors import AgentError, bad_gateway_docker
 from portainer_agent.proxy.relay import failure_reason
 
@@ -204,7 +204,7 @@ def open_docker_stream(docker: DockerClient, target: ConsoleTarget) -> "Deferred
             if not result.called:
                 result.errback(Failure(refusal(target, answer.code, answer.phrase, data)))
 
-        return read_body(answer).addCallback(refused)
+        return read_whole_body(answer, source="Docker").addCallback(refused)
 
     def failed(failure: Failure) -> None:
         if not result.called and not failure.check(CancelledError):

@@ -31,20 +31,13 @@ from wsproto.events import BytesMessage, CloseConnection, Event, Ping, TextMessa
 
 from portainer_agent.console.docker_stream import END_OF_INPUT, HANGUP_REPEAT, HANGUP_TRIES
 from portainer_agent.console.text import TerminalText
+from portainer_agent.httpkit.teardown import unregister_producer
 
 log = Logger()
 
 NORMAL_CLOSURE = 1000
 GOING_AWAY = 1001
 PING_PAYLOAD = b"portainer-agent"
-
-
-def _unregister(transport: Any) -> None:
-    if transport is not None:
-        try:
-            transport.unregisterProducer()
-        except Exception:  # none registered
-            pass
 
 
 class ConsoleSession(Protocol):
@@ -171,7 +164,7 @@ class ConsoleSession(Protocol):
     def abort(self) -> None:
         """Cut both ends now (a stop that ran out of time)."""
         self._stopHangup()
-        _unregister(self._docker)
+        unregister_producer(self._docker)
         self._docker.abortConnection()
         self._abortClient()
 
@@ -183,7 +176,7 @@ class ConsoleSession(Protocol):
         if self._ws.state is ConnectionState.OPEN and not self.lost:
             self._send(CloseConnection(code, reason))
             assert self.transport is not None
-            _unregister(self.transport)  # nothing more to relay from Docker...
+            unregister_producer(self.transport)  # nothing more to relay from Docker...
             if not getattr(self._docker, "disconnecting", False):
                 self._docker.resumeProducing()  # ...but keep reading it, to see its end
             self._closeTimer = self._clock.callLater(self._close_timeout, self._dropClient)
@@ -219,7 +212,7 @@ class ConsoleSession(Protocol):
         if self._dockerClosed:
             return
         self._dockerClosed = True
-        _unregister(self._docker)
+        unregister_producer(self._docker)
         if not hangup:
             self._docker.loseConnection()
             return
@@ -247,11 +240,11 @@ class ConsoleSession(Protocol):
             return
         if self._closeTimer is not None and self._closeTimer.active():
             self._closeTimer.cancel()
-        _unregister(self.transport)
+        unregister_producer(self.transport)
         self.transport.loseConnection()
         self._closeTimer = self._clock.callLater(self._close_timeout, self._abortClient)
 
     def _abortClient(self) -> None:
         if not self.lost and self.transport is not None:
-            _unregister(self.transport)
+            unregister_producer(self.transport)
             self.transport.abortConnection()  # type: ignore[attr-defined]

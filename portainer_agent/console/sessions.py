@@ -13,6 +13,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, succeed
 
 from portainer_agent.console.docker_stream import HANGUP_REPEAT, HANGUP_TRIES
+from portainer_agent.timers import cancel_timer
 
 if TYPE_CHECKING:
     from portainer_agent.console.session import ConsoleSession
@@ -48,8 +49,7 @@ class ConsoleSessions(Service):
         timer = self._clock.callLater(self._timeout, cut)
 
         def ended(_: Any) -> None:
-            if timer.active():
-                timer.cancel()
+            cancel_timer(timer)
             if not stopped.called:
                 stopped.callback(None)
 

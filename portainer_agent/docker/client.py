@@ -32,7 +32,8 @@ from twisted.web.iweb import IBodyProducer
 
 from portainer_agent.docker import wire
 from portainer_agent.docker.connection import Connection, ConnectionFactory, Exchange
-from portainer_agent.docker.response import DockerResponse, read_json
+from portainer_agent.docker.response import DockerResponse
+from portainer_agent.httpkit.whole_body import read_json_body
 from portainer_agent.docker.upgrade import UpgradeExchange, Upgraded
 from portainer_agent.docker.wire import DOCKER_HOST
 
@@ -93,7 +94,7 @@ class DockerClient:
 
     def get_json(self, path: str) -> "Deferred[tuple[int, Any]]":
         """``GET path``: (status, the parsed JSON body, or None if it is not JSON)."""
-        return self.request(b"GET", path.encode("ascii")).addCallback(read_json)
+        return self.request(b"GET", path.encode("ascii")).addCallback(read_json_body, source=self.label)
 
     def close_idle(self) -> "Deferred[None]":
         """Close the kept-alive connections (on stop)."""

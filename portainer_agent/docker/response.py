@@ -8,21 +8,16 @@ the socket, so a slow client slows Docker down and nothing is buffered beyond on
 The raw header list is kept as received (``raw_headers``) so the relay copies it once,
 filtered; ``headers`` is built only when someone asks.
 
-:func:`read_body` and :func:`read_json` read a whole (small) response, for the agent's own
-questions to Docker (identity, volumes, exec inspection).
+A whole (small) answer, for the agent's own questions to Docker (identity, volumes, exec
+inspection), is read by the one body reader, :mod:`portainer_agent.httpkit.whole_body`.
 """
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import Deferred
-from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IProtocol, IPushProducer
-from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
-from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 from zope.interface import implementer
@@ -30,7 +25,7 @@ from zope.interface import implementer
 if TYPE_CHECKING:
     from portainer_agent.docker.connection import Connection
 
-__all__ = ["RESPONSE_DONE", "DockerResponse", "read_body", "read_json"]
+__all__ = ["RESPONSE_DONE", "DockerResponse"]
 
 
 #: One Failure for every normal end of a body: building one per response costs more than
@@ -130,33 +125,3 @@ class _BodyTransport:
     def stopProducing(self) -> None:  # noqa: N802
         """The reader is gone (client left an endless stream): drop the connection."""
         self._connection.abort()
-
-
-def read_body(response: Any) -> "Deferred[bytes]":
-    """Read a whole (small) response body."""
-    collected: list[bytes] = []
-    done: Deferred[None] = Deferred()
-
-    class _Collect(Protocol):
-        def dataReceived(self, data: bytes) -> None:  # noqa: N802
-            collected.append(data)
-
-        def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: N802
-            if isinstance(reason.value, (ResponseDone, PotentialDataLoss)):
-                done.callback(None)
-            else:
-                done.errback(reason)
-
-    response.deliverBody(_Collect())
-    return done.addCallback(lambda _: b"".join(collected))
-
-
-def read_json(response: Any) -> "Deferred[tuple[int, Any]]":
-    """Read a whole (small) response: (status, parsed JSON or None)."""
-    def parse(body: bytes) -> tuple[int, Any]:
-        try:
-            return response.code, json.loads(body)
-        except ValueError:
-            return response.code, None
-
-    return read_body(response).addCallback(parse)

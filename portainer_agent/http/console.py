@@ -34,6 +34,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from portainer_agent.httpkit.twisted_private import client_gone
 from portainer_agent.console.docker_stream import ConsoleTarget, DockerStream
 from portainer_agent.httpkit.takeover import take_over_transport
+from portainer_agent.httpkit.teardown import cancel_when_client_leaves
 from portainer_agent.errors import AgentError
 from portainer_agent.httpkit.responses import finish_with_error, write_error
 from portainer_agent.routing import Route
@@ -118,7 +119,7 @@ class ConsoleResource:
         except AgentError as error:
             return write_error(request, error)
         opening = self._open_stream(target)
-        request.notifyFinish().addErrback(lambda _: opening.cancel())
+        cancel_when_client_leaves(request, opening)
         opening.addCallbacks(self._accept, self._refused, callbackArgs=(request, handshake, target),
                              errbackArgs=(request, target))
         return NOT_DONE_YET

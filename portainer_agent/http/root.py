@@ -4,7 +4,8 @@ In order: agent headers on the response (so every answer carries them, errors an
 404s included), the request's route (decided once, when its headers came in:
 :mod:`portainer_agent.http.router`), the public ping, the request guard (signature check,
 before any forwarding), then the destination the route names, given the route: an agent
-endpoint (``render(request, route)``) or :class:`Destinations`.
+endpoint (a :class:`~portainer_agent.proxy.dispatch.Handler`) or the
+:class:`~portainer_agent.proxy.dispatch.Destinations` (both injected).
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from portainer_agent.errors import AgentError, not_found
 from portainer_agent.http.inflight import InFlight
 from portainer_agent.http.router import Routed, Router
 from portainer_agent.httpkit.responses import write_empty, write_error
-from portainer_agent.routing import Route, RouteKind
+from portainer_agent.proxy.dispatch import Destinations, Handler
+from portainer_agent.routing import RouteKind
 
 log = Logger()
 
@@ -36,20 +38,6 @@ class RequestGuard(Protocol):
     def check(self, request: Request) -> None: ...
 
 
-class Endpoint(Protocol):
-    """One of the agent's own endpoints: given the request and the route that chose it
-    (the legacy ``/v1/browse/{volumeID}/...`` paths carry the volume in the route)."""
-
-    def render(self, request: Request, route: Route) -> Any: ...
-
-
-class Destinations(Protocol):
-    """Where routed requests go (:class:`portainer_agent.proxy.dispatch.Destinations`):
-    injected, so the HTTP edge does not depend on the proxies behind it."""
-
-    def serve(self, route: Route, request: Request, local_name: str | None) -> Any: ...
-
-
 class AgentRoot(Resource):
     """Routes every path itself (a leaf): the tree is data in :mod:`routing`."""
 
@@ -60,7 +48,7 @@ class AgentRoot(Resource):
         destinations: Destinations,
         router: Router | None = None,
         guard: RequestGuard | None = None,
-        endpoints: Mapping[bytes, Endpoint] | None = None,
+        endpoints: Mapping[bytes, Handler] | None = None,
         inflight: InFlight | None = None,
     ) -> None:
         super().__init__()
@@ -70,7 +58,7 @@ class AgentRoot(Resource):
         self.router = router if router is not None else Router()
         self.guard = guard
         #: Agent endpoints by path without ``/v1``/``/v2``: ``b"/agents"``, ``b"/host/info"``...
-        self.endpoints: Mapping[bytes, Endpoint] = dict(endpoints or {})
+        self.endpoints: Mapping[bytes, Handler] = dict(endpoints or {})
         #: The site's in-flight registry: told each request's route kind (for its metrics).
         self.inflight = inflight
 
@@ -105,4 +93,4 @@ class AgentRoot(Resource):
         return self.destinations.serve(route, request, routed.local_name)
 
 
-__all__ = ["AgentRoot", "AGENT_HEADERS", "Endpoint", "RequestGuard", "NOT_DONE_YET"]
+__all__ = ["AgentRoot", "AGENT_HEADERS", "RequestGuard", "NOT_DONE_YET"]

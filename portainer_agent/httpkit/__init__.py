@@ -14,8 +14,10 @@ which is exactly what this package does not contain. It imports nothing from the
 * :mod:`.responses` — Docker-style JSON errors, empty and JSON answers, aborting a client;
 * :mod:`.upload` — request bodies: streamed as they arrive (an ``IBodyProducer`` with
   backpressure), buffered, or read whole in bounded memory;
+* :mod:`.whole_body` — a whole response body read, bounded and cancellable;
 * :mod:`.bodysink` — a request body written to disk in the thread pool, with backpressure;
 * :mod:`.filesend` — a file sent from the thread pool, byte ranges included;
 * :mod:`.takeover` — a client connection taken over from twisted.web after an upgrade;
+* :mod:`.teardown` — an upstream cancelled when the client leaves, a producer unregistered;
 * :mod:`.twisted_private` — every private Twisted name the agent uses, each with why.
 """

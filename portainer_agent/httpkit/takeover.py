@@ -14,6 +14,7 @@ from typing import Any
 from twisted.internet.protocol import Protocol
 from twisted.web.server import Request
 
+from portainer_agent.httpkit.teardown import unregister_producer
 from portainer_agent.httpkit.twisted_private import take_unread
 
 
@@ -30,10 +31,7 @@ def take_over_transport(request: Request, protocol: Protocol) -> Any:
     transport: Any = channel.transport
     buffered = take_unread(channel)
     channel.setTimeout(None)
-    try:
-        transport.unregisterProducer()
-    except Exception:
-        pass
+    unregister_producer(transport)
     if hasattr(transport, "wrappedProtocol"):
         transport.wrappedProtocol = protocol
     else:

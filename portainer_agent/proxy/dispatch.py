@@ -9,7 +9,11 @@ from portainer_agent.routing import Route, RouteKind
 
 
 class Handler(Protocol):
-    def render(self, request: Request) -> Any: ...
+    """Serves a request: the local Docker proxy and splice here, and every agent endpoint at
+    the edge, which is also given the route that chose it (the legacy
+    ``/v1/browse/{volumeID}/...`` paths carry the volume in the route)."""
+
+    def render(self, request: Request, route: Route | None = None) -> Any: ...
 
 
 class Destinations:

@@ -29,8 +29,9 @@ from portainer_agent.cluster.member import Member
 from portainer_agent.cluster.swarm_nodes import NodeListState, uncovered_nodes, unknown_list_warning
 from portainer_agent.errors import AgentError
 from portainer_agent.httpkit.responses import finish_with_error
+from portainer_agent.httpkit.teardown import cancel_when_client_leaves
 from portainer_agent.httpkit.twisted_private import client_gone
-from portainer_agent.proxy.collect import collect_body
+from portainer_agent.httpkit.whole_body import read_whole_body
 from portainer_agent.proxy.local import DockerProxy
 from portainer_agent.proxy.merge import (
     NodeAnswer,
@@ -86,13 +87,9 @@ class FanOut:
             self._node_list.current(request, members, local_name) if self._node_list is not None else succeed(None))
         pending: list[Deferred[Any]] = [*legs, listing]
 
-        def cancel_all(_: Failure) -> None:
-            # Unconditionally: a leg reading its body is "called" but paused on the reader,
-            # and cancelling it reaches the reader (a finished leg ignores it).
-            for leg in pending:
-                leg.cancel()
-
-        request.notifyFinish().addErrback(cancel_all)
+        # A leg reading its body is "called" but waits on the reader: cancelling it reaches
+        # the reader (a finished leg ignores it).
+        cancel_when_client_leaves(request, *pending)
         answered = DeferredList(pending, consumeErrors=True)
         answered.addCallback(self._answer, request, path, members)
         answered.addErrback(self._crashed, request)
@@ -112,7 +109,8 @@ class FanOut:
                     return NodeAnswer(member.node_name, body)
                 raise _HTTPFailure(member.node_name, response.code, body, content_type)
 
-            return collect_body(response, member.node_name, self._max_bytes).addCallback(check)
+            return read_whole_body(response, self._max_bytes, f"node {member.node_name}",
+                                   " (--aggregate-max-bytes)").addCallback(check)
 
         answer: Deferred[NodeAnswer] = sent.addCallback(read)
         # On the deadline the cancellation reaches whatever the leg waits for: the request

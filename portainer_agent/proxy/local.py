@@ -19,6 +19,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from portainer_agent.errors import AgentError, bad_gateway_docker
 from portainer_agent.proxy.outgoing import request_body_producer, upstream_header_lines
 from portainer_agent.proxy.relay import failure_reason, relay_pending
+from portainer_agent.routing import Route
 
 log = Logger()
 
@@ -48,7 +49,7 @@ class DockerProxy:
             # lets some through): a client error, not a crash.
             raise AgentError(400, "Invalid request URL or method", str(error)) from None
 
-    def render(self, request: Request) -> Any:
+    def render(self, request: Request, route: Route | None = None) -> Any:
         relay_pending(self.send(request), request, self._unreachable)
         return NOT_DONE_YET
 

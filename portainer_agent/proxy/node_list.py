@@ -2,8 +2,8 @@
 :mod:`portainer_agent.cluster.swarm_nodes`).
 
 The list comes from a manager: this node's own Docker socket when it is one, else (or when
-that fails) the live managers' agents, the leader first, with ``GET /nodes`` over the pinned
-peer pool. An agent has no credentials of its own for another agent (each one checks
+that fails) the live managers' agents, the leader first, with ``GET /nodes`` through treq
+over the pinned peer pool. An agent has no credentials of its own for another agent (each one checks
 Portainer's signature), so the peer request carries the signature headers of the aggregated
 request that needs the list, as any forwarded request does: the list is read on demand,
 when an aggregate needs it and it is older than ``max_age`` (5 s), at most once at a time.
@@ -28,12 +28,13 @@ from twisted.web.server import Request
 
 from portainer_agent.cluster.member import Member
 from portainer_agent.cluster.swarm_nodes import NodeListState, SwarmNode, node_list_sources, parse_node_list
-from portainer_agent.proxy.collect import collect_body
+from portainer_agent.httpkit.whole_body import read_whole_body
 from portainer_agent.proxy.merge import docker_error_message
 from portainer_agent.proxy.peer import peer_base_url
 from portainer_agent.proxy.reasons import upstream_failure_reason
 from portainer_agent.routing import FORWARDED_HEADER, TARGET_HEADER
 from portainer_agent.security.guard import PUBLIC_KEY_HEADER, SIGNATURE_HEADER
+from portainer_agent.timers import cancel_timer, cancel_timer_when_done
 
 log = Logger()
 
@@ -50,13 +51,14 @@ class NodeListUnavailable(Exception):
 class SwarmNodeList:
     """The Swarm's node list, read from a manager and kept fresh on demand."""
 
-    def __init__(self, clock: Any, docker: Any, peer_agent: IAgent | None, *, max_age: float = 5.0,
+    def __init__(self, clock: Any, docker: Any, peer_client: IAgent | None, *, max_age: float = 5.0,
                  timeout: float = 5.0, wait: float = 2.0, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self._clock = clock
         #: The one Docker client (``request(method, target, headers, body)``).
         self._docker = docker
-        #: The peer forwarder's HTTPS agent (pinned pool); None: only the local socket.
-        self._peer_agent = peer_agent
+        #: The client between agents (:class:`~portainer_agent.proxy.peer_client.PeerClient`:
+        #: treq over the pinned pool); None: only the local socket.
+        self._peer_client = peer_client
         self._max_age = max_age
         self._timeout = timeout
         self._wait = wait
@@ -92,8 +94,7 @@ class SwarmNodeList:
         def cancel(d: "Deferred[NodeListState]") -> None:
             if d in self._waiters:
                 self._waiters.remove(d)
-            if timer is not None and timer.active():
-                timer.cancel()
+            cancel_timer(timer)
 
         waiter: Deferred[NodeListState] = Deferred(cancel)
 
@@ -103,7 +104,7 @@ class SwarmNodeList:
                 waiter.callback(self._state)
 
         timer = self._clock.callLater(self._wait, give_up)
-        waiter.addBoth(_cancel_timer, timer)
+        cancel_timer_when_done(waiter, timer)
         self._waiters.append(waiter)
         return waiter
 
@@ -155,14 +156,14 @@ class SwarmNodeList:
               ) -> "Deferred[tuple[SwarmNode, ...]]":
         if local:
             pending: Deferred[Any] = self._docker.request(b"GET", b"/nodes")
-        elif self._peer_agent is None:
+        elif self._peer_client is None:
             raise NodeListUnavailable("no peer agent client")
         else:
             marks = {TARGET_HEADER: [member.node_name.encode("utf-8")], **headers}
-            pending = self._peer_agent.request(b"GET", peer_base_url(member) + b"/nodes", Headers(marks))
+            pending = self._peer_client.request(b"GET", peer_base_url(member) + b"/nodes", Headers(marks))
 
         def read(response: Any) -> "Deferred[tuple[SwarmNode, ...]]":
-            body = collect_body(response, member.node_name, self._max_bytes)
+            body = read_whole_body(response, self._max_bytes, f"node {member.node_name}")
 
             def check(data: bytes) -> tuple[SwarmNode, ...]:
                 if response.code != 200:
@@ -187,12 +188,6 @@ class SwarmNodeList:
             log.warn("cannot read the Swarm node list: {reason}; aggregated lists {what}", reason=reason,
                      what="use the last one read" if self._state.known else "say the node list is unknown")
             self._failing = True
-
-
-def _cancel_timer(result: Any, timer: Any) -> Any:
-    if timer.active():
-        timer.cancel()
-    return result
 
 
 def _signature_headers(request: Request, local_name: str) -> dict[bytes, list[bytes]]:

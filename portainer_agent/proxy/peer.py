@@ -1,6 +1,7 @@
 """Another agent of the cluster as an upstream: pinned HTTPS through one persistent pool.
 
-A request for another node goes to that node's agent, which checks the Portainer signature
+A request for another node goes to that node's agent (through treq, verbatim:
+:mod:`portainer_agent.proxy.peer_client`), which checks the Portainer signature
 itself (the headers are forwarded, so a forwarded request has no more power than the
 original) and serves it locally: the target header is set to the peer's node name and the
 request is marked with :data:`~portainer_agent.routing.FORWARDED_HEADER`, so it is never
@@ -42,9 +43,11 @@ from portainer_agent.cluster.member import Member
 from portainer_agent.errors import AgentError
 from portainer_agent.proxy.member_gone import MemberGone
 from portainer_agent.proxy.outgoing import request_body_producer, upstream_headers
+from portainer_agent.proxy.peer_client import PeerClient
 from portainer_agent.proxy.relay import Drop, failure_reason, relay_pending
 from portainer_agent.proxy.splice import HijackProxy
 from portainer_agent.routing import FORWARDED_HEADER, TARGET_HEADER
+from portainer_agent.timers import cancel_timer
 from portainer_agent.tls.certs import certificate_spki_fingerprint
 
 log = Logger()
@@ -128,8 +131,7 @@ class _HeadDeadline:
 
         def over(result: Any) -> Any:
             self._over = True
-            if self._timer is not None and self._timer.active():
-                self._timer.cancel()
+            cancel_timer(self._timer)
             return result
 
         pending.addBoth(over)
@@ -325,8 +327,11 @@ class PeerForwarder:
         self._response_timeout = response_timeout
         self._cooperator = cooperator
         self._alive = alive
+        #: The pinned agent on the persistent pool (connections made through ``policy``).
         self.agent: IAgent = agent if agent is not None else Agent(
             reactor, contextFactory=policy, pool=pool, connectTimeout=connect_timeout)
+        #: treq over :attr:`agent`, verbatim: every plain request to another agent goes through it.
+        self.client = PeerClient(self.agent, reactor)
 
     def _marks(self, member: Member) -> dict[bytes, bytes]:
         return {TARGET_HEADER: member.node_name.encode("utf-8"),
@@ -350,10 +355,10 @@ class PeerForwarder:
         if body is not None:
             body = _NotifyWhenSent(body, deadline.start)
         try:
-            pending = self.agent.request(request.method, peer_base_url(member) + request.uri,
-                                         upstream_headers(request, self._marks(member)), body)
+            pending = self.client.request(request.method, peer_base_url(member) + request.uri,
+                                          upstream_headers(request, self._marks(member)), body)
         except PeerPinMissing as error:
-            # Agent asks the policy while building the request, synchronously.
+            # The agent asks the policy while building the request, synchronously.
             pending = fail(error)
         except ValueError as error:
             raise AgentError(400, "Invalid request URL or method", str(error)) from None

@@ -12,12 +12,12 @@ from twisted.internet.error import TimeoutError as ConnectTimeoutError
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
-from portainer_agent.proxy.collect import AnswerTooLarge
+from portainer_agent.httpkit.whole_body import BodyTooLarge
 from portainer_agent.proxy.member_gone import MemberGone
 
 
 def _one(failure: Failure, deadline: float | None) -> str:
-    if failure.check(MemberGone, AnswerTooLarge):
+    if failure.check(MemberGone, BodyTooLarge):
         return str(failure.value)
     if failure.check(TimeoutError, CancelledError):
         return f"no answer within {deadline:g}s" if deadline is not None else "no answer in time"

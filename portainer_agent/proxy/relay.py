@@ -22,6 +22,7 @@ from twisted.web.server import Request
 from portainer_agent.httpkit.paths import forwardable_response_headers
 from portainer_agent.errors import AgentError
 from portainer_agent.httpkit.responses import abort_client, finish_with_error
+from portainer_agent.httpkit.teardown import cancel_when_client_leaves
 from portainer_agent.httpkit.twisted_private import client_gone
 
 log = Logger()
@@ -165,13 +166,15 @@ def relay_pending(pending: "Deferred[IResponse]", request: Request,
     the response streams, the relay stops the upstream itself). An upstream that cannot
     be reached is answered with ``upstream_error(failure)`` (a Docker-style JSON error).
     """
-    request.notifyFinish().addErrback(lambda _: None if pending.called else pending.cancel())
+    cancel_when_client_leaves(request, pending)
 
-    def relay(response: IResponse) -> Any:
+    def relay(response: IResponse) -> None:
         if client_gone(request):
             response.deliverBody(Drop())
-            return None
-        return relay_response(response, request)
+            return
+        # Not chained: ``pending`` is done once the head is in, and the body relay stops
+        # the upstream itself if the client leaves.
+        relay_response(response, request)
 
     def failed(failure: Failure) -> None:
         if failure.check(CancelledError) or client_gone(request):

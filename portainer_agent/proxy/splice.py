@@ -50,10 +50,12 @@ from portainer_agent.errors import AgentError, bad_gateway_docker
 from portainer_agent.httpkit.paths import AGENT_RESPONSE_HEADERS
 from portainer_agent.httpkit.responses import abort_client, finish_with_error
 from portainer_agent.httpkit.takeover import take_over_transport
+from portainer_agent.httpkit.teardown import cancel_when_client_leaves, unregister_producer
 from portainer_agent.httpkit.twisted_private import client_gone
 from portainer_agent.httpkit.upload import MAX_MEMORY_BODY
 from portainer_agent.proxy.outgoing import upstream_header_lines
 from portainer_agent.proxy.relay import Drop, failure_reason, relay_response
+from portainer_agent.routing import Route
 
 log = Logger()
 
@@ -162,24 +164,17 @@ class SpliceEnd(Protocol):
             return
         loseWrite = getattr(transport, "loseWriteConnection", None)
         if loseWrite is not None and self.prefersHalfClose:
-            _unregister(transport)
+            unregister_producer(transport)
             loseWrite()
         elif self.splice is not None:
             self.splice.end()
-
-
-def _unregister(transport: Any) -> None:
-    try:
-        transport.unregisterProducer()
-    except Exception:
-        pass
 
 
 def close_connection(transport: Any) -> None:
     """Close ``transport`` (the client's TLS or TCP connection, or Docker's socket), its
     buffered output first. A TLS connection whose peer already closed TCP will never
     answer our close_notify: its TCP connection is closed too instead of waiting."""
-    _unregister(transport)
+    unregister_producer(transport)
     transport.loseConnection()
     inner = getattr(transport, "transport", None)
     if getattr(transport, "tcpFinReceived", False) and inner is not None:
@@ -249,7 +244,7 @@ class HijackProxy:
         self._docker = docker
         self._hand_over = hand_over
 
-    def render(self, request: Request) -> Any:
+    def render(self, request: Request, route: Route | None = None) -> Any:
         """Splice ``request`` to the local Docker socket."""
         return self.open(request, None, DOCKER_HOST, None, self._dockerFailed)
 
@@ -277,7 +272,7 @@ class HijackProxy:
         except ValueError as error:
             finish_with_error(request, AgentError(400, "Invalid request URL or method", str(error)))
             return NOT_DONE_YET
-        request.notifyFinish().addErrback(lambda _: None if pending.called else pending.cancel())
+        cancel_when_client_leaves(request, pending)
         pending.addCallbacks(self._answered, self._failed, callbackArgs=(request,),
                              errbackArgs=(request, upstream_error))
         pending.addErrback(self._bug, request)

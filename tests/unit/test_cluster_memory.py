@@ -132,7 +132,7 @@ class Cluster:
                                    alive=lambda m: m.node_name not in self.dead, response_timeout=response_timeout)
         self.snapshot = ClusterSnapshot(local, (NODE1, NODE2, NODE3))
         #: The Swarm node list (only when asked for: the older tests cover live members alone).
-        self.node_list = SwarmNodeList(self.clock, self.local_agent, cast(IAgent, self.network),
+        self.node_list = SwarmNodeList(self.clock, self.local_agent, self.peers.client,
                                        timeout=5.0, wait=2.0) if node_list else None
         self.fanout = FanOut(self.clock, docker, self.peers, timeout, max_bytes=max_bytes, node_list=self.node_list)
         destinations = Destinations(docker, RecordingHandler(), self.peers, self.fanout)

@@ -22,7 +22,7 @@ from portainer_agent.cluster.swarm_nodes import (
     uncovered_nodes,
     unknown_list_warning,
 )
-from portainer_agent.proxy.collect import AnswerTooLarge
+from portainer_agent.httpkit.whole_body import BodyTooLarge
 from portainer_agent.proxy.member_gone import MemberGone
 from portainer_agent.proxy.merge import NodeAnswer, NodeFailure, merge_answers
 from portainer_agent.proxy.reasons import upstream_failure_reason
@@ -115,7 +115,7 @@ class ReasonTests(SynchronousTestCase):
     def test_a_dead_member_and_a_large_answer_name_the_node(self) -> None:
         self.assertEqual(upstream_failure_reason(Failure(MemberGone("node3"))),
                          "the agent on node node3 was declared dead by cluster membership")
-        reason = upstream_failure_reason(Failure(AnswerTooLarge("node2", 1024)))
+        reason = upstream_failure_reason(Failure(BodyTooLarge("node node2", 1024)))
         self.assertIn("node2", reason)
         self.assertIn("1024 bytes", reason)
 
