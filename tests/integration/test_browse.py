@@ -133,7 +133,7 @@ class VolumeBrowserTests(RealDockerTestCase, SynchronousTestCase):
 
     def test_escapes_by_path_and_volume_id_are_refused(self) -> None:
         for url in (self.url("ls", "../.."), self.url("get", "/../../../etc/hostname"), self.url("get", "%2e%2e/x"),
-                    f"/browse/ls?volumeID=..&path=/", f"/browse/ls?volumeID=../{self.other}/_data&path=/",
+                    "/browse/ls?volumeID=..&path=/", f"/browse/ls?volumeID=../{self.other}/_data&path=/",
                     f"/v1/browse/..%2F{self.other}/ls", "/browse/ls?volumeID=no-such-volume&path=/"):
             status, _, body = self.agent.request("GET", url)
             self.assertIn(status, (400, 404), url)

@@ -16,7 +16,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.server import NOT_DONE_YET, Request
+from twisted.web.server import Request
 
 from portainer_agent.errors import AgentError
 from portainer_agent.fs.pool import POOL_STOPPED, PoolService, run_inline
