@@ -39,12 +39,11 @@ import os
 import random
 import signal
 import ssl
-import statistics
 import sys
 import threading
 import time
 import traceback
-from collections import Counter, defaultdict
+from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
