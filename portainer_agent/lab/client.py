@@ -17,16 +17,9 @@ from typing import Any, Mapping
 import attrs
 
 from portainer_agent.lab.harness import AgentResponse
+from portainer_agent.testing.tls import unverified_tls
 
 TARGET = "X-PortainerAgent-Target"
-
-
-def unverified_tls() -> ssl.SSLContext:
-    """TLS without certificate checks (lab agents have self-signed certificates)."""
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    return context
 
 
 class AgentConnection:

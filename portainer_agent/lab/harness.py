@@ -33,7 +33,6 @@ import os
 import re
 import shlex
 import signal
-import ssl
 import subprocess
 import sys
 import time
@@ -56,6 +55,7 @@ from portainer_agent.lab.dockerd import (
     run_docker,
     terminate,
 )
+from portainer_agent.testing.tls import unverified_tls
 from portainer_agent.testing.signing import (
     PORTAINER_MESSAGE,
     PortainerSigner,
@@ -282,10 +282,7 @@ class AgentResponse:
 def https_request(host: str, port: int, method: str = "GET", path: str = "/ping", timeout: float = 2.0,
                   headers: Mapping[str, str] | None = None, body: bytes | None = None) -> AgentResponse | None:
     """One HTTPS request (TLS without verification, no proxies); None when unreachable."""
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    connection = http.client.HTTPSConnection(host, port, timeout=timeout, context=context)
+    connection = http.client.HTTPSConnection(host, port, timeout=timeout, context=unverified_tls())
     try:
         connection.request(method, path, body=body, headers=dict(headers or {}))
         response = connection.getresponse()

@@ -14,7 +14,8 @@ from typing import Mapping, Sequence
 from portainer_agent.testing.ports import reserve_port
 from portainer_agent.testing.signing import PortainerSigner
 
-from tests.integration.support import AgentProcess, unverified_tls
+from portainer_agent.testing.tls import unverified_tls
+from tests.integration.support import AgentProcess
 
 TWISTD = str(Path(sys.executable).with_name("twistd"))
 ENTRY_POINTS = ("console", "twistd")

@@ -13,7 +13,6 @@ import os
 import shutil
 import signal
 import socket
-import ssl
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from portainer_agent.testing.classfixture import ClassFixture
+from portainer_agent.testing.tls import unverified_tls
 from portainer_agent.testing.gates import Need, require
 from portainer_agent.testing.polling import wait_for
 from portainer_agent.testing.ports import reserve_port
@@ -51,13 +51,6 @@ def _stop_daemon() -> None:
             _daemon.stop()
         finally:
             _daemon = None
-
-
-def unverified_tls() -> ssl.SSLContext:
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    return context
 
 
 class AgentProcess:

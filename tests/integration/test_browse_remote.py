@@ -7,13 +7,13 @@ import hashlib
 import http.client
 import json
 import os
-import ssl
 import time
 import uuid
 from typing import Any
 
 from portainer_agent.lab.testing import SynchronousLabTestCase
 from portainer_agent.testing.polling import wait_for
+from portainer_agent.testing.tls import unverified_tls
 
 from tests.integration.test_browse import BOUNDARY, MB, PeakRSS, multipart_stream
 
@@ -62,11 +62,8 @@ class RemoteVolumeBrowserTests(SynchronousLabTestCase):
             conn.close()
 
     def connection(self, timeout: float = 30) -> http.client.HTTPSConnection:
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
         return http.client.HTTPSConnection(self.lab.node("node1").ip, self.lab.agent_port, timeout=timeout,
-                                           context=context)
+                                           context=unverified_tls())
 
     def test_list_and_get_a_remote_volume(self) -> None:
         for path in (f"/browse/ls?volumeID={self.volume}&path=/", f"/v2/browse/ls?volumeID={self.volume}&path=/",

@@ -13,7 +13,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from portainer_agent.testing.polling import wait_for
 
-from tests.integration.support import RealDockerTestCase, unverified_tls
+from portainer_agent.testing.tls import unverified_tls
+from tests.integration.support import RealDockerTestCase
 
 DEADLINE = 15.0
 
