@@ -180,6 +180,8 @@ class AgentMetrics:
         self._stream_bytes = Counter(f"{PREFIX}_hijacked_stream_bytes",
                                      "Bytes spliced through hijacked (attach/exec) streams, by direction",
                                      ["direction"], registry=r)
+        for direction in ("from_client", "to_client"):  # both known: exposed at 0 from the start
+            self._stream_bytes.labels(direction)
         self._stream_duration = Histogram(f"{PREFIX}_hijacked_stream_duration_seconds",
                                           "Duration of hijacked (attach/exec) streams, counted when they end",
                                           buckets=STREAM_BUCKETS, registry=r)
