@@ -69,6 +69,9 @@ class Config:
     header_timeout: float = 30.0
     idle_timeout: float = 60.0
     max_connections: int = 4096
+    #: The client certificate and key ``portainer-agent healthcheck`` presents (mutual TLS).
+    healthcheck_cert: Path | None = None
+    healthcheck_key: Path | None = None
 
     # console (issue 10)
     console_ping_interval: float = 30.0

@@ -5,7 +5,8 @@ environment variables as the agent, so it probes what the agent was told to serv
 
 * the API answers ``GET /ping`` with 204 over TLS on ``--host``/``--port`` (a wildcard
   host is probed on loopback; the certificate is self-signed, so it is not verified:
-  the check is liveness, not identity);
+  the check is liveness, not identity); an agent with ``--tls-ca`` (mutual TLS) is
+  shown ``--healthcheck-cert``/``--healthcheck-key``, a client certificate that CA signed;
 * Docker answers ``GET /_ping`` on ``--docker-host``, the socket the agent uses.
 
 Failure: one line saying what failed, exit 1. Blocking standard-library I/O: a
@@ -16,6 +17,7 @@ from __future__ import annotations
 import http.client
 import ssl
 import sys
+from pathlib import Path
 from typing import IO, Mapping, Sequence
 
 from twisted.python import usage
@@ -32,11 +34,17 @@ def probe_host(host: str) -> str:
     return {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
 
 
-def check_api(host: str, port: int, timeout: float = TIMEOUT) -> str | None:
-    """None when the API answers ``/ping`` with 204, else what went wrong."""
+def check_api(host: str, port: int, timeout: float = TIMEOUT, client: tuple[Path, Path] | None = None) -> str | None:
+    """None when the API answers ``/ping`` with 204, else what went wrong; ``client``: the
+    (certificate, key) to present to an agent that requires one."""
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
+    if client is not None:
+        try:
+            context.load_cert_chain(str(client[0]), str(client[1]))
+        except (OSError, ssl.SSLError) as error:
+            return f"client certificate {client[0]} (key {client[1]}): {error}"
     target = probe_host(host)
     shown = f"[{target}]:{port}" if ":" in target else f"{target}:{port}"
     connection = http.client.HTTPSConnection(target, port, timeout=timeout, context=context)
@@ -67,7 +75,9 @@ def check_docker(socket_path: str, timeout: float = TIMEOUT) -> str | None:
 
 def run(config: Config, timeout: float = TIMEOUT) -> str | None:
     """The first failure, or None when the agent is healthy."""
-    return check_api(config.host, config.port, timeout) or check_docker(config.docker_socket_path, timeout)
+    client = ((config.healthcheck_cert, config.healthcheck_key)
+              if config.healthcheck_cert is not None and config.healthcheck_key is not None else None)
+    return check_api(config.host, config.port, timeout, client) or check_docker(config.docker_socket_path, timeout)
 
 
 def main(argv: Sequence[str], environ: Mapping[str, str], out: IO[str] | None = None) -> int:

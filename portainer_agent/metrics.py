@@ -25,11 +25,17 @@ connections_refused_total                   counter    reason (``max_connections
 connections_cut_total                       counter    reason (``header_timeout``, ``tls_handshake_timeout``)
 signature_failures_total                    counter    reason
 cluster_members                             gauge      state (alive, suspect, dead, left)
-cluster_state_changes_total                 counter    state (the state entered)
+cluster_state_changes_total                 counter    node (the member), state (the state entered)
 cluster_probe_rtt_seconds                   histogram
 forwarded_requests_total                    counter    node, kind
 forward_duration_seconds                    histogram  kind
 forward_errors_total                        counter    node, reason
+aggregate_unreachable_nodes_total           counter    node (once per aggregated list that named it)
+aggregate_last_unreachable_nodes            gauge      (nodes named by the last aggregated list)
+manager_failovers_total                     counter    from_node (the manager that failed)
+hijacked_stream_bytes_total                 counter    direction (``from_client``, ``to_client``)
+hijacked_stream_duration_seconds            histogram  (spliced streams, counted when they end)
+build_info                                  gauge      version, api_version, python (always 1)
 =========================================  =========  ==============================================
 """
 from __future__ import annotations
@@ -50,6 +56,8 @@ KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPT
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 #: Membership probe round trips: LAN latencies up to the probe timeout.
 RTT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
+#: Hijacked streams: an ``exec`` of a second to a console left open for a day.
+STREAM_BUCKETS = (0.1, 1, 10, 60, 300, 900, 3600, 4 * 3600, 86400)
 
 
 def method_label(method: bytes | str) -> str:
@@ -149,7 +157,8 @@ class AgentMetrics:
         self._signature_failures = Counter(f"{PREFIX}_signature_failures", "Requests refused by the signature check",
                                            ["reason"], registry=r)
         self._state_changes = Counter(f"{PREFIX}_cluster_state_changes",
-                                      "Member liveness changes seen, by the state entered", ["state"],
+                                      "Member liveness changes seen, by member node and the state entered",
+                                      ["node", "state"],
                                       registry=r)
         self._probe_rtt = Histogram(f"{PREFIX}_cluster_probe_rtt_seconds", "Membership probe round-trip time",
                                     buckets=RTT_BUCKETS, registry=r)
@@ -160,6 +169,29 @@ class AgentMetrics:
                                            buckets=DURATION_BUCKETS, registry=r)
         self._forward_errors = Counter(f"{PREFIX}_forward_errors", "Forwarding failures, by peer node and reason",
                                        ["node", "reason"], registry=r)
+        self._unreachable = Counter(f"{PREFIX}_aggregate_unreachable_nodes",
+                                    "Aggregated lists that named a node as left out (no answer), by node", ["node"],
+                                    registry=r)
+        self._unreachable_last = Gauge(f"{PREFIX}_aggregate_last_unreachable_nodes",
+                                       "Nodes named as left out by the last aggregated list", registry=r)
+        self._failovers = Counter(f"{PREFIX}_manager_failovers",
+                                  "Manager operations sent to the next manager, by the manager that failed",
+                                  ["from_node"], registry=r)
+        self._stream_bytes = Counter(f"{PREFIX}_hijacked_stream_bytes",
+                                     "Bytes spliced through hijacked (attach/exec) streams, by direction",
+                                     ["direction"], registry=r)
+        for direction in ("from_client", "to_client"):  # both known: exposed at 0 from the start
+            self._stream_bytes.labels(direction)
+        self._stream_duration = Histogram(f"{PREFIX}_hijacked_stream_duration_seconds",
+                                          "Duration of hijacked (attach/exec) streams, counted when they end",
+                                          buckets=STREAM_BUCKETS, registry=r)
+        import platform
+
+        from portainer_agent import AGENT_API_VERSION, __version__
+
+        Gauge(f"{PREFIX}_build_info", "The agent's version, Agent API version and Python version (always 1)",
+              ["version", "api_version", "python"], registry=r).labels(
+            __version__, AGENT_API_VERSION, platform.python_version()).set(1)
         self._members_collector: _MembersByState | None = None
         self._inflight_collector: _InflightByKind | None = None
 
@@ -208,9 +240,10 @@ class AgentMetrics:
             self._members_collector._members = members
 
     def member_changed(self, old: Any, new: Any) -> None:
-        """A SwimNode listener: count liveness transitions (suspect, dead... included)."""
+        """A SwimNode listener: count liveness transitions (suspect, dead... included), by
+        member (the node label: flapping is one member going back and forth)."""
         if old is None or old.state is not new.state:
-            self._state_changes.labels(new.state.value).inc()
+            self._state_changes.labels(new.node_name, new.state.value).inc()
 
     def probe_round_trip(self, seconds: float) -> None:
         self._probe_rtt.observe(seconds)
@@ -226,6 +259,25 @@ class AgentMetrics:
         """Forwarding to ``node`` failed; ``reason`` from a fixed set (``connect``,
         ``tls``, ``timeout``, ``unknown_node``, ``upstream_closed``...)."""
         self._forward_errors.labels(node, reason).inc()
+
+    def aggregate_answered(self, unreachable: Iterable[str]) -> None:
+        """An aggregated list was answered, naming ``unreachable`` nodes as left out."""
+        named = set(unreachable)
+        for node in named:
+            self._unreachable.labels(node).inc()
+        self._unreachable_last.set(len(named))
+
+    def manager_failover(self, from_node: str) -> None:
+        """A manager operation that failed on ``from_node`` goes to the next manager."""
+        self._failovers.labels(from_node).inc()
+
+    # -- hijacked streams ------------------------------------------------------------
+
+    def hijacked_stream_ended(self, from_client: int, to_client: int, seconds: float) -> None:
+        """A spliced stream ended after ``seconds``, having carried these byte counts."""
+        self._stream_bytes.labels("from_client").inc(from_client)
+        self._stream_bytes.labels("to_client").inc(to_client)
+        self._stream_duration.observe(seconds)
 
     # -- exposition ------------------------------------------------------------------
 

@@ -205,6 +205,8 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("metrics-addr", "AGENT_METRICS_ADDR", "metrics_addr", _listen_address, "serve Prometheus metrics over plain HTTP on host:port (e.g. 127.0.0.1:9003)", "off"),
     OptionSpec("header-timeout", "AGENT_HEADER_TIMEOUT", "header_timeout", _positive_duration, "a request line and its headers must arrive within this time", "30s"),
     OptionSpec("idle-timeout", "AGENT_IDLE_TIMEOUT", "idle_timeout", _positive_duration, "close a kept-alive connection idle for this long", "60s"),
+    OptionSpec("healthcheck-cert", "AGENT_HEALTHCHECK_CERT", "healthcheck_cert", _existing_file, "PEM client certificate `portainer-agent healthcheck` presents (for an agent with --tls-ca)", "none"),
+    OptionSpec("healthcheck-key", "AGENT_HEALTHCHECK_KEY", "healthcheck_key", _existing_file, "PEM private key for --healthcheck-cert", "none"),
     OptionSpec("max-connections", "AGENT_MAX_CONNECTIONS", "max_connections", _positive_int, "refuse new API connections above this many open ones", "4096"),
 )
 
@@ -237,6 +239,8 @@ def build_config(flags: Mapping[str, str | None], environ: Mapping[str, str]) ->
             raise usage.UsageError(f"invalid {source}: {error}") from None
     if ("tls_cert" in values) != ("tls_key" in values):
         raise usage.UsageError("--tls-cert and --tls-key must be given together")
+    if ("healthcheck_cert" in values) != ("healthcheck_key" in values):
+        raise usage.UsageError("--healthcheck-cert and --healthcheck-key must be given together")
     if values.get("cluster_key") is None and values.get("secret"):
         values["cluster_key"] = derive_cluster_key(values["secret"])
     return Config(**values)

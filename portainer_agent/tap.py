@@ -104,7 +104,7 @@ class AgentService(MultiService):
         #: Every request from arrival to release (hijacks and consoles hand theirs over).
         self.inflight = InFlight(self.metrics)
         self.docker_proxy = DockerProxy(self.docker, config.docker_socket_path)
-        self.hijack = HijackProxy(self.docker, hand_over=self.inflight.hand_over)
+        self.hijack = HijackProxy(self.docker, hand_over=self.inflight.hand_over, metrics=self.metrics)
         # Cluster membership (issue 5). Its stack (AMP, SWIM: about 1 MB of RSS) is imported
         # in a Swarm only (issue 15). Built here, started in its place below.
         self.cluster: ClusterService | None = None
@@ -206,7 +206,7 @@ class AgentService(MultiService):
                                   timeout=min(self.config.aggregate_timeout, self.config.peer_timeout * 2),
                                   wait=min(self.config.aggregate_timeout, 2.0))
         fanout = FanOut(self.reactor, self.docker_proxy, peers, self.config.aggregate_timeout,
-                        max_bytes=self.config.aggregate_max_bytes, node_list=node_list)
+                        max_bytes=self.config.aggregate_max_bytes, node_list=node_list, metrics=self.metrics)
         return Destinations(self.docker_proxy, self.hijack, peers, fanout)
 
     def setServiceParent(self, parent: Any) -> None:  # noqa: N802

@@ -16,7 +16,7 @@ unknown``). Only when no node answers is the answer an error.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Iterable, Protocol, Sequence
 
 import attrs
 from twisted.internet.defer import Deferred, DeferredList, fail, succeed
@@ -64,11 +64,19 @@ class _HTTPFailure(Exception):
     content_type: bytes | None
 
 
+class AggregateMetrics(Protocol):
+    """What aggregation reports (:class:`portainer_agent.metrics.AgentMetrics`)."""
+
+    def aggregate_answered(self, unreachable: Iterable[str]) -> None: ...
+
+
 class FanOut:
     """Serves aggregated list requests (``RouteKind.AGGREGATE``)."""
 
     def __init__(self, reactor: Any, local: DockerProxy, peers: PeerForwarder, timeout: float = 10.0,
-                 max_bytes: int = DEFAULT_MAX_BYTES, node_list: SwarmNodeList | None = None) -> None:
+                 max_bytes: int = DEFAULT_MAX_BYTES, node_list: SwarmNodeList | None = None,
+                 metrics: AggregateMetrics | None = None) -> None:
+        self._metrics = metrics
         self._reactor = reactor
         self._local = local
         self._peers = peers
@@ -141,6 +149,8 @@ class FanOut:
                          reason=failure.reason)
         self._log_absent(absent, where)
         answered = {a.node for a in answers} - {f.node for f in failures}
+        if self._metrics is not None:
+            self._metrics.aggregate_answered(f.node for f in failures)
         if not answered:
             self._all_failed(request, failures, http_failures, len(members))
             return

@@ -306,6 +306,8 @@ class ForwardMetrics(Protocol):
 
     def forward_error(self, node: str, reason: str) -> None: ...
 
+    def manager_failover(self, from_node: str) -> None: ...
+
 
 class PeerForwarder:
     """Sends requests to peer agents: plain (streamed) HTTP and upgraded streams.
@@ -481,6 +483,8 @@ class FirstReachable:
                  reason=failure_reason(failure))
         following = self._next_live(index)
         if following is not None and safe_to_retry(self._request.method, failure):
+            if self._peers._metrics is not None:
+                self._peers._metrics.manager_failover(member.node_name)
             self._attempt(following)
         else:
             self.answer.errback(failure)

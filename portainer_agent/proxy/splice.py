@@ -31,7 +31,7 @@ is :func:`portainer_agent.httpkit.takeover.take_over_transport`, shared with the
 from __future__ import annotations
 
 import socket
-from typing import Any, Callable, cast
+from typing import Any, Callable, Protocol as TypingProtocol, cast
 from urllib.parse import parse_qs
 
 from twisted.internet.defer import CancelledError
@@ -65,6 +65,12 @@ KEEPALIVE = (30, 10, 3)
 
 #: Registers a request whose connection a stream took over; returns its release.
 HandOver = Callable[[Request, Any], Callable[[], None]]
+
+
+class StreamMetrics(TypingProtocol):
+    """What a splice reports when it ends (:class:`portainer_agent.metrics.AgentMetrics`)."""
+
+    def hijacked_stream_ended(self, from_client: int, to_client: int, seconds: float) -> None: ...
 
 
 def half_close_means_departure(path: bytes, query: bytes) -> bool:
@@ -130,8 +136,11 @@ class SpliceEnd(Protocol):
     #: This side's TCP connection ending means it left (a client with no stdin to end);
     #: a TLS close_notify alone is still a half-close.
     departsOnHalfClose = False
+    #: Bytes this side sent (for the metrics, read when the splice ends).
+    received = 0
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        self.received += len(data)
         peer = self.peer
         if peer is not None and peer.transport is not None:
             peer.transport.write(data)
@@ -240,9 +249,11 @@ class HijackProxy:
     """Serves upgrade requests by splicing the client and the Docker socket (or, through
     :meth:`open`, another agent)."""
 
-    def __init__(self, docker: DockerClient, hand_over: HandOver | None = None) -> None:
+    def __init__(self, docker: DockerClient, hand_over: HandOver | None = None,
+                 metrics: StreamMetrics | None = None) -> None:
         self._docker = docker
         self._hand_over = hand_over
+        self._metrics = metrics
 
     def render(self, request: Request, route: Route | None = None) -> Any:
         """Splice ``request`` to the local Docker socket."""
@@ -309,7 +320,18 @@ class HijackProxy:
         client_end.departsOnHalfClose = half_close_means_departure(path, query)
         reactor = self._docker.reactor
         release = self._hand_over(request, client_end) if self._hand_over is not None else None
-        Splice(client_end, upstream_end, reactor, on_end=release)
+        metrics = self._metrics
+        started = reactor.seconds() if metrics is not None and reactor is not None else 0.0
+
+        def ended() -> None:
+            if release is not None:
+                release()
+            if metrics is not None:
+                # Counted once, at the end: an int per end, not a metric call per chunk.
+                metrics.hijacked_stream_ended(client_end.received, upstream_end.received,
+                                              reactor.seconds() - started if reactor is not None else 0.0)
+
+        Splice(client_end, upstream_end, reactor, on_end=ended)
         # Agent headers on the 101 too, exactly once.
         lines = [b"HTTP/1.1 %d %s\r\n" % (upgraded.code, upgraded.phrase)]
         lines += [name + b": " + value + b"\r\n" for name, value in upgraded.raw_headers

@@ -34,6 +34,8 @@ class Need(enum.Enum):
     STATIC_DOCKER_CLI = "static-docker-cli"
     #: The deployment tests (image build + stack deploy, minutes): opt in with PA_DEPLOY_TESTS=1.
     DEPLOY = "deploy"
+    #: Prometheus 2.x and promtool (Debian's prometheus package), for deploy/prometheus.
+    PROMETHEUS = "prometheus"
 
 
 def _why_not(need: Need) -> str | None:
@@ -63,6 +65,9 @@ def _why_not(need: Need) -> str | None:
         if shutil.which("debootstrap") is None and not any(ROOTFS_CACHE.glob("rootfs-*.tar")):
             return f"needs debootstrap (apt-get install debootstrap) or a cached rootfs in {ROOTFS_CACHE}"
         return None
+    if need is Need.PROMETHEUS:
+        absent = [tool for tool in ("prometheus", "promtool") if shutil.which(tool) is None]
+        return f"needs {' and '.join(absent)} (apt-get install prometheus)" if absent else None
     raise AssertionError(f"unknown need {need!r}")
 
 

@@ -10,9 +10,12 @@ import subprocess
 import sys
 import time
 
+from pathlib import Path
+
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial.unittest import SynchronousTestCase
 
+from portainer_agent.testing.certs import client_pki
 from portainer_agent.testing.polling import wait_for
 from portainer_agent.testing.ports import reserve_port
 
@@ -104,6 +107,31 @@ class MetricsAndHealthTests(RealDockerTestCase, SynchronousTestCase):
         self.assertEqual(len(no_docker.stderr.splitlines()), 1, no_docker.stderr)
         self.assertIn("Docker at unix:///nonexistent/d.sock", no_docker.stderr)
         self.assertEqual(healthcheck("--port", "x").returncode, 2)
+
+    def test_healthcheck_presents_a_client_certificate_to_an_agent_with_a_tls_ca(self) -> None:
+        pki = client_pki(Path(self.mktemp()).resolve())
+        agent = start_agent("console", self.daemon.socket_path, args=["--tls-ca", str(pki.ca_pem)], wait=False)
+        self.addCleanup(agent.stop)
+        docker = f"unix://{self.daemon.socket_path}"
+        base = {"AGENT_PORT": str(agent.port), "DOCKER_HOST": docker}
+        trusted = {**base, "AGENT_HEALTHCHECK_CERT": str(pki.trusted[0]), "AGENT_HEALTHCHECK_KEY": str(pki.trusted[1])}
+        # The check itself is the readiness probe: /ping needs a client certificate here.
+        wait_for(lambda: healthcheck(env=trusted).returncode == 0, 30, "the healthcheck with a client certificate",
+                 interval=0.2, describe=lambda: agent.log_text)
+        ok = healthcheck(env=trusted)
+        self.assertEqual((ok.returncode, ok.stdout.strip()), (0, "healthy"), ok.stderr)
+        flags = healthcheck("--port", str(agent.port), "--docker-host", docker,
+                            "--healthcheck-cert", str(pki.trusted[0]), "--healthcheck-key", str(pki.trusted[1]))
+        self.assertEqual(flags.returncode, 0, flags.stderr)
+        without = healthcheck(env=base)
+        self.assertEqual(without.returncode, 1)
+        self.assertIn("agent API https://127.0.0.1:", without.stderr)
+        foreign = healthcheck(env={**base, "AGENT_HEALTHCHECK_CERT": str(pki.foreign[0]),
+                                   "AGENT_HEALTHCHECK_KEY": str(pki.foreign[1])})
+        self.assertEqual(foreign.returncode, 1, foreign.stdout)
+        half = healthcheck(env={**base, "AGENT_HEALTHCHECK_CERT": str(pki.trusted[0])})
+        self.assertEqual(half.returncode, 2)
+        self.assertIn("--healthcheck-cert and --healthcheck-key must be given together", half.stderr)
 
 
 class HardeningCase(RealDockerTestCase):

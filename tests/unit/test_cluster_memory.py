@@ -134,7 +134,8 @@ class Cluster:
         #: The Swarm node list (only when asked for: the older tests cover live members alone).
         self.node_list = SwarmNodeList(self.clock, self.local_agent, self.peers.client,
                                        timeout=5.0, wait=2.0) if node_list else None
-        self.fanout = FanOut(self.clock, docker, self.peers, timeout, max_bytes=max_bytes, node_list=self.node_list)
+        self.fanout = FanOut(self.clock, docker, self.peers, timeout, max_bytes=max_bytes, node_list=self.node_list,
+                             metrics=self.metrics)
         destinations = Destinations(docker, RecordingHandler(), self.peers, self.fanout)
         self.root = AgentRoot(destinations, Router(lambda: self.snapshot))
         self.client: Any = StubTreq(self.root)
@@ -327,6 +328,34 @@ class ForwardingTests(SynchronousTestCase):
         self.assertEqual(value("portainer_agent_forwarded_requests_total", {"node": "node1", "kind": "manager"}), 1)
         self.assertEqual(value("portainer_agent_forward_errors_total", {"node": "node2", "reason": "connect"}), 1)
         self.assertEqual(value("portainer_agent_forward_duration_seconds_count", {"kind": "forward"}), 1)
+
+    def test_failovers_are_counted_by_the_manager_that_failed(self) -> None:
+        cluster = self.cluster()
+        value = cluster.metrics.registry.get_sample_value
+        cluster.get("/services")
+        self.assertIsNone(value("portainer_agent_manager_failovers_total", {"from_node": "node1"}))
+        cluster.network.refused.add("node1")
+        response, _ = cluster.get("/services")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(value("portainer_agent_manager_failovers_total", {"from_node": "node1"}), 1)
+        cluster.network.refused.add("node2")
+        cluster.get("/services")  # node1 fails over to node2, which fails too: no manager left
+        self.assertEqual(value("portainer_agent_manager_failovers_total", {"from_node": "node1"}), 2)
+        self.assertIsNone(value("portainer_agent_manager_failovers_total", {"from_node": "node2"}))
+
+    def test_nodes_left_out_of_aggregates_are_counted_and_the_last_gauged(self) -> None:
+        cluster = self.cluster()
+        value = cluster.metrics.registry.get_sample_value
+        cluster.network.refused.add("node2")
+        cluster.get("/networks")
+        cluster.get("/volumes")
+        self.assertEqual(value("portainer_agent_aggregate_unreachable_nodes_total", {"node": "node2"}), 2)
+        self.assertIsNone(value("portainer_agent_aggregate_unreachable_nodes_total", {"node": "node1"}))
+        self.assertEqual(value("portainer_agent_aggregate_last_unreachable_nodes", {}), 1)
+        cluster.network.refused.clear()
+        cluster.get("/networks")
+        self.assertEqual(value("portainer_agent_aggregate_last_unreachable_nodes", {}), 0)
+        self.assertEqual(value("portainer_agent_aggregate_unreachable_nodes_total", {"node": "node2"}), 2)
 
     def test_a_forwarded_request_for_another_node_is_refused_not_forwarded(self) -> None:
         cluster = self.cluster()

@@ -201,7 +201,8 @@ class HijackInMemory:
         # (route kinds) and the hijack (hand-over).
         self.metrics = AgentMetrics()
         self.inflight = InFlight(self.metrics)
-        hijack = HijackProxy(DockerClient.for_socket(self.reactor, SOCKET), hand_over=self.inflight.hand_over)
+        hijack = HijackProxy(DockerClient.for_socket(self.reactor, SOCKET), hand_over=self.inflight.hand_over,
+                             metrics=self.metrics)
         self.root = AgentRoot(Destinations(self.docker_handler, hijack), guard=None, inflight=self.inflight)
         self.clock = Clock()
         self.site = AgentSite(self.root, AgentRequests(self.root.router), reactor=self.clock, inflight=self.inflight, metrics=self.metrics)
@@ -389,6 +390,23 @@ class HijackProxyTests(SynchronousTestCase):
         hijack.client.protocol.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(hijack.counted("hijack", "1xx"), 1)
         self.assertEqual(hijack.counted("hijack", "aborted"), 0)
+
+    def test_stream_bytes_both_ways_and_duration_are_counted_when_it_ends(self) -> None:
+        hijack = HijackInMemory(ATTACH)
+        hijack.upgrade()
+        value = hijack.metrics.registry.get_sample_value
+        hijack.client.protocol.dataReceived(b"ls\n")
+        hijack.docker_sends(b"0123456789")
+        hijack.reactor.advance(7)
+        hijack.docker_sends(b"abc")
+        self.assertEqual(value("portainer_agent_hijacked_stream_duration_seconds_count", {}), 0)
+        hijack.docker.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(value("portainer_agent_hijacked_stream_bytes_total", {"direction": "from_client"}), 3)
+        self.assertEqual(value("portainer_agent_hijacked_stream_bytes_total", {"direction": "to_client"}), 13)
+        self.assertEqual(value("portainer_agent_hijacked_stream_duration_seconds_count", {}), 1)
+        self.assertEqual(value("portainer_agent_hijacked_stream_duration_seconds_sum", {}), 7)
+        hijack.client.protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(value("portainer_agent_hijacked_stream_duration_seconds_count", {}), 1, "counted once")
 
     def test_the_client_leaving_mid_stream_releases_the_request(self) -> None:
         hijack = HijackInMemory(ATTACH)

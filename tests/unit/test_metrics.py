@@ -33,8 +33,9 @@ def samples(metrics: AgentMetrics) -> dict[tuple[str, tuple[tuple[str, str], ...
 
 
 class FakeMember:
-    def __init__(self, state: MemberState) -> None:
+    def __init__(self, state: MemberState, node_name: str = "node2") -> None:
         self.state = state
+        self.node_name = node_name
 
 
 class AgentMetricsTests(SynchronousTestCase):
@@ -45,6 +46,24 @@ class AgentMetricsTests(SynchronousTestCase):
                                        (("kind", "ping"), ("method", "GET"), ("status", "2xx")))], 1)
         self.assertNotIn(("portainer_agent_requests_total", (("kind", "ping"), ("method", "GET"), ("status", "2xx"))),
                          samples(two))
+
+    def test_build_info(self) -> None:
+        import platform
+
+        from portainer_agent import AGENT_API_VERSION, __version__
+
+        found = samples(AgentMetrics())
+        self.assertEqual(found[("portainer_agent_build_info", (("api_version", AGENT_API_VERSION),
+                                                              ("python", platform.python_version()),
+                                                              ("version", __version__)))], 1)
+
+    def test_new_recorders_are_no_ops_without_metrics(self) -> None:
+        from portainer_agent.metrics import NoMetrics
+
+        none = NoMetrics()
+        self.assertIsNone(none.aggregate_answered(["node1"]))
+        self.assertIsNone(none.manager_failover("node1"))
+        self.assertIsNone(none.hijacked_stream_ended(1, 2, 3.0))
 
     def test_labels_are_bounded(self) -> None:
         metrics = AgentMetrics()
@@ -74,12 +93,15 @@ class AgentMetricsTests(SynchronousTestCase):
         metrics.member_changed(FakeMember(MemberState.ALIVE), FakeMember(MemberState.SUSPECT))
         metrics.member_changed(FakeMember(MemberState.SUSPECT), FakeMember(MemberState.DEAD))
         metrics.member_changed(FakeMember(MemberState.ALIVE), FakeMember(MemberState.ALIVE))  # not a transition
+        metrics.member_changed(FakeMember(MemberState.ALIVE, "node3"), FakeMember(MemberState.SUSPECT, "node3"))
         found = samples(metrics)
         self.assertEqual(found[("portainer_agent_cluster_members", (("state", "alive"),))], 2)
         self.assertEqual(found[("portainer_agent_cluster_members", (("state", "suspect"),))], 1)
         self.assertEqual(found[("portainer_agent_cluster_members", (("state", "dead"),))], 0)
-        self.assertEqual(found[("portainer_agent_cluster_state_changes_total", (("state", "suspect"),))], 1)
-        self.assertEqual(found[("portainer_agent_cluster_state_changes_total", (("state", "dead"),))], 1)
+        changes = "portainer_agent_cluster_state_changes_total"
+        self.assertEqual(found[(changes, (("node", "node2"), ("state", "suspect")))], 1)
+        self.assertEqual(found[(changes, (("node", "node2"), ("state", "dead")))], 1)
+        self.assertEqual(found[(changes, (("node", "node3"), ("state", "suspect")))], 1)
         members.append(FakeMember(MemberState.DEAD))
         self.assertEqual(samples(metrics)[("portainer_agent_cluster_members", (("state", "dead"),))], 1)
 

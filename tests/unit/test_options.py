@@ -18,6 +18,8 @@ BAD_VALUES = {
     "tls-cert": "/nonexistent/cert.pem",
     "tls-key": "/nonexistent/key.pem",
     "tls-ca": "/nonexistent/ca.pem",
+    "healthcheck-cert": "/nonexistent/client.pem",
+    "healthcheck-key": "/nonexistent/client.key",
     "keep-cert": "maybe",
     "log-level": "verbose",
     "log-format": "xml",
@@ -145,6 +147,12 @@ class TLSPairingTests(SynchronousTestCase):
     def test_key_without_cert_is_refused(self) -> None:
         error = self.assertRaises(usage.UsageError, build_config, {}, {"AGENT_TLS_KEY": str(self.key)})
         self.assertIn("--tls-cert", str(error))
+
+    def test_healthcheck_client_certificate_and_key_together(self) -> None:
+        config = build_config({"healthcheck-cert": str(self.cert)}, {"AGENT_HEALTHCHECK_KEY": str(self.key)})
+        self.assertEqual((config.healthcheck_cert, config.healthcheck_key), (self.cert, self.key))
+        error = self.assertRaises(usage.UsageError, build_config, {}, {"AGENT_HEALTHCHECK_CERT": str(self.cert)})
+        self.assertIn("--healthcheck-key", str(error))
 
     def test_directory_is_not_a_certificate(self) -> None:
         error = self.assertRaises(usage.UsageError, build_config,
