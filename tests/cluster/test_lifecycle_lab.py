@@ -33,8 +33,9 @@ RELEASE_DEADLINE = 30.0
 #: and then stays flat (measured: +3.6, +1.4, +0.9, +0.0, +0.0 MB per 600 streams), so the
 #: second half of the run is held to a tighter bound than the whole.
 RSS_SLACK = 4 << 20
-#: RSS the second 500 streams may add (a 12 kB-per-stream leak adds 6 MB there).
-RSS_SLACK_SECOND_HALF = 2 << 20
+#: RSS the second 500 streams may add (a 12 kB-per-stream leak adds 6 MB there; a settled
+#: agent still takes the odd allocator step of 1-2 MB, then stays there).
+RSS_SLACK_SECOND_HALF = 3 << 20
 #: Warm-up batches of 200 streams at most, and the growth per batch that counts as settled.
 WARMUP_BATCHES = 12
 SETTLED_GROWTH = 512 << 10
