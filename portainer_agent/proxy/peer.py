@@ -230,6 +230,9 @@ def failed_before_sending(failure: Failure) -> bool:
 
 #: Methods a manager operation may be sent again for after a failure mid-request.
 SAFE_METHODS = frozenset({b"GET", b"HEAD"})
+#: Docker's answer to a Swarm operation on a node that is not a manager ("This node is not a
+#: swarm manager..."), also its answer while a manager has no quorum.
+NOT_A_MANAGER_STATUS = 503
 
 
 def safe_to_retry(method: bytes, failure: Failure) -> bool:
@@ -459,11 +462,25 @@ class FirstReachable:
     def _attempt(self, index: int) -> None:
         member = self._candidates[index]
         self._current = self._peers.send(self._request, member, "manager")
-        self._current.addCallbacks(self._answered, self._failed, errbackArgs=(index, member))
+        self._current.addCallbacks(self._answered, self._failed, callbackArgs=(index, member),
+                                   errbackArgs=(index, member))
 
-    def _answered(self, response: IResponse) -> None:
+    def _answered(self, response: IResponse, index: int, member: Member) -> None:
         if self.answer.called:  # cancelled meanwhile: nobody reads it
             response.deliverBody(Drop())
+            return
+        following = self._next_live(index)
+        if (response.code == NOT_A_MANAGER_STATUS and following is not None
+                and self._request.method in SAFE_METHODS):
+            # The node is no longer a manager (demoted; membership learns it within its
+            # identity refresh): its Docker refused, so the next manager answers instead.
+            log.info("{node} answered {status} to a {method} manager operation (no longer a manager?); "
+                     "asking {next}", node=member.node_name, status=response.code,
+                     method=self._request.method.decode("latin-1"), next=self._candidates[following].node_name)
+            response.deliverBody(Drop())
+            if self._peers._metrics is not None:
+                self._peers._metrics.manager_failover(member.node_name)
+            self._attempt(following)
             return
         self.answer.callback(response)
 

@@ -488,3 +488,37 @@ class PeerConnectionsTests(SynchronousTestCase):
         self.assertNoResult(other.pending)
         self.assertEqual(connections.abort("10.0.0.1", 9001), 0)
         self.assertEqual(connections.open_to("10.0.0.2", 9001), 1)
+
+
+class DemotedManagerTests(SynchronousTestCase):
+    """A manager demoted meanwhile (membership learns it within its identity refresh)."""
+
+    NOT_A_MANAGER = (b'{"message":"This node is not a swarm manager. Worker nodes can\'t be used to view or '
+                     b'modify cluster state."}')
+
+    def cluster(self) -> Cluster:
+        cluster = Cluster()
+        self.addCleanup(cluster.stop)
+        cluster.dockers["node1"].handler = lambda request: _status(request, 503, self.NOT_A_MANAGER)
+        cluster.dockers["node2"].handler = lambda request: _status(request, 200, b'[{"ID":"n"}]')
+        return cluster
+
+    def test_a_get_refused_by_a_demoted_manager_goes_to_the_next_manager(self) -> None:
+        cluster = self.cluster()
+        response, body = cluster.get("/nodes")
+        self.assertEqual((response.code, body), (200, b'[{"ID":"n"}]'))
+        self.assertEqual(cluster.network.urls, [b"https://10.0.0.1:9001/nodes", b"https://10.0.0.2:9001/nodes"])
+
+    def test_a_change_refused_by_a_demoted_manager_is_passed_on_not_resent(self) -> None:
+        cluster = self.cluster()
+        response, body = cluster.get("/services/create", method="POST", data=b"{}")
+        self.assertEqual(response.code, 503)
+        self.assertIn(b"not a swarm manager", body)
+        self.assertEqual(len(cluster.network.urls), 1)
+
+    def test_the_last_manager_s_503_is_passed_on(self) -> None:
+        cluster = self.cluster()
+        cluster.dockers["node2"].handler = lambda request: _status(request, 503, self.NOT_A_MANAGER)
+        response, body = cluster.get("/nodes")
+        self.assertEqual(response.code, 503)
+        self.assertEqual(len(cluster.network.urls), 2)
