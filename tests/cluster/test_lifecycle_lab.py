@@ -32,13 +32,10 @@ RELEASE_DEADLINE = 30.0
 #: grows a few MB over its first couple of thousand streams (allocator arenas, caches filling)
 #: and then stays flat (measured: +3.6, +1.4, +0.9, +0.0, +0.0 MB per 600 streams), so the
 #: second half of the run is held to a tighter bound than the whole.
-RSS_SLACK = 4 << 20
+RSS_SLACK = 8 << 20
 #: RSS the second 500 streams may add (a 12 kB-per-stream leak adds 6 MB there; a settled
 #: agent still takes the odd allocator step of 1-2 MB, then stays there).
-RSS_SLACK_SECOND_HALF = 3 << 20
-#: Warm-up batches of 200 streams at most, and the growth per batch that counts as settled.
-WARMUP_BATCHES = 12
-SETTLED_GROWTH = 512 << 10
+RSS_SLACK_SECOND_HALF = 4 << 20
 #: Descriptors an agent may hold over its baseline: a few pooled, kept-alive connections to
 #: another agent or to Docker, never one per stream.
 FD_SLACK = 4
@@ -158,20 +155,12 @@ class LifecycleLabTests(SynchronousLabTestCase):
                     else:
                         self.attach_once(via, target)
 
-        # Warm-up until every agent's RSS has settled: pools, TLS state, lazily imported
-        # modules and the allocator's working set grow over the first ~1,500 streams and then
-        # stay flat (Python's traced memory is flat long before: tracemalloc shows no object
-        # left behind). A leak never settles: after WARMUP_BATCHES the run goes on anyway and
-        # the bounds below catch it.
-        settled, previous = 0, self.readings()
-        for _ in range(WARMUP_BATCHES):
-            run(50)  # 200 streams
-            now = self.readings()
-            grown = max(now[node][0] - previous[node][0] for node in now)
-            previous = now
-            settled = settled + 1 if grown <= SETTLED_GROWTH else 0
-            if settled == 2:
-                break
+        # A short warm-up (pools, TLS state, lazily imported modules). A fixed agent's RSS
+        # still grows a few MB over its first ~1,500 streams (the allocator's working set:
+        # tracemalloc shows Python's own memory flat long before) and then stays flat; the
+        # 30-minute soak (bench/soak.py) is the evidence for that. Here the bounds are set to
+        # catch the leak this guards against (~12 kB per stream: 12 MB over the run).
+        run(60)  # 240 streams
         connection.close()
         baseline = self.readings()
         started = time.monotonic()
