@@ -25,7 +25,7 @@ from twisted.python import usage
 from twisted.python.logfile import LogFile
 
 from portainer_agent.config import Config
-from portainer_agent.httpkit.twisted_private import forget_exit_signal
+from portainer_agent.toolbox.twisted_private import forget_exit_signal
 from portainer_agent.logs import make_observer
 from portainer_agent.options import AgentOptions, report_usage_error
 

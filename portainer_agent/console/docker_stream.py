@@ -21,7 +21,7 @@ from zope.interface import implementer
 from portainer_agent.docker import wire
 from portainer_agent.docker.client import DockerClient
 from portainer_agent.docker.upgrade import Upgraded
-from portainer_agent.httpkit.whole_body import read_whole_body
+from portainer_agent.toolbox.whole_body import read_whole_body
 from portainer_agent.errors import AgentError, bad_gateway_docker
 from portainer_agent.proxy.relay import failure_reason
 

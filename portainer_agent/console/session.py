@@ -31,7 +31,7 @@ from wsproto.events import BytesMessage, CloseConnection, Event, Ping, TextMessa
 
 from portainer_agent.console.docker_stream import END_OF_INPUT, HANGUP_REPEAT, HANGUP_TRIES
 from portainer_agent.console.text import TerminalText
-from portainer_agent.httpkit.teardown import unregister_producer
+from portainer_agent.toolbox.teardown import unregister_producer
 
 log = Logger()
 

@@ -33,7 +33,7 @@ from twisted.web.iweb import IBodyProducer
 from portainer_agent.docker import wire
 from portainer_agent.docker.connection import Connection, ConnectionFactory, Exchange
 from portainer_agent.docker.response import DockerResponse
-from portainer_agent.httpkit.whole_body import read_json_body
+from portainer_agent.toolbox.whole_body import read_json_body
 from portainer_agent.docker.upgrade import UpgradeExchange, Upgraded
 from portainer_agent.docker.wire import DOCKER_HOST
 

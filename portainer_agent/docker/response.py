@@ -9,7 +9,7 @@ The raw header list is kept as received (``raw_headers``) so the relay copies it
 filtered; ``headers`` is built only when someone asks.
 
 A whole (small) answer, for the agent's own questions to Docker (identity, volumes, exec
-inspection), is read by the one body reader, :mod:`portainer_agent.httpkit.whole_body`.
+inspection), is read by the one body reader, :mod:`portainer_agent.toolbox.whole_body`.
 """
 from __future__ import annotations
 

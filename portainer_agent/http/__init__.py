@@ -7,5 +7,5 @@ in flight (:mod:`.inflight`), and the agent's own endpoints: ``/agents`` (:mod:`
 (:mod:`.console`), and the metrics listener (:mod:`.metrics_endpoint`).
 
 Only the entry points (:mod:`portainer_agent.tap`) import this package; everything below it
-uses the toolbox, :mod:`portainer_agent.httpkit` (``tests/unit/test_layout.py`` checks it).
+uses the toolbox, :mod:`portainer_agent.toolbox` (``tests/unit/test_layout.py`` checks it).
 """

@@ -15,7 +15,7 @@ from twisted.web.server import Request
 
 from portainer_agent.cluster.membership import MembershipView
 from portainer_agent.errors import AgentError
-from portainer_agent.httpkit.responses import write_error, write_json
+from portainer_agent.toolbox.responses import write_error, write_json
 from portainer_agent.routing import Route
 
 STANDALONE = AgentError(

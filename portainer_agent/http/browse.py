@@ -10,7 +10,7 @@ operation -> a response. Every filesystem call (opening the jail, listing, stat,
 read, rename, delete, the staged file's writes, fsync and rename) runs in the disk thread
 pool (:mod:`portainer_agent.fs.pool`), never on the reactor thread; a listing is also
 encoded there. An upload's body is written to its staged file as it arrives
-(``streams_body``: the request streams it, :mod:`portainer_agent.httpkit.upload`), with
+(``streams_body``: the request streams it, :mod:`portainer_agent.toolbox.upload`), with
 backpressure and an optional size limit (413). Filesystem errors become Docker-style JSON errors with the
 original's messages and a more precise status (404, 409, 403 instead of 500) and
 details that name the client's path, never the agent's absolute path.
@@ -32,16 +32,16 @@ from twisted.web.http import parse_qs
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from portainer_agent.httpkit.twisted_private import client_gone
+from portainer_agent.toolbox.twisted_private import client_gone
 from portainer_agent.errors import AgentError
 from portainer_agent.fs.jail import Jail, OpenedFile, PathRefused, Row, split_path
 from portainer_agent.fs.pool import RunInPool
 from portainer_agent.fs.upload import UploadForm, UploadedForm, boundary_of
 from portainer_agent.fs.volumes import VolumeLocator, check_volume_id
-from portainer_agent.httpkit.bodysink import PoolSink, too_large
-from portainer_agent.httpkit.filesend import send_bytes, send_file
-from portainer_agent.httpkit.responses import finish_with_error, write_empty, write_error
-from portainer_agent.httpkit.upload import BufferedBody, UploadInterrupted, body_producer
+from portainer_agent.toolbox.bodysink import PoolSink, too_large
+from portainer_agent.toolbox.filesend import send_bytes, send_file
+from portainer_agent.toolbox.responses import finish_with_error, write_empty, write_error
+from portainer_agent.toolbox.upload import BufferedBody, UploadInterrupted, body_producer
 from portainer_agent.routing import Route
 
 log = Logger()

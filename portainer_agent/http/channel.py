@@ -17,7 +17,7 @@ from twisted.web import http
 
 from portainer_agent.errors import AgentError
 from portainer_agent.http.root import AGENT_HEADERS
-from portainer_agent.httpkit.twisted_private import RefusalHookChannel, answering, head_received
+from portainer_agent.toolbox.twisted_private import RefusalHookChannel, answering, head_received
 
 log = Logger()
 
@@ -54,7 +54,7 @@ class AgentHTTPChannel(RefusalHookChannel):
     * The request head must complete within ``head_timeout`` of its first byte.
 
     Every parser refusal comes to :meth:`refuse_bad_request` (the private Twisted method
-    behind it is hooked in :mod:`portainer_agent.httpkit.twisted_private`).
+    behind it is hooked in :mod:`portainer_agent.toolbox.twisted_private`).
     """
 
     MAX_LENGTH = MAX_LINE_LENGTH

@@ -31,12 +31,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET, Request
 
-from portainer_agent.httpkit.twisted_private import client_gone
+from portainer_agent.toolbox.twisted_private import client_gone
 from portainer_agent.console.docker_stream import ConsoleTarget, DockerStream
-from portainer_agent.httpkit.takeover import take_over_transport
-from portainer_agent.httpkit.teardown import cancel_when_client_leaves
+from portainer_agent.toolbox.takeover import take_over_transport
+from portainer_agent.toolbox.teardown import cancel_when_client_leaves
 from portainer_agent.errors import AgentError
-from portainer_agent.httpkit.responses import finish_with_error, write_error
+from portainer_agent.toolbox.responses import finish_with_error, write_error
 from portainer_agent.routing import Route
 
 if TYPE_CHECKING:

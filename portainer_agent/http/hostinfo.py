@@ -15,8 +15,8 @@ from twisted.web.server import NOT_DONE_YET, Request
 from portainer_agent.errors import AgentError
 from portainer_agent.fs.hostinfo import PciNames, host_info
 from portainer_agent.fs.pool import RunInPool
-from portainer_agent.httpkit.responses import finish_with_error, write_error, write_json
-from portainer_agent.httpkit.twisted_private import client_gone
+from portainer_agent.toolbox.responses import finish_with_error, write_error, write_json
+from portainer_agent.toolbox.twisted_private import client_gone
 from portainer_agent.routing import Route
 
 log = Logger()

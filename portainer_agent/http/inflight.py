@@ -23,7 +23,7 @@ import attrs
 from twisted.internet.defer import Deferred, succeed
 from twisted.web.server import Request
 
-from portainer_agent.httpkit.responses import abort_client
+from portainer_agent.toolbox.responses import abort_client
 from portainer_agent.routing import RouteKind
 
 UNROUTED = "unrouted"

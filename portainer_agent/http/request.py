@@ -2,7 +2,7 @@
 
 twisted.web runs ``render`` only after the whole body is in; the agent must know earlier
 where a request goes, to stream a large upload upstream as it arrives
-(:class:`~portainer_agent.httpkit.upload.StreamingUploads`) and to drop the body of a request
+(:class:`~portainer_agent.toolbox.upload.StreamingUploads`) and to drop the body of a request
 whose signature fails (:class:`~portainer_agent.security.body.DiscardUnauthenticatedBody`).
 So at ``gotLength`` the request asks the router it was built with for its route, once, and
 keeps it (:attr:`AgentRequest.routed`) for the root's ``render``. The router and the guard
@@ -19,8 +19,8 @@ from twisted.web.http import parse_qs
 from twisted.web.server import Request
 
 from portainer_agent.http.router import Routed, Router
-from portainer_agent.httpkit.twisted_private import request_line
-from portainer_agent.httpkit.upload import StreamingUploads
+from portainer_agent.toolbox.twisted_private import request_line
+from portainer_agent.toolbox.upload import StreamingUploads
 from portainer_agent.security.body import BodyGuard, DiscardUnauthenticatedBody
 
 

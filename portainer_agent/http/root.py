@@ -19,7 +19,7 @@ from portainer_agent import AGENT_API_VERSION, AGENT_PLATFORM, __version__
 from portainer_agent.errors import AgentError, not_found
 from portainer_agent.http.inflight import InFlight
 from portainer_agent.http.router import Routed, Router
-from portainer_agent.httpkit.responses import write_empty, write_error
+from portainer_agent.toolbox.responses import write_empty, write_error
 from portainer_agent.proxy.dispatch import Destinations, Handler
 from portainer_agent.routing import RouteKind
 

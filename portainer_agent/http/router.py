@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable, Mapping
 import attrs
 from twisted.web.server import Request
 
-from portainer_agent.httpkit.paths import is_upgrade_request, split_version_prefix
+from portainer_agent.toolbox.paths import is_upgrade_request, split_version_prefix
 from portainer_agent.routing import (
     FORWARDED_HEADER,
     MANAGER_OPERATION_HEADER,

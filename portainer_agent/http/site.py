@@ -13,7 +13,7 @@ from twisted.web import http
 from twisted.web.server import Request, Site
 
 from portainer_agent.http.channel import AgentHTTPChannel
-from portainer_agent.httpkit.twisted_private import channel_protocol
+from portainer_agent.toolbox.twisted_private import channel_protocol
 from portainer_agent.http.inflight import InFlight
 from portainer_agent.http.request import AgentRequests
 from portainer_agent.metrics import AgentMetrics

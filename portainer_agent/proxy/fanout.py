@@ -28,10 +28,10 @@ from twisted.web.server import NOT_DONE_YET, Request
 from portainer_agent.cluster.member import Member
 from portainer_agent.cluster.swarm_nodes import NodeListState, uncovered_nodes, unknown_list_warning
 from portainer_agent.errors import AgentError
-from portainer_agent.httpkit.responses import finish_with_error
-from portainer_agent.httpkit.teardown import cancel_when_client_leaves
-from portainer_agent.httpkit.twisted_private import client_gone
-from portainer_agent.httpkit.whole_body import read_whole_body
+from portainer_agent.toolbox.responses import finish_with_error
+from portainer_agent.toolbox.teardown import cancel_when_client_leaves
+from portainer_agent.toolbox.twisted_private import client_gone
+from portainer_agent.toolbox.whole_body import read_whole_body
 from portainer_agent.proxy.local import DockerProxy
 from portainer_agent.proxy.merge import (
     NodeAnswer,

@@ -2,7 +2,7 @@
 
 The request goes through the one Docker client (:mod:`portainer_agent.docker.client`)
 with its end-to-end headers and its body as it arrives (large uploads stream, see
-:mod:`portainer_agent.httpkit.upload`); the response is relayed by
+:mod:`portainer_agent.toolbox.upload`); the response is relayed by
 :func:`portainer_agent.proxy.relay.relay_response`. Docker receives the client's
 original path, API version prefix included, so it answers in the client's API version.
 """

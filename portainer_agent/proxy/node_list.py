@@ -28,7 +28,7 @@ from twisted.web.server import Request
 
 from portainer_agent.cluster.member import Member
 from portainer_agent.cluster.swarm_nodes import NodeListState, SwarmNode, node_list_sources, parse_node_list
-from portainer_agent.httpkit.whole_body import read_whole_body
+from portainer_agent.toolbox.whole_body import read_whole_body
 from portainer_agent.proxy.merge import docker_error_message
 from portainer_agent.proxy.peer import peer_base_url
 from portainer_agent.proxy.reasons import upstream_failure_reason

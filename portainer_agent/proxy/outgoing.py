@@ -15,8 +15,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer
 from twisted.web.server import Request
 
-from portainer_agent.httpkit.paths import forwardable_request_headers
-from portainer_agent.httpkit.upload import BufferedBody, body_producer
+from portainer_agent.toolbox.paths import forwardable_request_headers
+from portainer_agent.toolbox.upload import BufferedBody, body_producer
 
 #: Spooled bodies below this size are copied to memory and written with the head.
 SMALL_BODY = 64 * 1024
@@ -25,7 +25,7 @@ SMALL_BODY = 64 * 1024
 def request_body_producer(request: Request, cooperator: Any = task) -> IBodyProducer | None:
     """A producer for the request's body, or None when it has none.
 
-    A body that streams as it arrives (:mod:`portainer_agent.httpkit.upload`) can be sent
+    A body that streams as it arrives (:mod:`portainer_agent.toolbox.upload`) can be sent
     once: calling this again gives a producer that sends it only if no byte went to an
     earlier one (a failover after a refused connection), and fails with
     ``BodyAlreadyConsumed`` otherwise. Bodies read whole before ``render`` (small, or

@@ -12,7 +12,7 @@ from twisted.internet.error import TimeoutError as ConnectTimeoutError
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
-from portainer_agent.httpkit.whole_body import BodyTooLarge
+from portainer_agent.toolbox.whole_body import BodyTooLarge
 from portainer_agent.proxy.member_gone import MemberGone
 
 

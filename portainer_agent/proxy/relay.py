@@ -19,11 +19,11 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from twisted.web.server import Request
 
-from portainer_agent.httpkit.paths import forwardable_response_headers
+from portainer_agent.toolbox.paths import forwardable_response_headers
 from portainer_agent.errors import AgentError
-from portainer_agent.httpkit.responses import abort_client, finish_with_error
-from portainer_agent.httpkit.teardown import cancel_when_client_leaves
-from portainer_agent.httpkit.twisted_private import client_gone
+from portainer_agent.toolbox.responses import abort_client, finish_with_error
+from portainer_agent.toolbox.teardown import cancel_when_client_leaves
+from portainer_agent.toolbox.twisted_private import client_gone
 
 log = Logger()
 

@@ -25,8 +25,8 @@ Each splice carries on an HTTP request that twisted.web will never finish: it is
 over to the site's in-flight registry (``hand_over``) and released when the splice ends.
 
 The private Twisted names this needs (the bytes twisted.web read past the request head,
-"client gone") are behind :mod:`portainer_agent.httpkit.twisted_private`; the takeover itself
-is :func:`portainer_agent.httpkit.takeover.take_over_transport`, shared with the console.
+"client gone") are behind :mod:`portainer_agent.toolbox.twisted_private`; the takeover itself
+is :func:`portainer_agent.toolbox.takeover.take_over_transport`, shared with the console.
 """
 from __future__ import annotations
 
@@ -47,19 +47,19 @@ from portainer_agent.docker.client import DockerClient
 from portainer_agent.docker.upgrade import Upgraded
 from portainer_agent.docker.wire import DOCKER_HOST
 from portainer_agent.errors import AgentError, bad_gateway_docker
-from portainer_agent.httpkit.paths import AGENT_RESPONSE_HEADERS
-from portainer_agent.httpkit.responses import abort_client, finish_with_error
-from portainer_agent.httpkit.takeover import take_over_transport
-from portainer_agent.httpkit.teardown import cancel_when_client_leaves, unregister_producer
-from portainer_agent.httpkit.twisted_private import client_gone
-from portainer_agent.httpkit.upload import MAX_MEMORY_BODY
+from portainer_agent.toolbox.paths import AGENT_RESPONSE_HEADERS
+from portainer_agent.toolbox.responses import abort_client, finish_with_error
+from portainer_agent.toolbox.takeover import take_over_transport
+from portainer_agent.toolbox.teardown import cancel_when_client_leaves, unregister_producer
+from portainer_agent.toolbox.twisted_private import client_gone
+from portainer_agent.toolbox.upload import MAX_MEMORY_BODY
 from portainer_agent.proxy.outgoing import upstream_header_lines
 from portainer_agent.proxy.relay import Drop, failure_reason, relay_response
 from portainer_agent.routing import Route
 
 log = Logger()
 
-MAX_HIJACK_REQUEST_BODY = MAX_MEMORY_BODY  # kept in memory by the request (httpkit/upload.py), never on disk
+MAX_HIJACK_REQUEST_BODY = MAX_MEMORY_BODY  # kept in memory by the request (toolbox/upload.py), never on disk
 #: TCP keep-alive on a spliced client connection: idle seconds, probe interval, probes.
 KEEPALIVE = (30, 10, 3)
 

@@ -32,7 +32,7 @@ from twisted.protocols.policies import ProtocolWrapper
 from zope.interface import implementer
 
 from portainer_agent.connections import TLS_HANDSHAKE_TIMEOUT, RefusalLog
-from portainer_agent.httpkit.twisted_private import tls_factory_clock
+from portainer_agent.toolbox.twisted_private import tls_factory_clock
 from portainer_agent.tls.certs import TLSIdentity
 
 MODERN_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"

@@ -18,7 +18,7 @@ from portainer_agent.fs.pool import run_inline
 from portainer_agent.fs.upload import UploadForm
 from portainer_agent.fs.volumes import VolumeLocator, VolumeRootMap, check_volume_id
 from portainer_agent.http.browse import BrowseService, browse_endpoints
-from portainer_agent.httpkit.filesend import ByteRange, RangeNotSatisfiable, content_type, parse_range
+from portainer_agent.toolbox.filesend import ByteRange, RangeNotSatisfiable, content_type, parse_range
 from tests.unit.memory import Memory, raw_request
 from tests.unit.tempdirs import temp_dir
 
@@ -427,14 +427,14 @@ class ProducerTests(SynchronousTestCase):
     def test_a_file_that_shrank_cuts_the_connection(self) -> None:
         from twisted.web.test.requesthelper import DummyRequest
 
-        from portainer_agent.httpkit.filesend import RangeProducer, file_reader
+        from portainer_agent.toolbox.filesend import RangeProducer, file_reader
 
         root = temp_dir(self)
         (root / "f").write_bytes(b"x" * 10)
         read, close = file_reader(os.open(root / "f", os.O_RDONLY), run_inline)
         request = DummyRequest([b""])
         aborted: list[bool] = []
-        import portainer_agent.httpkit.filesend as filesend
+        import portainer_agent.toolbox.filesend as filesend
         self.patch(filesend, "abort_client", lambda r: aborted.append(True))
         RangeProducer(request, read, 0, 20, close, chunk=4).start()
         self.assertEqual(b"".join(request.written), b"x" * 10)
@@ -444,7 +444,7 @@ class ProducerTests(SynchronousTestCase):
     def test_a_file_that_grew_is_sent_up_to_the_promised_length(self) -> None:
         from twisted.web.test.requesthelper import DummyRequest
 
-        from portainer_agent.httpkit.filesend import RangeProducer, file_reader
+        from portainer_agent.toolbox.filesend import RangeProducer, file_reader
 
         root = temp_dir(self)
         (root / "f").write_bytes(b"0123456789")

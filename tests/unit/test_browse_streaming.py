@@ -20,13 +20,13 @@ from twisted.web.server import Request
 
 from portainer_agent.errors import AgentError
 from portainer_agent.fs.pool import POOL_STOPPED, PoolService, run_inline
-from portainer_agent.httpkit.bodysink import HIGH_WATER
+from portainer_agent.toolbox.bodysink import HIGH_WATER
 from portainer_agent.http.browse import BrowseService, browse_endpoints
 from portainer_agent.http.root import AgentRoot
 from portainer_agent.http.site import AgentSite
 from portainer_agent.http.request import AgentRequests
 from portainer_agent.http.router import Router, streaming_paths
-from portainer_agent.httpkit.upload import MAX_MEMORY_BODY, STREAM_THRESHOLD, InMemoryBody
+from portainer_agent.toolbox.upload import MAX_MEMORY_BODY, STREAM_THRESHOLD, InMemoryBody
 from portainer_agent.proxy.dispatch import Destinations
 
 from .memory import RecordingHandler

@@ -20,7 +20,7 @@ from portainer_agent.fs import hostinfo as hostinfo_module
 from portainer_agent.fs import jail as jail_module
 from portainer_agent.fs.pool import PoolService
 from portainer_agent.http import browse as browse_module
-from portainer_agent.httpkit import filesend as filesend_module
+from portainer_agent.toolbox import filesend as filesend_module
 from portainer_agent.http.browse import BrowseService, browse_endpoints
 from portainer_agent.http.hostinfo import HostInfoResource
 from portainer_agent.http.root import AgentRoot

@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Request, Site
 
 from portainer_agent.errors import AgentError, bad_gateway_docker, not_found
-from portainer_agent.httpkit.responses import finish_with_error
+from portainer_agent.toolbox.responses import finish_with_error
 
 from .memory import HeldOpen
 

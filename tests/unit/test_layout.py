@@ -5,7 +5,7 @@ its imports become edges of a graph between the package's own modules. Two rules
 
 * **Only the entry points import the edge.** The HTTP edge (:data:`EDGE`: the site, the
   channel, the request, the root and the agent endpoint resources) sits on top; the
-  toolbox (``httpkit``), the upstreams (``proxy``), ``console``, ``fs`` and the rest never
+  toolbox (``toolbox``), the upstreams (``proxy``), ``console``, ``fs`` and the rest never
   reach back into it, not even from inside a function or under ``TYPE_CHECKING``.
 * **No cycle among module-level imports.** Imports that run when a module is loaded
   (top level, including ``try``/``if`` blocks, but not ``if TYPE_CHECKING:``) must form a

@@ -6,7 +6,7 @@ import re
 from hypothesis import given, settings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from portainer_agent.httpkit.paths import (
+from portainer_agent.toolbox.paths import (
     AGENT_RESPONSE_HEADERS,
     HOP_BY_HOP,
     RECOMPUTED_REQUEST,

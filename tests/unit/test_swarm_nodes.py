@@ -22,7 +22,7 @@ from portainer_agent.cluster.swarm_nodes import (
     uncovered_nodes,
     unknown_list_warning,
 )
-from portainer_agent.httpkit.whole_body import BodyTooLarge
+from portainer_agent.toolbox.whole_body import BodyTooLarge
 from portainer_agent.proxy.member_gone import MemberGone
 from portainer_agent.proxy.merge import NodeAnswer, NodeFailure, merge_answers
 from portainer_agent.proxy.reasons import upstream_failure_reason

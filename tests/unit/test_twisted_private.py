@@ -1,4 +1,4 @@
-"""Canaries for the private Twisted names in :mod:`portainer_agent.httpkit.twisted_private`:
+"""Canaries for the private Twisted names in :mod:`portainer_agent.toolbox.twisted_private`:
 if a Twisted release changes one, these fail with its name instead of the proxy
 misbehaving somewhere else. One test (at least) per function or class there."""
 from __future__ import annotations
@@ -18,7 +18,7 @@ from twisted.web.client import HTTPConnectionPool
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from portainer_agent.httpkit.twisted_private import (
+from portainer_agent.toolbox.twisted_private import (
     RefusalHookChannel,
     answering,
     channel_protocol,

@@ -8,24 +8,24 @@ fails after an upgrade, fix that code (or drop the private use), then move the p
 The private uses (grep ``twisted\\..*\\._`` imports and ``._name`` on Twisted objects):
 
 * ``twisted.web.client._HTTP11ClientFactory`` and ``HTTPConnectionPool._factory``
-  (httpkit/twisted_private.py, the quiet peer pool; see also tests/unit/test_twisted_private.py
+  (toolbox/twisted_private.py, the quiet peer pool; see also tests/unit/test_twisted_private.py
   for the names isolated there: the request line at ``gotLength``, unread bytes, client gone);
-* ``twisted.web.http._GenericHTTPChannelProtocol`` (httpkit/twisted_private.py
+* ``twisted.web.http._GenericHTTPChannelProtocol`` (toolbox/twisted_private.py
   ``channel_protocol``, for http/site.py ``AgentSite.protocol``);
 * ``HTTPChannel._respondToBadRequestAndDisconnect`` as the one path of every parser refusal,
   and the parser state ``_handlingRequest``, ``_receivedHeaderSize``,
-  ``_receivedHeaderCount`` (httpkit/twisted_private.py ``RefusalHookChannel``,
+  ``_receivedHeaderCount`` (toolbox/twisted_private.py ``RefusalHookChannel``,
   ``head_received``, ``answering``, for http/channel.py ``AgentHTTPChannel``: head deadline,
   414/431);
 * ``TLSMemoryBIOProtocol._handshakeDone`` (tls/server.py, the TLS handshake deadline);
-* ``TLSMemoryBIOFactory._clock`` (httpkit/twisted_private.py ``tls_factory_clock``, for
+* ``TLSMemoryBIOFactory._clock`` (toolbox/twisted_private.py ``tls_factory_clock``, for
   tls/server.py: the handshake deadline on Twisted's TLS clock);
 * ``reactor._exitSignal``, re-raised by ``twisted.scripts.twistd.runApp``
-  (httpkit/twisted_private.py ``forget_exit_signal``, for twistd.py: exit 0 after SIGTERM
+  (toolbox/twisted_private.py ``forget_exit_signal``, for twistd.py: exit 0 after SIGTERM
   under twistd);
-* ``Request._disconnected`` (httpkit/responses.py, proxy/relay.py, proxy/fanout.py,
-  proxy/splice.py, http/browse.py, httpkit/filesend.py, http/console.py);
-* ``HTTPChannel._dataBuffer`` (httpkit/takeover.py, ``take_over_transport``);
+* ``Request._disconnected`` (toolbox/responses.py, proxy/relay.py, proxy/fanout.py,
+  proxy/splice.py, http/browse.py, toolbox/filesend.py, http/console.py);
+* ``HTTPChannel._dataBuffer`` (toolbox/takeover.py, ``take_over_transport``);
 * ``TLSMemoryBIOProtocol._flushReceiveBIO`` and the state it uses (``_lostTLSConnection``,
   ``_tlsConnection``, ``_shutdownTLS``, ``_tlsShutdownFinished``, ``_aborted``,
   ``_flushSendBIO``) (tls/server.py, ``HalfCloseTLSProtocol``);
@@ -137,7 +137,7 @@ class ChannelTests(SynchronousTestCase):
         try:
             from twisted.web.http import _GenericHTTPChannelProtocol
         except ImportError as error:
-            self.fail(_loud(f"_GenericHTTPChannelProtocol is gone ({error})", "httpkit/twisted_private.py channel_protocol"))
+            self.fail(_loud(f"_GenericHTTPChannelProtocol is gone ({error})", "toolbox/twisted_private.py channel_protocol"))
 
         class MyChannel(http.HTTPChannel):
             pass
@@ -164,13 +164,13 @@ class ChannelTests(SynchronousTestCase):
         channel = protocol._channel
         method: Any = getattr(channel, "_respondToBadRequestAndDisconnect", None)
         self.assertTrue(callable(method), _loud("HTTPChannel._respondToBadRequestAndDisconnect is gone",
-                                                "httpkit/twisted_private.py RefusalHookChannel"))
+                                                "toolbox/twisted_private.py RefusalHookChannel"))
         method()
         self.assertEqual(transport.value(), b"HTTP/1.1 400 Bad Request\r\n\r\n",
                          _loud("_respondToBadRequestAndDisconnect writes something else",
-                               "httpkit/twisted_private.py RefusalHookChannel"))
+                               "toolbox/twisted_private.py RefusalHookChannel"))
         self.assertTrue(transport.disconnecting, _loud("_respondToBadRequestAndDisconnect no longer closes",
-                                                       "httpkit/twisted_private.py RefusalHookChannel"))
+                                                       "toolbox/twisted_private.py RefusalHookChannel"))
 
     def test_pipelined_bytes_wait_in_the_data_buffer(self) -> None:
         # take_over_transport hands bytes that arrived after an upgrade request's head
@@ -183,10 +183,10 @@ class ChannelTests(SynchronousTestCase):
         self.assertEqual(len(resource.requests), 1)
         buffered: Any = getattr(channel, "_dataBuffer", None)
         self.assertIsInstance(buffered, list, _loud("HTTPChannel._dataBuffer is gone or not a list",
-                                                    "httpkit/takeover.py take_over_transport"))
+                                                    "toolbox/takeover.py take_over_transport"))
         self.assertEqual(b"".join(buffered), b"stdin bytes",
                          _loud("bytes after a request in progress are no longer kept in _dataBuffer",
-                               "httpkit/takeover.py take_over_transport"))
+                               "toolbox/takeover.py take_over_transport"))
 
 
 class RequestTests(SynchronousTestCase):
@@ -195,7 +195,7 @@ class RequestTests(SynchronousTestCase):
         protocol, _ = _connected_site(resource)
         protocol.dataReceived(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
         [request] = resource.requests
-        where = ("httpkit/twisted_private.py client_gone, for httpkit/responses.py, proxy/relay.py, "
+        where = ("toolbox/twisted_private.py client_gone, for toolbox/responses.py, proxy/relay.py, "
                  "proxy/fanout.py, proxy/splice.py")
         self.assertIs(getattr(request, "_disconnected", None), False,
                       _loud("Request._disconnected is gone or not False on a live request", where))

@@ -21,7 +21,7 @@ from portainer_agent.http.root import AgentRoot
 from portainer_agent.http.site import AgentSite
 from portainer_agent.http.request import AgentRequests
 from portainer_agent.http.router import Router, streaming_paths
-from portainer_agent.httpkit.upload import BodyAlreadyConsumed
+from portainer_agent.toolbox.upload import BodyAlreadyConsumed
 from portainer_agent.proxy.dispatch import Destinations
 from portainer_agent.proxy.local import DockerProxy
 from portainer_agent.proxy.outgoing import request_body_producer

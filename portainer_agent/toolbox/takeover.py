@@ -14,8 +14,8 @@ from typing import Any
 from twisted.internet.protocol import Protocol
 from twisted.web.server import Request
 
-from portainer_agent.httpkit.teardown import unregister_producer
-from portainer_agent.httpkit.twisted_private import take_unread
+from portainer_agent.toolbox.teardown import unregister_producer
+from portainer_agent.toolbox.twisted_private import take_unread
 
 
 def take_over_transport(request: Request, protocol: Protocol) -> Any:

@@ -33,7 +33,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
-from portainer_agent.httpkit.twisted_private import client_gone
+from portainer_agent.toolbox.twisted_private import client_gone
 
 #: Bodies smaller than this (with a known length) are read whole before ``render``.
 STREAM_THRESHOLD = 64 * 1024

@@ -22,9 +22,9 @@ from twisted.web import http
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from portainer_agent.httpkit.twisted_private import client_gone
+from portainer_agent.toolbox.twisted_private import client_gone
 from portainer_agent.fs.pool import RunInPool
-from portainer_agent.httpkit.responses import abort_client
+from portainer_agent.toolbox.responses import abort_client
 
 log = Logger()
 

@@ -6,8 +6,9 @@ Why a package of its own, and why this name: the upstreams (:mod:`portainer_agen
 the console and the file browser all need the same few tools (header filters, Docker-style
 error answers, request bodies as producers, sending a file, taking a connection over, the
 private Twisted names), and they must never import the edge that routes requests to them.
-"kit" says "tools, no policy"; ``web`` would read as twisted.web's own site and resources,
-which is exactly what this package does not contain. It imports nothing from the agent but
+"toolbox" says "tools, no policy", and its name shares no prefix with the edge's
+(``http``), so an import of one is never mistaken for the other; ``web`` would read as
+twisted.web's own site and resources, which is exactly what this package does not contain. It imports nothing from the agent but
 :mod:`portainer_agent.errors` and :mod:`portainer_agent.fs.pool`.
 
 * :mod:`.paths` — version prefixes, upgrade detection, hop-by-hop header filters;

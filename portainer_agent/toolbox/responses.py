@@ -8,7 +8,7 @@ from twisted.internet.interfaces import ITCPTransport
 from twisted.web.server import NOT_DONE_YET, Request
 
 from portainer_agent.errors import AgentError
-from portainer_agent.httpkit.twisted_private import client_gone
+from portainer_agent.toolbox.twisted_private import client_gone
 
 
 def write_json(request: Request, value: Any, status: int = 200) -> bytes:

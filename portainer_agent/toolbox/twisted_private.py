@@ -13,7 +13,7 @@ private name                                why
 ``HTTPChannel._command/_path/_version``    the request line at ``Request.gotLength`` time,
                                             before twisted.web sets ``method``/``uri``: a
                                             large upload starts upstream when its headers
-                                            are in (:mod:`portainer_agent.httpkit.upload`)
+                                            are in (:mod:`portainer_agent.toolbox.upload`)
 ``HTTPChannel._dataBuffer``                bytes a client sent after an upgrade request's
                                             head, already read by twisted.web: they belong
                                             to the new protocol (:mod:`.takeover`)
@@ -98,7 +98,7 @@ class _QuietClientFactory(_HTTP11ClientFactory):
 def quiet_pool(pool: HTTPConnectionPool) -> HTTPConnectionPool:
     """``pool``, building its connections with a factory that does not log each one."""
     if not hasattr(pool, "_factory"):
-        raise RuntimeError("HTTPConnectionPool has no _factory: update portainer_agent.httpkit.twisted_private")
+        raise RuntimeError("HTTPConnectionPool has no _factory: update portainer_agent.toolbox.twisted_private")
     pool._factory = _QuietClientFactory
     return pool
 

@@ -1,8 +1,8 @@
 """A request body written to a blocking sink (a staged file) in the disk thread pool, as
 it arrives, with backpressure and a size limit.
 
-The body comes from an ``IBodyProducer`` (:func:`portainer_agent.httpkit.upload.body_producer`
-for a body that streams, or a :class:`~portainer_agent.httpkit.upload.BufferedBody`); the
+The body comes from an ``IBodyProducer`` (:func:`portainer_agent.toolbox.upload.body_producer`
+for a body that streams, or a :class:`~portainer_agent.toolbox.upload.BufferedBody`); the
 sink is a plain function (``feed(bytes)``) run by a :data:`~portainer_agent.fs.pool.RunInPool`.
 One batch is written at a time; bytes that arrive meanwhile are gathered into the next
 batch, and the client is paused once :data:`HIGH_WATER` bytes wait. So the pool never
