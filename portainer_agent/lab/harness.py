@@ -55,6 +55,7 @@ from portainer_agent.lab.dockerd import (
     run_docker,
     terminate,
 )
+from portainer_agent.testing import polling
 from portainer_agent.testing.tls import unverified_tls
 from portainer_agent.testing.signing import (
     PORTAINER_MESSAGE,
@@ -597,14 +598,7 @@ class Lab:
     @staticmethod
     def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
         """Poll ``condition`` until it is truthy (returned) or raise :class:`LabError` at the deadline."""
-        deadline = time.monotonic() + timeout
-        while True:
-            value = condition()
-            if value:
-                return value
-            if time.monotonic() >= deadline:
-                raise LabError(f"timed out after {timeout}s waiting for {what}")
-            time.sleep(interval)
+        return polling.wait_for(condition, timeout, what, interval, error=LabError)
 
     # --- agents ---------------------------------------------------------------------
 

@@ -17,23 +17,26 @@ if TYPE_CHECKING:
 __all__ = ["wait_for", "wait_for_deferred"]
 
 
-def _failure(what: str, timeout: float, describe: Callable[[], str] | None) -> AssertionError:
+def _failure(what: str, timeout: float, describe: Callable[[], str] | None,
+             error: Callable[[str], Exception] = AssertionError) -> Exception:
     detail = f": {describe()}" if describe is not None else ""
-    return AssertionError(f"timed out after {timeout}s waiting for {what}{detail}")
+    return error(f"timed out after {timeout}s waiting for {what}{detail}")
 
 
 def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.05,
-             describe: Callable[[], str] | None = None) -> Any:
-    """Poll ``condition`` until it returns something true, and return that; raise an
-    ``AssertionError`` naming ``what`` (and ``describe()``, the state seen) at the deadline.
-    An exception from ``condition`` propagates at once."""
+             describe: Callable[[], str] | None = None,
+             error: Callable[[str], Exception] = AssertionError) -> Any:
+    """Poll ``condition`` until it returns something true, and return that; raise
+    ``error`` (an ``AssertionError`` in tests; the lab raises its own) naming ``what`` (and
+    ``describe()``, the state seen) at the deadline. An exception from ``condition``
+    propagates at once."""
     deadline = time.monotonic() + timeout
     while True:
         result = condition()
         if result:
             return result
         if time.monotonic() >= deadline:
-            raise _failure(what, timeout, describe)
+            raise _failure(what, timeout, describe, error)
         time.sleep(interval)
 
 
