@@ -68,9 +68,6 @@ class InFlight:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def __contains__(self, request: object) -> bool:
-        return request in self._entries
-
     def requests(self) -> list[Request]:
         return list(self._entries)
 
@@ -84,10 +81,6 @@ class InFlight:
         for entry in self._entries.values():
             counts[entry.kind] = counts.get(entry.kind, 0) + 1
         return counts
-
-    def started_at(self, request: Request) -> float | None:
-        entry = self._entries.get(request)
-        return entry.started if entry is not None else None
 
     def admit(self, request: Request) -> None:
         """A request arrived (its head is in). Idempotent."""

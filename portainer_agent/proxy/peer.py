@@ -379,8 +379,7 @@ class PeerForwarder:
         """The failure as the cluster understands it: a member declared dead, or a late head."""
         if deadline.expired and failure.check(CancelledError):
             return Failure(PeerResponseTimeout(deadline.seconds))
-        if (self._alive is not None and not failure.check(CancelledError) and not failed_before_sending(failure)
-                and not self._alive(member)):
+        if not failure.check(CancelledError) and not failed_before_sending(failure) and not self.is_live(member):
             # (A request that never left stays a connection failure: another peer may take it.)
             return Failure(MemberGone(member.node_name))
         return failure
@@ -403,7 +402,7 @@ class PeerForwarder:
         """Forward ``request`` to ``member`` and relay its answer."""
         log.debug("forwarding {method} {path} to {node}", method=request.method.decode("latin-1"),
                   path=request.path.decode("latin-1"), node=member.node_name)
-        relay_pending(self.send(request, member), request, lambda f: self._unreachable(member, f))
+        relay_pending(self.send(request, member), request, lambda f: self.unreachable(member, f))
         return NOT_DONE_YET
 
     def render_first(self, request: Request, candidates: Sequence[Member], what: str = "manager") -> Any:
@@ -413,7 +412,17 @@ class PeerForwarder:
         relay_pending(attempt.answer, request, attempt.error)
         return NOT_DONE_YET
 
-    def _unreachable(self, member: Member, failure: Failure) -> AgentError:
+    def is_live(self, member: Member) -> bool:
+        """Whether membership still holds ``member`` live (always, without a membership view)."""
+        return self._alive is None or self._alive(member)
+
+    def failed_over(self, from_node: str) -> None:
+        """A manager operation left ``from_node`` for the next manager (for the metrics)."""
+        if self._metrics is not None:
+            self._metrics.manager_failover(from_node)
+
+    def unreachable(self, member: Member, failure: Failure) -> AgentError:
+        """The 502 naming ``member`` for ``failure``, logged."""
         error = peer_unreachable(member, failure)
         log.warn("{message}: {details}", message=error.message, details=error.details)
         return error
@@ -430,7 +439,7 @@ class PeerForwarder:
         def unreachable(failure: Failure) -> AgentError:
             if self._metrics is not None:
                 self._metrics.forward_error(member.node_name, forward_failure_kind(failure))
-            return self._unreachable(member, failure)
+            return self.unreachable(member, failure)
 
         return self._hijack.open(request, endpoint, host, self._marks(member), unreachable)
 
@@ -478,16 +487,17 @@ class FirstReachable:
                      "asking {next}", node=member.node_name, status=response.code,
                      method=self._request.method.decode("latin-1"), next=self._candidates[following].node_name)
             response.deliverBody(Drop())
-            if self._peers._metrics is not None:
-                self._peers._metrics.manager_failover(member.node_name)
-            self._attempt(following)
+            self._fail_over(member, following)
             return
         self.answer.callback(response)
 
+    def _fail_over(self, member: Member, following: int) -> None:
+        self._peers.failed_over(member.node_name)
+        self._attempt(following)
+
     def _next_live(self, index: int) -> int | None:
-        alive = self._peers._alive
         for following in range(index + 1, len(self._candidates)):
-            if alive is None or alive(self._candidates[following]):
+            if self._peers.is_live(self._candidates[following]):
                 return following
         return None
 
@@ -500,9 +510,7 @@ class FirstReachable:
                  reason=failure_reason(failure))
         following = self._next_live(index)
         if following is not None and safe_to_retry(self._request.method, failure):
-            if self._peers._metrics is not None:
-                self._peers._metrics.manager_failover(member.node_name)
-            self._attempt(following)
+            self._fail_over(member, following)
         else:
             self.answer.errback(failure)
 
@@ -513,7 +521,7 @@ class FirstReachable:
             details = "; ".join(f"{m.node_name}: {failure_reason(f)}" for m, f in failures)
             return AgentError(502, f"Unable to reach any agent on a {self._what} node", details)
         member = failures[-1][0] if failures else self._candidates[0]
-        error = self._peers._unreachable(member, failure)
+        error = self._peers.unreachable(member, failure)
         if not safe_to_retry(self._request.method, failure):
             # It may have reached the manager: say so rather than retry a change.
             return AgentError(error.status, error.message,
