@@ -64,6 +64,10 @@ class Config:
     aggregate_timeout: float = 10.0
     #: Largest answer one node may give to an aggregated list (bytes).
     aggregate_max_bytes: int = 64 * 1024 * 1024
+    #: Answer this node's lists from memory, kept exact by Docker's event stream (issue 16).
+    list_cache: bool = True
+    #: Bytes of list answers the cache may hold (and, apart, of peers' answers kept for 304s).
+    list_cache_max_bytes: int = 64 * 1024 * 1024
     # operations (issue 11)
     metrics_addr: tuple[str, int] | None = None
     header_timeout: float = 30.0

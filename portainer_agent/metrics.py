@@ -35,6 +35,11 @@ aggregate_last_unreachable_nodes            gauge      (nodes named by the last 
 manager_failovers_total                     counter    from_node (the manager that failed)
 hijacked_stream_bytes_total                 counter    direction (``from_client``, ``to_client``)
 hijacked_stream_duration_seconds            histogram  (spliced streams, counted when they end)
+list_cache_requests_total                   counter    list, outcome (``hit``, ``miss``, ``stream_down``, ``not_keepable``)
+list_cache_invalidations_total              counter    reason (``event``, ``write``, ``stream_up``, ``stream_down``)
+list_cache_event_stream_reconnects_total    counter    (Docker event stream reopened after a loss)
+list_cache_bytes                            gauge      (bytes of list answers held)
+aggregate_not_modified_total                counter    node (peer legs answered 304: its kept list merged)
 build_info                                  gauge      version, api_version, python (always 1)
 =========================================  =========  ==============================================
 """
@@ -185,6 +190,19 @@ class AgentMetrics:
         self._stream_duration = Histogram(f"{PREFIX}_hijacked_stream_duration_seconds",
                                           "Duration of hijacked (attach/exec) streams, counted when they end",
                                           buckets=STREAM_BUCKETS, registry=r)
+        self._cache_requests = Counter(f"{PREFIX}_list_cache_requests",
+                                       "List requests seen by the list cache, by list and outcome",
+                                       ["list", "outcome"], registry=r)
+        self._cache_invalidations = Counter(f"{PREFIX}_list_cache_invalidations",
+                                            "Times the list cache dropped what it held, by reason", ["reason"],
+                                            registry=r)
+        self._cache_reconnects = Counter(f"{PREFIX}_list_cache_event_stream_reconnects",
+                                         "Docker event stream reopened after it was lost", registry=r)
+        self._cache_bytes = Gauge(f"{PREFIX}_list_cache_bytes", "Bytes of list answers the list cache holds",
+                                  registry=r)
+        self._not_modified = Counter(f"{PREFIX}_aggregate_not_modified",
+                                     "Aggregate legs a peer answered 304 (its kept list merged), by node", ["node"],
+                                     registry=r)
         import platform
 
         from portainer_agent import AGENT_API_VERSION, __version__
@@ -270,6 +288,24 @@ class AgentMetrics:
     def manager_failover(self, from_node: str) -> None:
         """A manager operation that failed on ``from_node`` goes to the next manager."""
         self._failovers.labels(from_node).inc()
+
+    def aggregate_leg_not_modified(self, node: str) -> None:
+        """``node``'s list had not changed: its kept answer was merged (a 304)."""
+        self._not_modified.labels(node).inc()
+
+    # -- list cache ------------------------------------------------------------------
+
+    def list_cache_answered(self, which: str, outcome: str) -> None:
+        self._cache_requests.labels(which, outcome).inc()
+
+    def list_cache_invalidated(self, reason: str) -> None:
+        self._cache_invalidations.labels(reason).inc()
+
+    def list_cache_stream_reconnected(self) -> None:
+        self._cache_reconnects.inc()
+
+    def watch_list_cache(self, bytes_held: Callable[[], float]) -> None:
+        self._cache_bytes.set_function(bytes_held)
 
     # -- hijacked streams ------------------------------------------------------------
 

@@ -197,6 +197,8 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("peer-response-timeout", "AGENT_PEER_RESPONSE_TIMEOUT", "peer_response_timeout", _duration, "deadline for another agent's response head, once the request is sent (0: none; streams have none once the head is in)", "2m"),
     OptionSpec("aggregate-timeout", "AGENT_AGGREGATE_TIMEOUT", "aggregate_timeout", _positive_duration, "per-node deadline of an aggregated list (containers, images, volumes, networks)", "10s"),
     OptionSpec("aggregate-max-bytes", "AGENT_AGGREGATE_MAX_BYTES", "aggregate_max_bytes", _byte_size, "largest answer one node may give to an aggregated list (e.g. 64MiB)", "64MiB"),
+    OptionSpec("list-cache", "AGENT_LIST_CACHE", "list_cache", _flag, "answer this node's container/image/volume/network lists from memory, kept exact by Docker's events (on/off)", "on"),
+    OptionSpec("list-cache-max-bytes", "AGENT_LIST_CACHE_MAX_BYTES", "list_cache_max_bytes", _byte_size, "memory the list cache may hold (and, apart, peers' lists kept for conditional requests)", "64MiB"),
     OptionSpec("volumes-root", "AGENT_VOLUMES_ROOT", "volumes_root", _absolute_path, "where <DockerRootDir>/volumes is mounted for the agent", "the same path"),
     OptionSpec("host-root", "AGENT_HOST_ROOT", "host_root", _absolute_path, "where the host's / is mounted: host browsing and /host/info stay beneath it", "/host"),
     OptionSpec("browse-max-upload", "AGENT_BROWSE_MAX_UPLOAD", "browse_max_upload", _size, "largest /browse/put body, e.g. 10G (0: no limit, as the original)", "0"),

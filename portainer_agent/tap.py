@@ -24,6 +24,8 @@ from portainer_agent.proxy.pool import make_pool
 from portainer_agent.proxy.splice import HijackProxy
 from portainer_agent.docker.identity import DockerUnavailable, NodeIdentity, fetch_identity_blocking
 from portainer_agent.proxy.local import DockerProxy
+from portainer_agent.proxy.peer_lists import PeerCopies
+from portainer_agent.listcache.service import ListCache, ListCacheService
 from portainer_agent.http.request import AgentRequests
 from portainer_agent.http.root import AgentRoot
 from portainer_agent.http.router import Router, streaming_paths
@@ -103,7 +105,14 @@ class AgentService(MultiService):
         self.disk.setServiceParent(self)
         #: Every request from arrival to release (hijacks and consoles hand theirs over).
         self.inflight = InFlight(self.metrics)
-        self.docker_proxy = DockerProxy(self.docker, config.docker_socket_path)
+        #: This node's lists from memory (issue 16); None with --list-cache off.
+        self.lists: ListCache | None = None
+        if config.list_cache:
+            self.lists = ListCache(reactor, self.docker, max_bytes=config.list_cache_max_bytes, metrics=self.metrics,
+                                   max_body=config.aggregate_max_bytes)
+            self.metrics.watch_list_cache(lambda: self.lists.bytes_held if self.lists is not None else 0)
+            ListCacheService(self.lists).setServiceParent(self)
+        self.docker_proxy = DockerProxy(self.docker, config.docker_socket_path, lists=self.lists)
         self.hijack = HijackProxy(self.docker, hand_over=self.inflight.hand_over, metrics=self.metrics)
         # Cluster membership (issue 5). Its stack (AMP, SWIM: about 1 MB of RSS) is imported
         # in a Swarm only (issue 15). Built here, started in its place below.
@@ -206,7 +215,8 @@ class AgentService(MultiService):
                                   timeout=min(self.config.aggregate_timeout, self.config.peer_timeout * 2),
                                   wait=min(self.config.aggregate_timeout, 2.0))
         fanout = FanOut(self.reactor, self.docker_proxy, peers, self.config.aggregate_timeout,
-                        max_bytes=self.config.aggregate_max_bytes, node_list=node_list, metrics=self.metrics)
+                        max_bytes=self.config.aggregate_max_bytes, node_list=node_list, metrics=self.metrics,
+                        peer_copies=PeerCopies(1024, self.config.list_cache_max_bytes) if self.config.list_cache else None)
         return Destinations(self.docker_proxy, self.hijack, peers, fanout)
 
     def setServiceParent(self, parent: Any) -> None:  # noqa: N802

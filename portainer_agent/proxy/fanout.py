@@ -13,6 +13,11 @@ node with no answer — a failed leg, or a Swarm node with no live agent — is 
 ``X-PortainerAgent-Unreachable-Nodes`` header, in ``/volumes``' ``Warnings`` and in the log.
 An aggregate answered before the node list is known says so (``X-PortainerAgent-Node-List:
 unknown``). Only when no node answers is the answer an error.
+
+With the list cache on, the local leg is answered from memory when it can be, and each
+peer leg is a conditional request (``If-None-Match`` with the tag of that peer's last
+answer, :mod:`portainer_agent.proxy.peer_lists`): an unchanged peer answers 304 and its
+last answer is merged. Merge and failures are the same either way.
 """
 from __future__ import annotations
 
@@ -42,6 +47,7 @@ from portainer_agent.proxy.merge import (
 )
 from portainer_agent.proxy.node_list import SwarmNodeList
 from portainer_agent.proxy.peer import PeerForwarder
+from portainer_agent.proxy.peer_lists import PeerCopies
 from portainer_agent.proxy.reasons import upstream_failure_reason
 
 log = Logger()
@@ -69,14 +75,18 @@ class AggregateMetrics(Protocol):
 
     def aggregate_answered(self, unreachable: Iterable[str]) -> None: ...
 
+    def aggregate_leg_not_modified(self, node: str) -> None: ...
+
 
 class FanOut:
     """Serves aggregated list requests (``RouteKind.AGGREGATE``)."""
 
     def __init__(self, reactor: Any, local: DockerProxy, peers: PeerForwarder, timeout: float = 10.0,
                  max_bytes: int = DEFAULT_MAX_BYTES, node_list: SwarmNodeList | None = None,
-                 metrics: AggregateMetrics | None = None) -> None:
+                 metrics: AggregateMetrics | None = None, peer_copies: PeerCopies | None = None) -> None:
         self._metrics = metrics
+        #: Peers' last answers, for conditional legs (None: the list cache is off).
+        self._copies = peer_copies
         self._reactor = reactor
         self._local = local
         self._peers = peers
@@ -104,8 +114,17 @@ class FanOut:
         return NOT_DONE_YET
 
     def _leg(self, request: Request, member: Member, local: bool) -> "Deferred[NodeAnswer]":
+        node, copies = member.node_name, None if local else self._copies
+        copy = copies.get(node, request.uri) if copies is not None else None
         try:
-            sent = self._local.send(request) if local else self._peers.send(request, member, "aggregate")
+            if local:
+                sent = self._local.send(request)
+            elif copies is not None:
+                # The client's own If-None-Match never reaches a peer: a 304 must mean "as kept".
+                sent = self._peers.send(request, member, "aggregate",
+                                        {b"If-None-Match": copy.etag if copy is not None else None})
+            else:
+                sent = self._peers.send(request, member, "aggregate")
         except Exception:  # noqa: BLE001 - an AgentError (a bad URI), or a bug: this leg fails, not the list
             sent = fail()
 
@@ -113,9 +132,17 @@ class FanOut:
             content_type = response.headers.getRawHeaders(b"content-type", [None])[-1]
 
             def check(body: bytes) -> NodeAnswer:
+                if response.code == 304 and copy is not None:
+                    if self._metrics is not None:
+                        self._metrics.aggregate_leg_not_modified(node)
+                    return NodeAnswer(node, copy.body)
                 if 200 <= response.code < 300:
-                    return NodeAnswer(member.node_name, body)
-                raise _HTTPFailure(member.node_name, response.code, body, content_type)
+                    if copies is not None:
+                        copies.keep(node, request.uri, response.headers.getRawHeaders(b"etag", [None])[-1], body)
+                    return NodeAnswer(node, body)
+                if copies is not None:
+                    copies.forget(node, request.uri)
+                raise _HTTPFailure(node, response.code, body, content_type)
 
             return read_whole_body(response, self._max_bytes, f"node {member.node_name}",
                                    " (--aggregate-max-bytes)").addCallback(check)

@@ -54,9 +54,11 @@ def request_body_producer(request: Request, cooperator: Any = task) -> IBodyProd
     return FileBodyProducer(own, cooperator=cooperator)
 
 
-def upstream_header_lines(request: Request, extra: dict[bytes, bytes] | None = None) -> list[tuple[bytes, bytes]]:
+def upstream_header_lines(request: Request, extra: dict[bytes, bytes | None] | None = None
+                          ) -> list[tuple[bytes, bytes]]:
     """The request's end-to-end headers as ``(name, value)`` lines, then ``extra``, whose
-    names replace the client's (the target header set for a peer, say)."""
+    names replace the client's (the target header set for a peer, say; a None value
+    removes the client's header and adds none)."""
     raw = request.requestHeaders
     replaced = {name.lower() for name in (extra or {})}
     lines = [
@@ -66,11 +68,11 @@ def upstream_header_lines(request: Request, extra: dict[bytes, bytes] | None = N
         for value in values
     ]
     if extra:
-        lines += extra.items()
+        lines += [(name, value) for name, value in extra.items() if value is not None]
     return lines
 
 
-def upstream_headers(request: Request, extra: dict[bytes, bytes] | None = None) -> Headers:
+def upstream_headers(request: Request, extra: dict[bytes, bytes | None] | None = None) -> Headers:
     """:func:`upstream_header_lines` as a ``Headers`` (for ``twisted.web.client.Agent``)."""
     headers = Headers()
     for name, value in upstream_header_lines(request, extra):

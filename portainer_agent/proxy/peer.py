@@ -350,9 +350,11 @@ class PeerForwarder:
             log.warn("agent on node {node} declared {state}: {count} connection(s) to it cut",
                      node=member.node_name, state=member.state.value, count=aborted)
 
-    def send(self, request: Request, member: Member, kind: str = "forward") -> "Deferred[IResponse]":
+    def send(self, request: Request, member: Member, kind: str = "forward",
+             headers: dict[bytes, bytes | None] | None = None) -> "Deferred[IResponse]":
         """An independent copy of ``request`` to ``member``'s agent (``kind``: the route kind
-        it serves, for the metrics: forward, manager, aggregate). Fires with the response
+        it serves, for the metrics: forward, manager, aggregate; ``headers``: set on the copy,
+        None removing the client's). Fires with the response
         once its head is in; fails with :class:`MemberGone` if membership declares the
         member dead first, and with :class:`PeerResponseTimeout` if the head is late."""
         deadline = _HeadDeadline(self._reactor, self._response_timeout)
@@ -361,7 +363,7 @@ class PeerForwarder:
             body = _NotifyWhenSent(body, deadline.start)
         try:
             pending = self.client.request(request.method, peer_base_url(member) + request.uri,
-                                          upstream_headers(request, self._marks(member)), body)
+                                          upstream_headers(request, {**self._marks(member), **(headers or {})}), body)
         except PeerPinMissing as error:
             # The agent asks the policy while building the request, synchronously.
             pending = fail(error)

@@ -36,6 +36,8 @@ BAD_VALUES = {
     "peer-response-timeout": "soon",
     "aggregate-timeout": "soon",
     "aggregate-max-bytes": "lots",
+    "list-cache": "sometimes",
+    "list-cache-max-bytes": "0",
     "host-management": "2",
     "volumes-root": "relative/volumes",
     "host-root": "host",
