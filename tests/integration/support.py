@@ -277,3 +277,26 @@ class RealDockerTestCase(ClassFixture):
             cls.agent.cleanup()
             cls.agent = None
         super().tearDownClass()
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("docker", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self._path)
+
+
+def socket_request(socket_path: str, method: str, path: str, body: bytes | None = None,
+                   headers: Mapping[str, str] | None = None, timeout: float = 30) -> tuple[int, bytes]:
+    """One request straight to a Docker socket (what the node's Docker says, no agent)."""
+    connection = _UnixHTTPConnection(socket_path, timeout)
+    try:
+        connection.request(method, path, body=body, headers=dict(headers or {}))
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
