@@ -74,11 +74,13 @@ class SharedLab:
     subnet: str
     nodes: int
     managers: int
+    #: Every agent serves /metrics on <node ip>:<this port> (read with ``Lab.agent_metrics``).
+    metrics_port: int | None = None
 
 
 #: The shared labs: 2 nodes (1 manager), default options: agents without a secret.
 SHARED_LABS: dict[str, SharedLab] = {
-    "two-nodes": SharedLab(prefix="pa2node", subnet="10.77.63.0/24", nodes=2, managers=1),
+    "two-nodes": SharedLab(prefix="pa2node", subnet="10.77.63.0/24", nodes=2, managers=1, metrics_port=9103),
 }
 _shared_up: dict[str, Lab] = {}
 
@@ -121,7 +123,7 @@ class LabMixin(ClassFixture):
         if cls.lab_shared is not None:
             shape = SHARED_LABS[cls.lab_shared]
             return Lab(prefix=shape.prefix, subnet=shape.subnet, nodes_count=shape.nodes, managers=shape.managers,
-                       agents=agent_available(), lock_timeout=cls.lab_lock_timeout)
+                       agents=agent_available(), lock_timeout=cls.lab_lock_timeout, metrics_port=shape.metrics_port)
         prefix, subnet = default_prefix_and_subnet(cls)
         return Lab(prefix=cls.lab_prefix or prefix, subnet=cls.lab_subnet or subnet,
                    nodes_count=cls.lab_nodes, managers=cls.lab_managers,

@@ -166,3 +166,76 @@ class ListCacheOffTests(RealDockerTestCase, SynchronousTestCase):
             status, headers, _ = self.off.request("GET", "/images/json", headers={"If-None-Match": "*"})
             self.assertEqual(status, 200)
             self.assertIsNone(headers.get("ETag"))
+
+
+class EventStreamLossTests(SynchronousTestCase):
+    """dockerd restarted under an agent asking lists all the while: no list is ever stale,
+    and the cache serves from memory again once the event stream is back."""
+
+    def setUp(self) -> None:
+        from portainer_agent.lab.dockerd import DockerDaemon, make_workdir
+        from portainer_agent.testing.gates import Need, require
+
+        require(Need.ROOT, Need.DOCKERD)
+        self.daemon = DockerDaemon.start(make_workdir("lcr"), "lcrnode")
+        self.addCleanup(lambda: self.daemon.stop())
+        self.daemon.import_busybox()
+        with reserve_port() as metrics:
+            self.metrics_port = metrics.port
+            self.agent = start_agent("console", self.daemon.socket_path,
+                                     args=["--metrics-addr", f"127.0.0.1:{self.metrics_port}"])
+        self.addCleanup(self.agent.cleanup)
+
+    def ids_on_socket(self) -> set[str] | None:
+        try:
+            status, body = socket_request(self.daemon.socket_path, "GET", LIST, timeout=5)
+        except OSError:
+            return None
+        return {c["Id"] for c in json.loads(body)} if status == 200 else None
+
+    def ids_through_agent(self) -> set[str] | None:
+        status, _, body = self.agent.request("GET", LIST, timeout=10)
+        return {c["Id"] for c in json.loads(body)} if status == 200 else None
+
+    def test_lists_asked_while_dockerd_restarts_are_never_stale(self) -> None:
+        from portainer_agent.lab.dockerd import DockerDaemon, terminate
+        from portainer_agent.testing.threads import CheckedThread
+
+        stale: list[tuple[set[str], set[str], set[str]]] = []
+        checked = [0]
+        stop = [False]
+
+        def ask() -> None:
+            deadline = time.monotonic() + 120
+            while not stop[0] and time.monotonic() < deadline:
+                before = self.ids_on_socket()
+                ours = self.ids_through_agent()
+                after = self.ids_on_socket()
+                if before is None or ours is None or after is None:
+                    continue  # dockerd down: the agent says so (502), nothing to compare
+                checked[0] += 1
+                if not (before & after) <= ours <= (before | after):
+                    stale.append((before, ours, after))
+
+        asker = CheckedThread(target=ask)
+        asker.start()
+        try:
+            self.daemon.docker("create", "--name", "pa-lcr-before", "busybox:local", "true")
+            terminate(self.daemon.pid, 30, self.daemon.process)
+            self.daemon = DockerDaemon.start(self.daemon.workdir, self.daemon.name)
+            for round_ in range(5):
+                ident = self.daemon.docker("create", "busybox:local", "true").stdout.strip()
+                wait_for(lambda: ident in (self.ids_through_agent() or set()), 1.0,
+                         "a container created after the restart to show through the agent", interval=0.02)
+                self.daemon.docker("rm", ident)
+            wait_for(lambda: checked[0] > 20, 60, "lists compared after the restart", interval=0.1)
+        finally:
+            stop[0] = True
+            asker.finish(60)
+        self.assertEqual(stale, [])
+        metrics = scrape(self.metrics_port)
+        self.assertGreaterEqual(metrics.get(("portainer_agent_list_cache_event_stream_reconnects_total", ()), 0), 1)
+        before_hits = hits(self.metrics_port)
+        self.ids_through_agent()
+        self.ids_through_agent()
+        self.assertGreater(hits(self.metrics_port), before_hits, "answers from memory again after the restart")
