@@ -27,6 +27,8 @@ class Config:
 
     host: str = "0.0.0.0"
     port: int = 9001
+    #: Where to write the bound ports (JSON, by listener name) once listening; None: nowhere.
+    ports_file: Path | None = None
     docker_host: str = "unix:///var/run/docker.sock"
     data_dir: Path = attrs.field(factory=default_data_dir)
     tls_cert: Path | None = None
