@@ -68,6 +68,7 @@ class Config:
     aggregate_max_bytes: int = 64 * 1024 * 1024
     # operations (issue 11)
     metrics_addr: tuple[str, int] | None = None
+    tls_handshake_timeout: float = 10.0
     header_timeout: float = 30.0
     idle_timeout: float = 60.0
     max_connections: int = 4096

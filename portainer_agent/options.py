@@ -205,6 +205,7 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("console-ping", "AGENT_CONSOLE_PING_INTERVAL", "console_ping_interval", _duration, "websocket console keepalive ping interval (0: none)", "30s"),
     # operations (issue 11)
     OptionSpec("metrics-addr", "AGENT_METRICS_ADDR", "metrics_addr", _listen_address, "serve Prometheus metrics over plain HTTP on host:port (e.g. 127.0.0.1:9003; port 0: a free port)", "off"),
+    OptionSpec("tls-handshake-timeout", "AGENT_TLS_HANDSHAKE_TIMEOUT", "tls_handshake_timeout", _positive_duration, "a client must finish its TLS handshake within this time", "10s"),
     OptionSpec("header-timeout", "AGENT_HEADER_TIMEOUT", "header_timeout", _positive_duration, "a request line and its headers must arrive within this time", "30s"),
     OptionSpec("idle-timeout", "AGENT_IDLE_TIMEOUT", "idle_timeout", _positive_duration, "close a kept-alive connection idle for this long", "60s"),
     OptionSpec("healthcheck-cert", "AGENT_HEALTHCHECK_CERT", "healthcheck_cert", _existing_file, "PEM client certificate `portainer-agent healthcheck` presents (for an agent with --tls-ca)", "none"),

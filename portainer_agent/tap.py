@@ -159,7 +159,8 @@ class AgentService(MultiService):
                      configured=config.max_connections, cap=self.max_connections, limit=open_file_limit)
         refusals = RefusalLog(reactor, self.max_connections, on_refused=self.metrics.connection_refused)
         self.api = ApiListenerService(
-            TLSServerEndpoint(inner, server_options(tls, ca_pem), clock=reactor, max_connections=self.max_connections,
+            TLSServerEndpoint(inner, server_options(tls, ca_pem), clock=reactor,
+                              handshake_timeout=config.tls_handshake_timeout, max_connections=self.max_connections,
                               refusals=refusals, on_cut=self.metrics.connection_cut),
             self.site, reactor, config.shutdown_grace, config.host, config.port, on_fatal=self.fatal,
             ports=self.bound_ports,

@@ -16,7 +16,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import ssl
 import stat
 import subprocess
 import time
@@ -26,6 +25,7 @@ from typing import Any, Callable
 from portainer_agent.lab.dockerd import terminate
 from portainer_agent.lab.testing import SynchronousLabTestCase
 from portainer_agent.testing.polling import wait_for
+from portainer_agent.testing.tls import unverified_tls
 
 NAMES = {"node1", "node2", "node3"}
 DNS_NAME = "agents.cluster.lab"
@@ -68,9 +68,7 @@ class LabMembershipTests(SynchronousLabTestCase):
     def agents(self, node: str, timeout: float = 2.0, path: str = "/agents") -> set[str] | None:
         """NodeNames in the node agent's ``GET /agents``; None when it does not answer."""
         assert self.lab is not None
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
+        context = unverified_tls()
         ip = self.lab.node(node).ip
         connection = http.client.HTTPSConnection(ip, self.lab.agent_port, timeout=timeout, context=context)
         try:
@@ -88,9 +86,7 @@ class LabMembershipTests(SynchronousLabTestCase):
     def entries(self, node: str) -> dict[str, dict[str, Any]]:
         """``/agents`` entries by NodeName ({} when the agent does not answer)."""
         assert self.lab is not None
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
+        context = unverified_tls()
         connection = http.client.HTTPSConnection(self.lab.node(node).ip, self.lab.agent_port, timeout=2,
                                                  context=context)
         try:

@@ -42,6 +42,7 @@ BAD_VALUES = {
     "host-root": "host",
     "console-ping": "1 minute",
     "metrics-addr": "9003",
+    "tls-handshake-timeout": "0s",
     "header-timeout": "0s",
     "idle-timeout": "soon",
     "max-connections": "0",
