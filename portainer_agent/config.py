@@ -50,6 +50,8 @@ class Config:
     cluster_key: bytes | None = None
     probe_interval: float = 1.0
     probe_timeout: float = 0.5
+    #: How often ``docker info`` is re-read for a changed role or leader flag.
+    identity_refresh_interval: float = 5.0
 
     # browse (later issue)
     host_management: bool = False

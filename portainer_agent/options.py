@@ -194,6 +194,7 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("cluster-key", "AGENT_CLUSTER_KEY", "cluster_key", lambda t: _text(t).encode(), "shared key authenticating cluster members", "derived from AGENT_SECRET"),
     OptionSpec("probe-interval", "AGENT_CLUSTER_PROBE_INTERVAL", "probe_interval", _positive_duration, "membership probe interval", "1s"),
     OptionSpec("probe-timeout", "AGENT_CLUSTER_PROBE_TIMEOUT", "probe_timeout", _positive_duration, "membership probe timeout", "500ms"),
+    OptionSpec("identity-refresh", "AGENT_IDENTITY_REFRESH_INTERVAL", "identity_refresh_interval", _positive_duration, "how often the node's role and leader flag are re-read from Docker and spread to the cluster", "5s"),
     OptionSpec("host-management", "CAP_HOST_MANAGEMENT", "host_management", _flag, "allow /browse outside volumes (1/0)", "0"),
     OptionSpec("peer-timeout", "AGENT_PEER_TIMEOUT", "peer_timeout", _positive_duration, "connect timeout to another agent (established streams have none)", "5s"),
     OptionSpec("peer-response-timeout", "AGENT_PEER_RESPONSE_TIMEOUT", "peer_response_timeout", _duration, "deadline for another agent's response head, once the request is sent (0: none; streams have none once the head is in)", "2m"),

@@ -136,6 +136,7 @@ class ClusterService(Service):
         listen_host: str = "0.0.0.0",
         settings: SwimSettings = SwimSettings(),
         refresh_identity: Callable[[], "Deferred[Any]"] | None = None,
+        refresh_interval: float = IDENTITY_REFRESH_INTERVAL,
         docker: Any = None,
         resolve: Resolver | None = None,
         metrics: Any = None,
@@ -162,6 +163,7 @@ class ClusterService(Service):
         self.listen_host = listen_host
         self.settings = settings
         self.refresh_identity = refresh_identity
+        self.refresh_interval = refresh_interval
         self.docker = docker
         self.resolve = resolve or system_resolver(reactor)
         self.transport = AmpPeerTransport(reactor, self._connect, key)
@@ -259,7 +261,7 @@ class ClusterService(Service):
         if self.refresh_identity is not None:
             self._refresher = LoopingCall(self._refresh)
             self._refresher.clock = self.reactor
-            self._refresher.start(IDENTITY_REFRESH_INTERVAL, now=False).addErrback(
+            self._refresher.start(self.refresh_interval, now=False).addErrback(
                 lambda f: log.failure("identity refresh loop stopped", f))
 
     def _listen(self) -> "Deferred[IListeningPort]":
@@ -395,6 +397,7 @@ def build_cluster_service(config: Any, identity: Any, tls: Any, reactor: Any, do
         listen_host=config.host,
         settings=SwimSettings(probe_interval=config.probe_interval, probe_timeout=config.probe_timeout),
         refresh_identity=lambda: fetch_identity(docker),
+        refresh_interval=config.identity_refresh_interval,
         docker=docker,
         metrics=metrics,
         ports=ports,

@@ -113,7 +113,9 @@ class RoutingLabTests(RoutingBase):
 
     lab_prefix, lab_subnet = "parout", "10.77.61.0/24"
     lab_options: ClassVar[dict[str, Any]] = {"secret": "routing-lab-secret",
-                                             "agent_args": ("--aggregate-timeout", "4s", "--peer-timeout", "2s")}
+                                             # a role change reaches membership within 1 s, not 5 s
+                                             "agent_args": ("--aggregate-timeout", "4s", "--peer-timeout", "2s",
+                                                            "--identity-refresh", "1s")}
 
     def setUp(self) -> Any:
         result = super().setUp()

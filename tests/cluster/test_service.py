@@ -144,7 +144,7 @@ class ServiceTests(TestCase):
 
             return succeed(current["identity"] or services[1].identity)
 
-        services = self.started(1, 2, options={2: dict(refresh_identity=refresh)})
+        services = self.started(1, 2, options={2: dict(refresh_identity=refresh, refresh_interval=0.5)})
         yield wait_for_deferred(lambda: all(len(names(s)) == 2 for s in services), 10, "a cluster of two",
                                 describe=lambda: repr([names(s) for s in services]))
         self.assertFalse(is_leader(services[0], "node2"))

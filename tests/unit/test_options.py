@@ -37,6 +37,7 @@ BAD_VALUES = {
     "peer-response-timeout": "soon",
     "aggregate-timeout": "soon",
     "aggregate-max-bytes": "lots",
+    "identity-refresh": "0s",
     "host-management": "2",
     "volumes-root": "relative/volumes",
     "host-root": "host",
