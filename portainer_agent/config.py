@@ -27,6 +27,8 @@ class Config:
 
     host: str = "0.0.0.0"
     port: int = 9001
+    #: Where to write the bound ports (JSON, by listener name) once listening; None: nowhere.
+    ports_file: Path | None = None
     docker_host: str = "unix:///var/run/docker.sock"
     data_dir: Path = attrs.field(factory=default_data_dir)
     tls_cert: Path | None = None
@@ -48,6 +50,8 @@ class Config:
     cluster_key: bytes | None = None
     probe_interval: float = 1.0
     probe_timeout: float = 0.5
+    #: How often ``docker info`` is re-read for a changed role or leader flag.
+    identity_refresh_interval: float = 5.0
 
     # browse (later issue)
     host_management: bool = False
@@ -70,6 +74,7 @@ class Config:
     list_cache_max_bytes: int = 64 * 1024 * 1024
     # operations (issue 11)
     metrics_addr: tuple[str, int] | None = None
+    tls_handshake_timeout: float = 10.0
     header_timeout: float = 30.0
     idle_timeout: float = 60.0
     max_connections: int = 4096

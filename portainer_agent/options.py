@@ -27,12 +27,13 @@ LOG_FORMATS = ("text", "json")
 
 
 def _port(text: str) -> int:
+    """A port to listen on; 0 lets the kernel pick a free one (logged, and in ``--ports-file``)."""
     try:
         value = int(text, 10)
     except ValueError:
         raise ValueError(f"not a port number: {text!r}") from None
-    if not 1 <= value <= 65535:
-        raise ValueError(f"port out of range (1-65535): {value}")
+    if not 0 <= value <= 65535:
+        raise ValueError(f"port out of range (0-65535): {value}")
     return value
 
 
@@ -174,7 +175,8 @@ class OptionSpec:
 
 OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("host", "AGENT_HOST", "host", _ip, "address the agent API listens on", "0.0.0.0"),
-    OptionSpec("port", "AGENT_PORT", "port", _port, "agent API port (HTTPS)", "9001"),
+    OptionSpec("port", "AGENT_PORT", "port", _port, "agent API port (HTTPS; 0: a free port the kernel picks)", "9001"),
+    OptionSpec("ports-file", "AGENT_PORTS_FILE", "ports_file", _absolute_path, "write the bound ports here as one JSON object (api, cluster, metrics) as they are bound", "none"),
     OptionSpec("docker-host", "DOCKER_HOST", "docker_host", _docker_host, "Docker API socket", "unix:///var/run/docker.sock"),
     OptionSpec("data-dir", "AGENT_DATA_DIR", "data_dir", _path, "where the agent keeps its TLS key and state", DATA_DIR_DEFAULT_TEXT),
     OptionSpec("tls-cert", "AGENT_TLS_CERT", "tls_cert", _existing_file, "PEM certificate for the API (else self-signed, made at start)", "generated"),
@@ -188,10 +190,11 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("secret-timeout", "AGENT_SECRET_TIMEOUT", "secret_timeout", _duration, "close the API if no Portainer paired within this time (0: never)", "72h"),
     OptionSpec("cluster-addr", "AGENT_CLUSTER_ADDR", "cluster_addr", _text, "name or address[:port] of agents to join", "tasks.<service> when run as a Swarm task"),
     OptionSpec("advertise-addr", "AGENT_ADVERTISE_ADDR", "advertise_addr", _ip, "address other agents reach this one at", "detected"),
-    OptionSpec("cluster-port", "AGENT_CLUSTER_PORT", "cluster_port", _port, "cluster membership port (AMP over TLS)", "9002"),
+    OptionSpec("cluster-port", "AGENT_CLUSTER_PORT", "cluster_port", _port, "cluster membership port (AMP over TLS; 0: a free port)", "9002"),
     OptionSpec("cluster-key", "AGENT_CLUSTER_KEY", "cluster_key", lambda t: _text(t).encode(), "shared key authenticating cluster members", "derived from AGENT_SECRET"),
     OptionSpec("probe-interval", "AGENT_CLUSTER_PROBE_INTERVAL", "probe_interval", _positive_duration, "membership probe interval", "1s"),
     OptionSpec("probe-timeout", "AGENT_CLUSTER_PROBE_TIMEOUT", "probe_timeout", _positive_duration, "membership probe timeout", "500ms"),
+    OptionSpec("identity-refresh", "AGENT_IDENTITY_REFRESH_INTERVAL", "identity_refresh_interval", _positive_duration, "how often the node's role and leader flag are re-read from Docker and spread to the cluster", "5s"),
     OptionSpec("host-management", "CAP_HOST_MANAGEMENT", "host_management", _flag, "allow /browse outside volumes (1/0)", "0"),
     OptionSpec("peer-timeout", "AGENT_PEER_TIMEOUT", "peer_timeout", _positive_duration, "connect timeout to another agent (established streams have none)", "5s"),
     OptionSpec("peer-response-timeout", "AGENT_PEER_RESPONSE_TIMEOUT", "peer_response_timeout", _duration, "deadline for another agent's response head, once the request is sent (0: none; streams have none once the head is in)", "2m"),
@@ -204,7 +207,8 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("browse-max-upload", "AGENT_BROWSE_MAX_UPLOAD", "browse_max_upload", _size, "largest /browse/put body, e.g. 10G (0: no limit, as the original)", "0"),
     OptionSpec("console-ping", "AGENT_CONSOLE_PING_INTERVAL", "console_ping_interval", _duration, "websocket console keepalive ping interval (0: none)", "30s"),
     # operations (issue 11)
-    OptionSpec("metrics-addr", "AGENT_METRICS_ADDR", "metrics_addr", _listen_address, "serve Prometheus metrics over plain HTTP on host:port (e.g. 127.0.0.1:9003)", "off"),
+    OptionSpec("metrics-addr", "AGENT_METRICS_ADDR", "metrics_addr", _listen_address, "serve Prometheus metrics over plain HTTP on host:port (e.g. 127.0.0.1:9003; port 0: a free port)", "off"),
+    OptionSpec("tls-handshake-timeout", "AGENT_TLS_HANDSHAKE_TIMEOUT", "tls_handshake_timeout", _positive_duration, "a client must finish its TLS handshake within this time", "10s"),
     OptionSpec("header-timeout", "AGENT_HEADER_TIMEOUT", "header_timeout", _positive_duration, "a request line and its headers must arrive within this time", "30s"),
     OptionSpec("idle-timeout", "AGENT_IDLE_TIMEOUT", "idle_timeout", _positive_duration, "close a kept-alive connection idle for this long", "60s"),
     OptionSpec("healthcheck-cert", "AGENT_HEALTHCHECK_CERT", "healthcheck_cert", _existing_file, "PEM client certificate `portainer-agent healthcheck` presents (for an agent with --tls-ca)", "none"),

@@ -49,7 +49,7 @@ from portainer_agent.console.docker_stream import console_opener
 from portainer_agent.http.console import ConsoleResource
 from portainer_agent.console.sessions import ConsoleSessions
 from portainer_agent.connections import RefusalLog, connection_cap, raise_open_file_limit
-from portainer_agent.listening import ListenerService
+from portainer_agent.listening import BoundPorts, ListenerService
 from portainer_agent.memory import release_free_heap
 from portainer_agent.metrics import AgentMetrics, NoMetrics
 
@@ -68,8 +68,10 @@ class ApiListenerService(ListenerService):
     requests within a bounded grace period."""
 
     def __init__(self, endpoint: IStreamServerEndpoint, site: AgentSite, clock: Any, grace: float,
-                 describe: str, on_fatal: Callable[[str], None] | None = None) -> None:
-        super().__init__(endpoint, site, describe, what="agent API", url=f"https://{describe}", on_fatal=on_fatal)
+                 host: str, port: int, on_fatal: Callable[[str], None] | None = None,
+                 ports: BoundPorts | None = None) -> None:
+        super().__init__(endpoint, site, host, port, what="agent API", scheme="https", name="api",
+                         on_fatal=on_fatal, ports=ports)
         self._clock = clock
         self._grace = grace
 
@@ -95,6 +97,8 @@ class AgentService(MultiService):
         self.tls = tls
         self.reactor = reactor
         self.exit_code = 0
+        #: The ports the listeners bound (port 0: the kernel's choice), written to --ports-file.
+        self.bound_ports = BoundPorts(config.ports_file)
         #: The one client of the Docker socket (proxy, hijack, identity, discovery, volumes, console).
         self.docker = DockerClient.for_socket(reactor, config.docker_socket_path)
         self.guard = SignatureGuard.from_config(config, on_refused=self.metrics.signature_refused)
@@ -122,7 +126,8 @@ class AgentService(MultiService):
         if identity.in_swarm:
             from portainer_agent.cluster.service import build_cluster_service
 
-            self.cluster = build_cluster_service(config, identity, tls, reactor, self.docker, metrics=self.metrics)
+            self.cluster = build_cluster_service(config, identity, tls, reactor, self.docker, metrics=self.metrics,
+                                                 api_port=lambda: self.api.when_bound(), ports=self.bound_ports)
             view = self.cluster.view
             self.destinations = self._cluster_destinations(view)
             cluster_snapshot = lambda: ClusterSnapshot.of(view)  # noqa: E731
@@ -163,9 +168,11 @@ class AgentService(MultiService):
                      configured=config.max_connections, cap=self.max_connections, limit=open_file_limit)
         refusals = RefusalLog(reactor, self.max_connections, on_refused=self.metrics.connection_refused)
         self.api = ApiListenerService(
-            TLSServerEndpoint(inner, server_options(tls, ca_pem), clock=reactor, max_connections=self.max_connections,
+            TLSServerEndpoint(inner, server_options(tls, ca_pem), clock=reactor,
+                              handshake_timeout=config.tls_handshake_timeout, max_connections=self.max_connections,
                               refusals=refusals, on_cut=self.metrics.connection_cut),
-            self.site, reactor, config.shutdown_grace, f"{config.host}:{config.port}", on_fatal=self.fatal,
+            self.site, reactor, config.shutdown_grace, config.host, config.port, on_fatal=self.fatal,
+            ports=self.bound_ports,
         )
         self.api.setName("api")
         self.api.setServiceParent(self)
@@ -181,7 +188,7 @@ class AgentService(MultiService):
             from portainer_agent.http.metrics_endpoint import MetricsListenerService
 
             self.metrics_listener = MetricsListenerService(reactor, config.metrics_addr, self.metrics,
-                                                           on_fatal=self.fatal)
+                                                           on_fatal=self.fatal, ports=self.bound_ports)
             self.metrics_listener.setName("metrics")
             self.metrics_listener.setServiceParent(self)
 

@@ -125,7 +125,7 @@ class ClusterService(Service):
         reactor: Any,
         *,
         identity: Any,
-        api_port: int,
+        api_port: int | Callable[[], "Deferred[int]"],
         cluster_port: int,
         fingerprint: str,
         server_tls: ssl.CertificateOptions | None,
@@ -136,15 +136,23 @@ class ClusterService(Service):
         listen_host: str = "0.0.0.0",
         settings: SwimSettings = SwimSettings(),
         refresh_identity: Callable[[], "Deferred[Any]"] | None = None,
+        refresh_interval: float = IDENTITY_REFRESH_INTERVAL,
         docker: Any = None,
         resolve: Resolver | None = None,
         metrics: Any = None,
+        ports: Any = None,
     ) -> None:
         self.reactor = reactor
+        #: A :class:`~portainer_agent.listening.BoundPorts` to record the bound cluster port in.
+        self.ports = ports
         #: An :class:`~portainer_agent.metrics.AgentMetrics` (None: not measured).
         self.metrics = metrics
         self.identity = identity
-        self.api_port = api_port
+        # The API port peers reach us at: a number, or (for --port 0) the API listener's
+        # bound port, learnt before the local member is first advertised.
+        self._api_port = api_port
+        self.api_port = api_port if isinstance(api_port, int) else 0
+        #: Configured, then the bound port once listening (port 0: the kernel's choice).
         self.cluster_port = cluster_port
         self.fingerprint = fingerprint
         self.server_tls = server_tls
@@ -155,6 +163,7 @@ class ClusterService(Service):
         self.listen_host = listen_host
         self.settings = settings
         self.refresh_identity = refresh_identity
+        self.refresh_interval = refresh_interval
         self.docker = docker
         self.resolve = resolve or system_resolver(reactor)
         self.transport = AmpPeerTransport(reactor, self._connect, key)
@@ -205,11 +214,27 @@ class ClusterService(Service):
             except InvalidClusterAddress as error:
                 log.error("invalid cluster address {address!r}: {error}; this agent runs alone",
                           address=cluster_text, error=str(error))
+        if not isinstance(self._api_port, int):
+            self.api_port = yield self._api_port()
         if not self.running:
             return
+        yield self._listen()
+        if not self.running:  # stopped while we were starting
+            listening: Any = self.port
+            self.port = None
+            if listening is not None:
+                yield listening.stopListening()
+            return
+        if address is not None and address.port == 0:
+            log.error("--cluster-port is 0 and --cluster-addr {address!r} names no port: give the port to join "
+                      "at; this agent runs alone", address=cluster_text)
+            address = None
         if self.key is None:
             log.warn("no cluster key (set AGENT_SECRET or --cluster-key): cluster membership is unauthenticated; "
                      "anyone reaching port {port} can join", port=self.cluster_port)
+        # Built once listening, so the member advertises the bound ports. The listener
+        # fired synchronously (a TCP bind), and with it this method: no connection was
+        # accepted before the transport has its node.
         local = self._local_member(advertise)
         probes: Any = self.transport
         if self.metrics is not None:
@@ -222,13 +247,6 @@ class ClusterService(Service):
         if self.metrics is not None:
             self.node.add_listener(self.metrics.member_changed)
             self.metrics.watch_members(self.node.members)
-        yield self._listen()
-        if not self.running:  # stopped while we were starting
-            listening: Any = self.port
-            self.port = None
-            if listening is not None:
-                yield listening.stopListening()
-            return
         self.node.start()
         if address is not None:
             self.joiner = Joiner(self.node, address, self.resolve, self.reactor,
@@ -243,7 +261,7 @@ class ClusterService(Service):
         if self.refresh_identity is not None:
             self._refresher = LoopingCall(self._refresh)
             self._refresher.clock = self.reactor
-            self._refresher.start(IDENTITY_REFRESH_INTERVAL, now=False).addErrback(
+            self._refresher.start(self.refresh_interval, now=False).addErrback(
                 lambda f: log.failure("identity refresh loop stopped", f))
 
     def _listen(self) -> "Deferred[IListeningPort]":
@@ -260,8 +278,11 @@ class ClusterService(Service):
 
         def listening(port: IListeningPort) -> IListeningPort:
             self.port = port
+            self.cluster_port = port.getHost().port  # type: ignore[attr-defined]
             log.info("cluster port listening on {host}:{port} (AMP over TLS)", host=self.listen_host,
-                     port=self.cluster_port)
+                     port=self.cluster_port, listener="cluster")
+            if self.ports is not None:
+                self.ports.record("cluster", self.cluster_port)
             return port
 
         return d.addCallback(listening)
@@ -354,7 +375,8 @@ def _log_transitions(old: Member | None, new: Member) -> None:
 
 
 def build_cluster_service(config: Any, identity: Any, tls: Any, reactor: Any, docker: Any,
-                          metrics: Any = None) -> ClusterService:
+                          metrics: Any = None, api_port: "int | Callable[[], Deferred[int]] | None" = None,
+                          ports: Any = None) -> ClusterService:
     """The membership service for the agent's ``Config``, in a Swarm (outside one, the
     agent imports none of this module: see :mod:`portainer_agent.tap`)."""
     from portainer_agent import __version__
@@ -364,7 +386,7 @@ def build_cluster_service(config: Any, identity: Any, tls: Any, reactor: Any, do
     service = ClusterService(
         reactor,
         identity=identity,
-        api_port=config.port,
+        api_port=config.port if api_port is None else api_port,
         cluster_port=config.cluster_port,
         fingerprint=tls.fingerprint,
         server_tls=server_options(tls),
@@ -375,8 +397,10 @@ def build_cluster_service(config: Any, identity: Any, tls: Any, reactor: Any, do
         listen_host=config.host,
         settings=SwimSettings(probe_interval=config.probe_interval, probe_timeout=config.probe_timeout),
         refresh_identity=lambda: fetch_identity(docker),
+        refresh_interval=config.identity_refresh_interval,
         docker=docker,
         metrics=metrics,
+        ports=ports,
     )
     service.setName("cluster")
     return service

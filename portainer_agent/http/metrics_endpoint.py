@@ -12,7 +12,7 @@ from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from portainer_agent.listening import ListenerService
+from portainer_agent.listening import BoundPorts, ListenerService
 from portainer_agent.metrics import AgentMetrics
 
 
@@ -52,11 +52,10 @@ class MetricsListenerService(ListenerService):
     """Listens on ``(host, port)`` (plain HTTP); a failure to bind is fatal, like the API's."""
 
     def __init__(self, reactor: Any, address: tuple[str, int], metrics: AgentMetrics,
-                 on_fatal: Callable[[str], None] | None = None) -> None:
+                 on_fatal: Callable[[str], None] | None = None, ports: BoundPorts | None = None) -> None:
         host, port = address
-        describe = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         endpoint = (TCP6ServerEndpoint if ":" in host else TCP4ServerEndpoint)(reactor, port, interface=host)
-        super().__init__(endpoint, MetricsSite(MetricsResource(metrics), reactor=reactor), describe,
-                         what="metrics", url=f"http://{describe}/metrics", cannot="cannot listen for metrics on",
-                         on_fatal=on_fatal)
+        super().__init__(endpoint, MetricsSite(MetricsResource(metrics), reactor=reactor), host, port,
+                         what="metrics", scheme="http", path="/metrics", name="metrics", cannot="cannot listen for metrics on",
+                         on_fatal=on_fatal, ports=ports)
         self.address = address

@@ -1,12 +1,17 @@
-"""Ports for real listeners in other processes or services that must know theirs up front.
+"""Ports for real listeners in tests.
 
-A listener in the test's own reactor binds port 0 and reads its port back
-(``port.getHost().port``); that is always the first choice. Two kinds of listener cannot:
+A listener binds port 0 and reports the port the kernel chose; that is always the first
+choice, since nothing can take the port between the choice and the listen:
 
-* an agent *process*, whose ``--port``/``--metrics-addr`` take 1-65535 and which logs the
-  configured address, not a bound one;
-* cluster services, which advertise their cluster port to peers before they listen, and
-  which all use one port on several loopback addresses.
+* in the test's own reactor, read it back (``port.getHost().port``);
+* an agent *process* takes ``--port 0`` (and ``--cluster-port 0``, ``--metrics-addr
+  host:0``) with ``--ports-file PATH``, and writes the ports it bound there as one JSON
+  object (replaced atomically as each listener binds): :func:`wait_for_bound_port` reads it.
+
+Two kinds of listener must know their port before they listen:
+
+* cluster services in one process that all use one port on several loopback addresses;
+* programs that cannot report a bound port (Prometheus in the lab test).
 
 For those, :func:`reserve_port` lets the kernel pick a port (bind port 0 on the first
 address) and *keeps* it: the sockets stay bound, never listening, with ``SO_REUSEADDR``.
@@ -21,10 +26,14 @@ refused, and it stays refused for as long as the test holds it.
 """
 from __future__ import annotations
 
+import json
 import socket
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
-__all__ = ["PortReservation", "reserve_port"]
+from portainer_agent.testing.polling import wait_for
+
+__all__ = ["PortReservation", "bound_ports", "reserve_port", "wait_for_bound_port"]
 
 
 class PortReservation:
@@ -74,3 +83,26 @@ def reserve_port(hosts: Sequence[str] = ("127.0.0.1",), attempts: int = 50) -> P
             continue
         return PortReservation(port, held)
     raise RuntimeError(f"no port free on all of {list(hosts)} after {attempts} tries")
+
+
+def bound_ports(path: Path) -> dict[str, int]:
+    """The ports an agent started with ``--ports-file path`` has bound so far, by listener
+    (``api``, ``cluster``, ``metrics``); empty before it wrote the file."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return {}
+    ports: dict[str, int] = json.loads(text)  # replaced whole by a rename: never half written
+    return ports
+
+
+def wait_for_bound_port(path: Path, name: str, timeout: float, check: Callable[[], None] = lambda: None,
+                        describe: Callable[[], str] | None = None) -> int:
+    """The port the agent's ``name`` listener bound, once it is in ``path``. ``check()`` runs
+    before each look and raises to stop waiting (e.g. when the agent process has exited)."""
+    def bound() -> int | None:
+        check()
+        return bound_ports(path).get(name)
+
+    port: int = wait_for(bound, timeout, f"the agent's {name} port in {path.name}", describe=describe)
+    return port

@@ -16,16 +16,16 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import ssl
 import stat
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 from portainer_agent.lab.dockerd import terminate
 from portainer_agent.lab.testing import SynchronousLabTestCase
 from portainer_agent.testing.polling import wait_for
+from portainer_agent.testing.tls import unverified_tls
 
 NAMES = {"node1", "node2", "node3"}
 DNS_NAME = "agents.cluster.lab"
@@ -62,15 +62,15 @@ class LabMembershipTests(SynchronousLabTestCase):
     lab_prefix = "pacl"
     lab_subnet = "10.77.86.0/24"
     lab_nodes, lab_managers = 3, 1
+    #: A promotion is read from Docker within 1 s, not the default 5 s.
+    lab_options: ClassVar[dict[str, Any]] = {"agent_args": ("--identity-refresh", "1s")}
 
     # ------------------------------------------------------------------ helpers
 
     def agents(self, node: str, timeout: float = 2.0, path: str = "/agents") -> set[str] | None:
         """NodeNames in the node agent's ``GET /agents``; None when it does not answer."""
         assert self.lab is not None
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
+        context = unverified_tls()
         ip = self.lab.node(node).ip
         connection = http.client.HTTPSConnection(ip, self.lab.agent_port, timeout=timeout, context=context)
         try:
@@ -88,9 +88,7 @@ class LabMembershipTests(SynchronousLabTestCase):
     def entries(self, node: str) -> dict[str, dict[str, Any]]:
         """``/agents`` entries by NodeName ({} when the agent does not answer)."""
         assert self.lab is not None
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
+        context = unverified_tls()
         connection = http.client.HTTPSConnection(self.lab.node(node).ip, self.lab.agent_port, timeout=2,
                                                  context=context)
         try:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import ssl
 import subprocess
 import tempfile
 import threading
@@ -21,6 +20,7 @@ from portainer_agent.lab.harness import Lab
 from portainer_agent.lab.testing import LabTestCase
 from portainer_agent.testing.polling import wait_for
 from portainer_agent.testing.signing import write_docker_config
+from portainer_agent.testing.tls import unverified_tls
 from portainer_agent.testing.threads import CheckedThread
 
 SERVICE = "sleeper"
@@ -113,7 +113,9 @@ class RoutingLabTests(RoutingBase):
 
     lab_prefix, lab_subnet = "parout", "10.77.61.0/24"
     lab_options: ClassVar[dict[str, Any]] = {"secret": "routing-lab-secret",
-                                             "agent_args": ("--aggregate-timeout", "4s", "--peer-timeout", "2s")}
+                                             # a role change reaches membership within 1 s, not 5 s
+                                             "agent_args": ("--aggregate-timeout", "4s", "--peer-timeout", "2s",
+                                                            "--identity-refresh", "1s")}
 
     def setUp(self) -> Any:
         result = super().setUp()
@@ -264,10 +266,8 @@ class RoutingLabTests(RoutingBase):
         self.assertIn("ghost", body["details"])
 
     def test_forwarded_answers_carry_the_agent_headers_once(self) -> None:
-        context = ssl.create_default_context()
-        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
         connection = http.client.HTTPSConnection(self.lab.node(self.worker).ip, self.lab.agent_port, timeout=30,
-                                                 context=context)
+                                                 context=unverified_tls())
         self.addCleanup(connection.close)
         connection.request("GET", "/version", headers={**self.lab.signed_headers(), TARGET: "node1"})
         response = connection.getresponse()

@@ -23,13 +23,13 @@ HOSTS = [f"127.0.0.{20 + index}" for index in range(1, 5)]
 
 
 def make_service(index: int, port: int, key: bytes | None = KEY, join: str | None = "127.0.0.21",
-                 **kw: Any) -> ClusterService:
+                 api_port: Any = 9001, **kw: Any) -> ClusterService:
     host = f"127.0.0.{20 + index}"
     tls = generate_self_signed([host])
     identity = NodeIdentity(name=f"node{index}", node_id=f"id{index}", role="manager" if index == 1 else "worker",
                             is_leader=index == 1, node_addr=host)
     return ClusterService(
-        reactor, identity=identity, api_port=9001, cluster_port=port, fingerprint=tls.fingerprint,
+        reactor, identity=identity, api_port=api_port, cluster_port=port, fingerprint=tls.fingerprint,
         server_tls=server_options(tls), version="test", key=key, cluster_addr=join, advertise_addr=host,
         listen_host=host, **kw,
     )
@@ -49,11 +49,9 @@ def stop_if_running(service: ClusterService) -> Any:
 
 
 class ClusterPortCase(TestCase):
-    """Every agent of a cluster uses one cluster port, and advertises it before it listens,
-    so the port is chosen before the services start: the kernel picks a free one on the
-    first address and the test holds it on all of them (``reserve_port``) while the
-    services listen beside the reservation. Held for the whole test, it also keeps the port
-    from being reused between a service's stop and a check that nothing listens."""
+    """A cluster port held for the whole test (``reserve_port``): the service listens beside
+    the reservation, and once it stops, the port cannot be reused by anyone else before the
+    test checks that nothing listens there."""
 
     def setUp(self) -> None:
         reserved = reserve_port(HOSTS)
@@ -64,18 +62,42 @@ class ClusterPortCase(TestCase):
         return make_service(index, self.port, **kw)
 
 
-class ServiceTests(ClusterPortCase):
+class ServiceTests(TestCase):
+    """Each service binds cluster port 0 and advertises the port it got; the others join
+    node1 at its bound port."""
+
     timeout = 60
+
+    def setUp(self) -> None:
+        self.seed: ClusterService | None = None
+
+    def service(self, index: int, **kw: Any) -> ClusterService:
+        if index == 1:
+            self.seed = make_service(1, 0, join=None, **kw)
+            return self.seed
+        assert self.seed is not None and self.seed.port is not None, "start node1 first"
+        return make_service(index, 0, join=f"127.0.0.21:{self.seed.cluster_port}", **kw)
 
     def start(self, *services: ClusterService) -> None:
         for service in services:
             service.startService()
             self.addCleanup(stop_if_running, service)
 
+    def started(self, *indexes: int, options: dict[int, dict[str, Any]] | None = None) -> list[ClusterService]:
+        """Services ``indexes`` (node1 first, then those that join it at its bound port), started."""
+        services = []
+        for index in indexes:
+            service = self.service(index, **(options or {}).get(index, {}))
+            self.start(service)
+            services.append(service)
+        return services
+
     @inlineCallbacks
     def test_three_agents_form_one_cluster_and_a_leave_is_seen_at_once(self) -> Any:
-        services = [self.service(i) for i in (1, 2, 3)]
-        self.start(*services)
+        services = self.started(1, 2, 3)
+        for service in services:  # each advertises the port it bound
+            assert service.port is not None
+            self.assertEqual(service.local.cluster_port, service.port.getHost().port)  # type: ignore[attr-defined]
         yield wait_for_deferred(lambda: all(names(s) == {"node1", "node2", "node3"} for s in services), 10,
                                 "one cluster of three", describe=lambda: repr([names(s) for s in services]))
         for service in services:
@@ -96,9 +118,8 @@ class ServiceTests(ClusterPortCase):
 
     @inlineCallbacks
     def test_wrong_key_cannot_join_or_inject(self) -> Any:
-        honest = [self.service(1), self.service(2)]
-        impostors = [self.service(3, key=b"wrong"), self.service(4, key=None)]
-        self.start(*honest, *impostors)
+        honest = self.started(1, 2)
+        impostors = self.started(3, 4, options={3: dict(key=b"wrong"), 4: dict(key=None)})
         yield wait_for_deferred(lambda: all(names(s) == {"node1", "node2"} for s in honest), 10,
                                 "the honest pair to form", describe=lambda: repr([names(s) for s in honest]))
         # Wait until every impostor has really tried: its join attempts reached the
@@ -123,8 +144,7 @@ class ServiceTests(ClusterPortCase):
 
             return succeed(current["identity"] or services[1].identity)
 
-        services = [self.service(1), self.service(2, refresh_identity=refresh)]
-        self.start(*services)
+        services = self.started(1, 2, options={2: dict(refresh_identity=refresh, refresh_interval=0.5)})
         yield wait_for_deferred(lambda: all(len(names(s)) == 2 for s in services), 10, "a cluster of two",
                                 describe=lambda: repr([names(s) for s in services]))
         self.assertFalse(is_leader(services[0], "node2"))
@@ -159,3 +179,36 @@ class ServiceEdgeTests(ClusterPortCase):
         if connected is not None:
             connected.transport.abortConnection()
         self.assertIsNone(connected, f"something still listens on 127.0.0.21:{self.port}")
+
+    @inlineCallbacks
+    def test_port_0_advertises_the_bound_ports(self) -> Any:
+        """``--port 0 --cluster-port 0``: the member others learn names the ports bound."""
+        from twisted.internet.defer import Deferred
+
+        api_bound: Deferred[int] = Deferred()
+        recorded: dict[str, int] = {}
+
+        class Ports:
+            def record(self, name: str, port: int) -> None:
+                recorded[name] = port
+
+        service = make_service(1, 0, join=None, api_port=lambda: api_bound, ports=Ports())
+        service.startService()
+        self.addCleanup(stop_if_running, service)
+        self.assertIsNone(service.node, "not advertised before the API port is known")
+        api_bound.callback(40123)
+        yield wait_for_deferred(lambda: service.node is not None and service.node.running, 5, "the service to start")
+        assert service.port is not None
+        bound = service.port.getHost().port  # type: ignore[attr-defined]
+        self.assertNotEqual(bound, 0)
+        self.assertEqual((service.local.api_port, service.local.cluster_port), (40123, bound))
+        self.assertEqual(recorded, {"cluster": bound})
+
+    @inlineCallbacks
+    def test_port_0_with_a_join_address_without_a_port_runs_alone(self) -> Any:
+        service = make_service(1, 0, join="127.0.0.22")
+        service.startService()
+        self.addCleanup(stop_if_running, service)
+        yield wait_for_deferred(lambda: service.node is not None and service.node.running, 5, "the service to start")
+        self.assertIsNone(service.joiner)
+        self.assertEqual(len(self.flushLoggedErrors()), 0)

@@ -11,11 +11,10 @@ import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from portainer_agent.testing.ports import reserve_port
 from portainer_agent.testing.signing import PortainerSigner
-
 from portainer_agent.testing.tls import unverified_tls
-from tests.integration.support import AgentProcess
+
+from tests.integration.support import PORTS_FILE, AgentProcess
 
 TWISTD = str(Path(sys.executable).with_name("twistd"))
 ENTRY_POINTS = ("console", "twistd")
@@ -38,18 +37,17 @@ def start_agent(entry: str, socket_path: str, args: Sequence[str] = (), env: Map
                 wait: bool = True, port: int | None = None, twistd_args: Sequence[str] = ("--pidfile=",),
                 timeout: float = 30) -> AgentProcess:
     """An agent on 127.0.0.1 through ``entry``; its output (stdout and stderr) in ``agent.log``.
-    Without ``port``, the kernel picks one, held until the agent answers (``reserve_port``)."""
-    with reserve_port() as reserved:
-        port = port or reserved.port
-        workdir = Path(tempfile.mkdtemp(prefix="pa-ops-"))
-        full = command(entry, ["--docker-host", f"unix://{socket_path}", "--host", "127.0.0.1", "--port", str(port),
-                               "--data-dir", str(workdir / "data"), *args], twistd_args)
-        with open(workdir / "agent.log", "wb") as log:
-            proc = subprocess.Popen(full, stdout=log, stderr=subprocess.STDOUT, env=clean_environment(env),
-                                    cwd=workdir)
-        agent = AgentProcess(proc, port, workdir, PortainerSigner.generate())
-        if wait:
-            agent.wait_ready(timeout)
+    Without ``port``, it binds port 0 and writes the port it got to ``--ports-file``
+    (``agent.port`` once :meth:`~AgentProcess.wait_ready` has read it)."""
+    workdir = Path(tempfile.mkdtemp(prefix="pa-ops-"))
+    listen = ["--port", str(port)] if port is not None else ["--port", "0", "--ports-file", str(workdir / PORTS_FILE)]
+    full = command(entry, ["--docker-host", f"unix://{socket_path}", "--host", "127.0.0.1", *listen,
+                           "--data-dir", str(workdir / "data"), *args], twistd_args)
+    with open(workdir / "agent.log", "wb") as log:
+        proc = subprocess.Popen(full, stdout=log, stderr=subprocess.STDOUT, env=clean_environment(env), cwd=workdir)
+    agent = AgentProcess(proc, port, workdir, PortainerSigner.generate())
+    if wait:
+        agent.wait_ready(timeout)
     return agent
 
 

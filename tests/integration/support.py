@@ -24,10 +24,12 @@ from portainer_agent.testing.classfixture import ClassFixture
 from portainer_agent.testing.tls import unverified_tls
 from portainer_agent.testing.gates import Need, require
 from portainer_agent.testing.polling import wait_for
-from portainer_agent.testing.ports import reserve_port
+from portainer_agent.testing.ports import wait_for_bound_port
 from portainer_agent.testing.signing import PortainerSigner, write_docker_config
 
 _daemon: Any = None
+#: Where an agent started here writes the ports it bound (``--ports-file``), in its work directory.
+PORTS_FILE = "ports.json"
 #: The shared daemon's name (its hostname, and so ``docker info``'s Name).
 SHARED_DAEMON_NAME = "itnode"
 
@@ -54,9 +56,12 @@ def _stop_daemon() -> None:
 
 
 class AgentProcess:
-    """A real agent process on 127.0.0.1 with its own data dir and log file."""
+    """A real agent process on 127.0.0.1 with its own data dir and log file.
 
-    def __init__(self, proc: subprocess.Popen, port: int, workdir: Path, signer: PortainerSigner) -> None:
+    Started on port 0, it writes the port it bound to ``ports.json`` (``--ports-file``);
+    :meth:`wait_ready` reads it (until then ``port`` is None unless one was given)."""
+
+    def __init__(self, proc: subprocess.Popen, port: int | None, workdir: Path, signer: PortainerSigner) -> None:
         self.proc = proc
         self.port = port
         self.workdir = workdir
@@ -68,36 +73,45 @@ class AgentProcess:
     @classmethod
     def start(cls, socket_path: str, args: Sequence[str] = (), env: Mapping[str, str] | None = None,
               wait: bool = True, timeout: float = 20) -> "AgentProcess":
-        # The port is held until the agent answers (see portainer_agent.testing.ports).
-        with reserve_port() as reserved:
-            workdir = Path(tempfile.mkdtemp(prefix="pa-agent-"))
-            command = [sys.executable, "-m", "portainer_agent", "--docker-host", f"unix://{socket_path}",
-                       "--host", "127.0.0.1", "--port", str(reserved.port), "--data-dir", str(workdir / "data"),
-                       "--log-level", "DEBUG", *args]
-            environ = {k: v for k, v in os.environ.items() if not k.startswith(("AGENT_", "DOCKER_"))}
-            environ.update(env or {})
-            log = open(workdir / "agent.log", "wb")
-            proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environ)
-            log.close()
-            agent = cls(proc, reserved.port, workdir, PortainerSigner.generate())
-            if wait:
-                agent.wait_ready(timeout)
+        workdir = Path(tempfile.mkdtemp(prefix="pa-agent-"))
+        command = [sys.executable, "-m", "portainer_agent", "--docker-host", f"unix://{socket_path}",
+                   "--host", "127.0.0.1", "--port", "0", "--ports-file", str(workdir / PORTS_FILE),
+                   "--data-dir", str(workdir / "data"), "--log-level", "DEBUG", *args]
+        environ = {k: v for k, v in os.environ.items() if not k.startswith(("AGENT_", "DOCKER_"))}
+        environ.update(env or {})
+        log = open(workdir / "agent.log", "wb")
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environ)
+        log.close()
+        agent = cls(proc, None, workdir, PortainerSigner.generate())
+        if wait:
+            agent.wait_ready(timeout)
         return agent
 
     @property
     def log_text(self) -> str:
         return (self.workdir / "agent.log").read_text(errors="replace")
 
-    def answers_ping(self) -> bool:
-        """True once the agent answers ``/ping``; raises when the process has exited."""
+    def check_running(self) -> None:
+        """Raise (with the log) when the process has exited."""
         if self.proc.poll() is not None:
             raise RuntimeError(f"agent exited {self.proc.returncode}:\n{self.log_text}")
+
+    def bound_port(self, name: str, timeout: float = 20) -> int:
+        """The port the agent bound for ``name`` (``api``, ``metrics``, ``cluster``)."""
+        return wait_for_bound_port(self.workdir / PORTS_FILE, name, timeout, self.check_running,
+                                   describe=lambda: self.log_text)
+
+    def answers_ping(self) -> bool:
+        """True once the agent answers ``/ping``; raises when the process has exited."""
+        self.check_running()
         try:
             return self.request("GET", "/ping", signed=False, timeout=2)[0] == 204
         except OSError:
             return False
 
     def wait_ready(self, timeout: float = 20) -> None:
+        if self.port is None:
+            self.port = self.bound_port("api", timeout)
         wait_for(self.answers_ping, timeout, "the agent to answer /ping", interval=0.1,
                  describe=lambda: self.log_text)
 

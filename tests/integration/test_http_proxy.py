@@ -13,6 +13,7 @@ from pathlib import Path
 from twisted.trial.unittest import SynchronousTestCase
 
 from portainer_agent.testing.polling import wait_for
+from portainer_agent.testing.tls import unverified_tls
 
 from tests.integration.support import AgentProcess, RealDockerTestCase, rss_kib
 
@@ -56,14 +57,10 @@ class AgentHTTPTests(RealDockerTestCase, SynchronousTestCase):
             self.assertIn("message", json.loads(body))
 
     def test_requests_the_parser_refuses_are_json_with_agent_headers(self) -> None:
-        import ssl as ssl_module
-
         for raw in (b"POST /_ping HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\nabc",
                     b"GET /_ping HTTP/1.1\r\nX-Bare: a\nb\r\n\r\n"):
             sock = socket.create_connection(("127.0.0.1", self.agent.port), timeout=10)
-            context = ssl_module.create_default_context()
-            context.check_hostname, context.verify_mode = False, ssl_module.CERT_NONE
-            with context.wrap_socket(sock) as tls:
+            with unverified_tls().wrap_socket(sock) as tls:
                 tls.sendall(raw)
                 answer = b""
                 while True:  # the agent closes after answering (else: the 10 s timeout fails the test)
@@ -310,9 +307,7 @@ class RawHijackHalfCloseTests(RealDockerTestCase, SynchronousTestCase):
         self.addCleanup(self.agent.docker, "rm", "-f", container, check=False)
         exec_id = self.exec_instance(container)
 
-        context = ssl_module.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl_module.CERT_NONE
+        context = unverified_tls()
         incoming, outgoing = ssl_module.MemoryBIO(), ssl_module.MemoryBIO()
         tls = context.wrap_bio(incoming, outgoing, server_side=False)
         raw = socket.create_connection(("127.0.0.1", self.agent.port), timeout=20)

@@ -49,10 +49,8 @@ class MetricsAndHealthTests(RealDockerTestCase, SynchronousTestCase):
     @classmethod
     def setUpClass(cls) -> None:
         super().setUpClass()
-        with reserve_port() as metrics:  # held until the agent answers
-            cls.metrics_port = metrics.port
-            cls.agent = start_agent("console", cls.daemon.socket_path,
-                                    args=["--metrics-addr", f"127.0.0.1:{cls.metrics_port}"])
+        cls.agent = start_agent("console", cls.daemon.socket_path, args=["--metrics-addr", "127.0.0.1:0"])
+        cls.metrics_port = cls.agent.bound_port("metrics")
 
     def test_requests_by_kind_and_signature_failures(self) -> None:
         before = scrape(self.metrics_port)
@@ -112,15 +110,16 @@ class MetricsAndHealthTests(RealDockerTestCase, SynchronousTestCase):
         pki = client_pki(Path(self.mktemp()).resolve())
         agent = start_agent("console", self.daemon.socket_path, args=["--tls-ca", str(pki.ca_pem)], wait=False)
         self.addCleanup(agent.stop)
+        port = agent.bound_port("api", 30)
         docker = f"unix://{self.daemon.socket_path}"
-        base = {"AGENT_PORT": str(agent.port), "DOCKER_HOST": docker}
+        base = {"AGENT_PORT": str(port), "DOCKER_HOST": docker}
         trusted = {**base, "AGENT_HEALTHCHECK_CERT": str(pki.trusted[0]), "AGENT_HEALTHCHECK_KEY": str(pki.trusted[1])}
         # The check itself is the readiness probe: /ping needs a client certificate here.
         wait_for(lambda: healthcheck(env=trusted).returncode == 0, 30, "the healthcheck with a client certificate",
                  interval=0.2, describe=lambda: agent.log_text)
         ok = healthcheck(env=trusted)
         self.assertEqual((ok.returncode, ok.stdout.strip()), (0, "healthy"), ok.stderr)
-        flags = healthcheck("--port", str(agent.port), "--docker-host", docker,
+        flags = healthcheck("--port", str(port), "--docker-host", docker,
                             "--healthcheck-cert", str(pki.trusted[0]), "--healthcheck-key", str(pki.trusted[1]))
         self.assertEqual(flags.returncode, 0, flags.stderr)
         without = healthcheck(env=base)
@@ -142,11 +141,9 @@ class HardeningCase(RealDockerTestCase):
     @classmethod
     def setUpClass(cls) -> None:
         super().setUpClass()
-        with reserve_port() as metrics:  # held until the agent answers
-            cls.metrics_port = metrics.port
-            cls.agent = start_agent("console", cls.daemon.socket_path,
-                                    args=["--log-level", "INFO", "--metrics-addr", f"127.0.0.1:{cls.metrics_port}",
-                                          *cls.agent_args])
+        cls.agent = start_agent("console", cls.daemon.socket_path,
+                                args=["--log-level", "INFO", "--metrics-addr", "127.0.0.1:0", *cls.agent_args])
+        cls.metrics_port = cls.agent.bound_port("metrics")
 
     def setUp(self) -> None:
         super().setUp()  # brings the class fixture up under trial's runner
@@ -177,7 +174,9 @@ class HardeningCase(RealDockerTestCase):
 
 
 class HardeningTests(HardeningCase, SynchronousTestCase):
-    agent_args = ("--header-timeout", "2s", "--idle-timeout", "10m")  # connecting 1000 may take a while
+    # Connecting 1000 may take a while: a long idle timeout. A short handshake deadline, so
+    # the deadline test waits 1 s, not the default 10 s (each handshake here takes milliseconds).
+    agent_args = ("--header-timeout", "2s", "--idle-timeout", "10m", "--tls-handshake-timeout", "1s")
 
     def test_1000_idle_tls_connections_do_not_slow_requests(self) -> None:
         started = time.monotonic()

@@ -27,7 +27,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from portainer_agent.testing.certs import client_pki
 from portainer_agent.testing.polling import wait_for
-from portainer_agent.testing.ports import reserve_port
+from portainer_agent.testing.ports import wait_for_bound_port
 from portainer_agent.testing.signing import PortainerSigner, write_docker_config
 
 from tests.integration.support import RealDockerTestCase
@@ -45,29 +45,32 @@ class AgentProcess:
         self.probe_cert = probe_cert
         self.workdir = Path(tempfile.mkdtemp(prefix="pa-sec-"))
         self.log_path = self.workdir / "agent.log"
-        # The port is held until the agent answers (see portainer_agent.testing.ports). The
-        # engine is not in a Swarm, so the agent opens no cluster port.
-        with reserve_port() as reserved:
-            self.port = reserved.port
-            command = [
-                sys.executable, "-m", "portainer_agent",
-                "--docker-host", docker_host, "--host", "127.0.0.1", "--port", str(self.port),
-                "--data-dir", str(self.workdir / "data"), *extra_args,
-            ]
-            with open(self.log_path, "wb") as log:
-                self.process = subprocess.Popen(
-                    command, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                    env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, start_new_session=True,
-                )
-            try:
-                wait_for(self.answers_ping, 30, "the agent to answer /ping", describe=self.log)
-            except BaseException:
-                self.stop()
-                raise
+        # Port 0: the agent writes the port it bound to the ports file (see
+        # portainer_agent.testing.ports). The engine is not in a Swarm: no cluster port.
+        ports_file = self.workdir / "ports.json"
+        command = [
+            sys.executable, "-m", "portainer_agent",
+            "--docker-host", docker_host, "--host", "127.0.0.1", "--port", "0", "--ports-file", str(ports_file),
+            "--data-dir", str(self.workdir / "data"), *extra_args,
+        ]
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                command, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, start_new_session=True,
+            )
+        try:
+            self.port = wait_for_bound_port(ports_file, "api", 30, self.check_running, describe=self.log)
+            wait_for(self.answers_ping, 30, "the agent to answer /ping", describe=self.log)
+        except BaseException:
+            self.stop()
+            raise
 
-    def answers_ping(self) -> bool:
+    def check_running(self) -> None:
         if self.process.poll() is not None:
             raise AssertionError(f"agent exited {self.process.returncode}:\n{self.log()}")
+
+    def answers_ping(self) -> bool:
+        self.check_running()
         try:
             return https_request(self.port, "/ping", cert=self.probe_cert)[0] == 204
         except OSError:

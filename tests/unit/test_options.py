@@ -13,6 +13,7 @@ from .tempdirs import temp_dir
 BAD_VALUES = {
     "host": "not-an-ip",
     "port": "90o1",
+    "ports-file": "relative/ports.json",
     "docker-host": "tcp://127.0.0.1:2375",
     "data-dir": "",
     "tls-cert": "/nonexistent/cert.pem",
@@ -38,11 +39,13 @@ BAD_VALUES = {
     "aggregate-max-bytes": "lots",
     "list-cache": "sometimes",
     "list-cache-max-bytes": "0",
+    "identity-refresh": "0s",
     "host-management": "2",
     "volumes-root": "relative/volumes",
     "host-root": "host",
     "console-ping": "1 minute",
     "metrics-addr": "9003",
+    "tls-handshake-timeout": "0s",
     "header-timeout": "0s",
     "idle-timeout": "soon",
     "max-connections": "0",
@@ -98,10 +101,16 @@ class BuildConfigTests(SynchronousTestCase):
         self.assertEqual(build_config({}, environ), Config())
 
     def test_port_range(self) -> None:
-        for bad in ("0", "65536", "-1", "1.5", ""):
+        for bad in ("65536", "-1", "1.5", ""):
             self.assertRaises(usage.UsageError, build_config, {"port": bad}, {})
         self.assertEqual(build_config({"port": "1"}, {}).port, 1)
         self.assertEqual(build_config({"port": "65535"}, {}).port, 65535)
+
+    def test_port_0_asks_for_a_free_port_on_every_listener(self) -> None:
+        config = build_config({"port": "0", "cluster-port": "0", "metrics-addr": "127.0.0.1:0",
+                               "ports-file": "/run/agent/ports.json"}, {})
+        self.assertEqual((config.port, config.cluster_port, config.metrics_addr), (0, 0, ("127.0.0.1", 0)))
+        self.assertEqual(str(config.ports_file), "/run/agent/ports.json")
 
     def test_log_level_any_case(self) -> None:
         for given, expected in (("debug", "DEBUG"), ("Info", "INFO"), ("warn", "WARN"), ("WARNING", "WARN"),

@@ -245,6 +245,9 @@ class ListenerStopTests(SiteTestCase):
         class Port:
             stopped = False
 
+            def getHost(self) -> IPv4Address:
+                return IPv4Address("TCP", "127.0.0.1", 40001)
+
             def stopListening(self) -> Any:
                 self.stopped = True
                 return succeed(None)
@@ -257,7 +260,7 @@ class ListenerStopTests(SiteTestCase):
 
         site, resource, clock = self.make_site()
         endpoint = Endpoint()
-        service = ApiListenerService(endpoint, site, clock, GRACE, "127.0.0.1:0")  # type: ignore[arg-type]
+        service = ApiListenerService(endpoint, site, clock, GRACE, "127.0.0.1", 0)  # type: ignore[arg-type]
         service.startService()
         self.assertIs(service.port, endpoint.port)
         connection = Connection(site)

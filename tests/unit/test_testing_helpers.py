@@ -1,18 +1,22 @@
-"""The suite's own helpers: held ports, the poll loop, checked threads and the skip gate."""
+"""The suite's own helpers: held ports, the ports file, the poll loop, checked threads and the skip gate."""
 from __future__ import annotations
 
 import os
 import socket
 import unittest
+from pathlib import Path
 from unittest import mock
 
 from twisted.internet import reactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from portainer_agent.listening import BoundPorts
 from portainer_agent.testing.gates import Need, missing, require
 from portainer_agent.testing.polling import wait_for, wait_for_deferred
-from portainer_agent.testing.ports import reserve_port
+from portainer_agent.testing.ports import bound_ports, reserve_port, wait_for_bound_port
 from portainer_agent.testing.threads import CheckedThread
+
+from .tempdirs import temp_dir
 
 
 class PortReservationTests(SynchronousTestCase):
@@ -39,6 +43,24 @@ class PortReservationTests(SynchronousTestCase):
             for host in hosts:
                 with socket.socket() as intruder, self.assertRaises(OSError):
                     intruder.bind((host, reserved.port))
+
+
+class BoundPortsFileTests(SynchronousTestCase):
+    """Reading an agent's ``--ports-file``."""
+
+    def test_nothing_before_the_file_then_the_port_it_names(self) -> None:
+        path: Path = temp_dir(self) / "ports.json"
+        self.assertEqual(bound_ports(path), {})
+        BoundPorts(path).record("api", 40001)
+        self.assertEqual(wait_for_bound_port(path, "api", 1), 40001)
+        self.assertRaises(AssertionError, wait_for_bound_port, path, "metrics", 0.1)
+
+    def test_an_exited_agent_stops_the_wait_at_once(self) -> None:
+        def exited() -> None:
+            raise RuntimeError("agent exited 1")
+
+        error = self.assertRaises(RuntimeError, wait_for_bound_port, temp_dir(self) / "ports.json", "api", 60, exited)
+        self.assertIn("exited", str(error))
 
 
 def _factory():  # type: ignore[no-untyped-def]
