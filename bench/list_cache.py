@@ -394,15 +394,20 @@ def run(lab: Lab, args: argparse.Namespace, started: float) -> dict[str, Any]:
             thread.start()
         for thread in churners:
             thread.join(args.churn_seconds + 300)
+        # Lists go on a little after the last write, so that it is checked too; the latency
+        # figures only count the lists that started while the churn ran.
+        time.sleep(args.stale_after + 0.5)
         stop.set()
         reader.join(120)
-        durations = [(read.ended - read.started) * 1000 for read in reads]
+        during = [index for index, read in enumerate(reads) if read.started < churn_ends]
+        durations = [(reads[index].ended - reads[index].started) * 1000 for index in during]
+        churn_direct = [churn_direct[index] for index in during if index < len(churn_direct)]
         figures["churn"] = {
             "creates_per_s_per_node": sum(w.kind == "create" for w in writes) / args.churn_seconds / count,
             "removes_per_s_per_node": sum(w.kind == "remove" and w.sent < churn_ends for w in writes)
             / args.churn_seconds / count,
             "write_ack_p50_ms": percentile([(w.acked - w.sent) * 1000 for w in writes], 50),
-            "lists": len(reads),
+            "lists": len(during),
             "lists_naming_unreachable_nodes": sum(bool(read.unreachable) for read in reads),
             "aggregated_p50_ms": percentile(durations, 50),
             "aggregated_p99_ms": percentile(durations, 99),
