@@ -162,49 +162,69 @@ class Read:
     unreachable: str
 
 
+def paced(interval: float, deadline: float, step: Any) -> None:
+    """Call ``step`` every ``interval`` until ``deadline``; a late tick is not made up for."""
+    tick = time.monotonic()
+    while (now := time.monotonic()) < deadline:
+        step()
+        tick = max(tick + interval, now)
+        pause = tick - time.monotonic()
+        if pause > 0:
+            time.sleep(pause)
+
+
 def churn(target: Target, node: str, seconds: float, interval: float, lifetime: float,
           writes: list[Write], lock: threading.Lock, failures: list[str]) -> None:
-    """Every ``interval``: create a container on the node's socket and remove the one created
-    ``lifetime`` seconds earlier, for ``seconds``; then remove what is left (recorded too, so
-    no list after it expects those). A tick that runs late is not made up for."""
+    """Every ``interval``, for ``seconds``: create a container on the node's socket, and
+    (on a second connection, so that a slow create does not halve the rate) remove the
+    oldest one once it is ``lifetime`` seconds old; then remove what is left (recorded too,
+    so that no list after it expects those)."""
     alive: deque[tuple[str, float]] = deque()
     deadline = time.monotonic() + seconds
-    tick = time.monotonic()
-    index = 0
-    with Connection(target) as conn:
+    body = json.dumps({"Image": IMAGE, "Cmd": ["true"], "Labels": {"pa-bench": "churn"},
+                       "HostConfig": {"NetworkMode": "none"}}).encode()
+    names = iter(range(1 << 30))
+
+    def create(conn: Connection) -> None:
+        sent = time.monotonic()
+        raw = conn.request("POST", f"/v1.41/containers/create?name=bench-churn-{node}-{next(names)}", body,
+                           {"Content-Type": "application/json"}).expect(201)
+        acked = time.monotonic()
+        cid = json.loads(raw)["Id"]
+        with lock:
+            alive.append((cid, acked))
+            writes.append(Write(node, cid, "create", sent, acked))
+
+    def remove(conn: Connection) -> None:
+        with lock:
+            if not alive or alive[0][1] > time.monotonic() - lifetime:
+                return
+            old, _ = alive.popleft()
+        sent = time.monotonic()
+        conn.request("DELETE", f"/v1.41/containers/{old}?force=1").expect(204)
+        with lock:
+            writes.append(Write(node, old, "remove", sent, time.monotonic()))
+
+    def loop(step: Any) -> None:
         try:
-            while (now := time.monotonic()) < deadline:
-                body = json.dumps({"Image": IMAGE, "Cmd": ["true"], "Labels": {"pa-bench": "churn"},
-                                   "HostConfig": {"NetworkMode": "none"}}).encode()
-                sent = time.monotonic()
-                raw = conn.request("POST", f"/v1.41/containers/create?name=bench-churn-{node}-{index}", body,
-                                   {"Content-Type": "application/json"}).expect(201)
-                acked = time.monotonic()
-                cid = json.loads(raw)["Id"]
-                alive.append((cid, acked))
-                new = [Write(node, cid, "create", sent, acked)]
-                index += 1
-                if alive[0][1] <= acked - lifetime:
-                    old, _ = alive.popleft()
-                    sent = time.monotonic()
-                    conn.request("DELETE", f"/v1.41/containers/{old}?force=1").expect(204)
-                    new.append(Write(node, old, "remove", sent, time.monotonic()))
-                with lock:
-                    writes.extend(new)
-                tick = max(tick + interval, now)
-                pause = tick - time.monotonic()
-                if pause > 0:
-                    time.sleep(pause)
+            with Connection(target) as conn:
+                paced(interval, deadline, lambda: step(conn))
         except (OSError, EOFError, HTTPError, ValueError) as error:
-            failures.append(f"{node}: {error!r}")
-        for cid, _ in alive:
-            try:
-                sent = time.monotonic()
-                call(target, "DELETE", f"/v1.41/containers/{cid}?force=1", codes=(204, 404))
-                with lock:
-                    writes.append(Write(node, cid, "remove", sent, time.monotonic()))
-            except (OSError, EOFError, HTTPError) as error:
-                failures.append(f"{node} cleanup: {error!r}")
+            failures.append(f"{node} {step.__name__}: {error!r}")
+
+    loops = [threading.Thread(target=loop, args=(step,), daemon=True) for step in (create, remove)]
+    for thread in loops:
+        thread.start()
+    for thread in loops:
+        thread.join(seconds + 120)
+    for cid, _ in list(alive):
+        try:
+            sent = time.monotonic()
+            call(target, "DELETE", f"/v1.41/containers/{cid}?force=1", codes=(204, 404))
+            with lock:
+                writes.append(Write(node, cid, "remove", sent, time.monotonic()))
+        except (OSError, EOFError, HTTPError) as error:
+            failures.append(f"{node} cleanup: {error!r}")
 
 
 def read_lists(agent: Target, direct: Target, stop: threading.Event, reads: list[Read],
