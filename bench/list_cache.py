@@ -293,6 +293,8 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=200, help="sequential requests per path (c=1)")
     parser.add_argument("--seconds", type=float, default=5.0, help="length of the concurrency-16 phase")
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--settle", type=float, default=15.0,
+                        help="seconds of rest after the containers are made (dockerd and the shims calm down)")
     parser.add_argument("--churn-seconds", type=float, default=10.0, help="length of the churn phase (0: skip)")
     parser.add_argument("--churn-interval", type=float, default=0.1, help="one create + one remove per node this often")
     parser.add_argument("--churn-lifetime", type=float, default=3.0, help="how long a churn container lives")
@@ -368,6 +370,7 @@ def run(lab: Lab, args: argparse.Namespace, started: float) -> dict[str, Any]:
     for thread in threads:
         thread.join(900)
     figures["seconds_containers"] = time.monotonic() - made
+    time.sleep(args.settle)
     with Connection(agent) as conn:
         total = len(json.loads(conn.request("GET", LIST).expect(200)))
     figures["aggregate_count"] = total
