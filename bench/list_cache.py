@@ -17,8 +17,10 @@ bench/proxy.py's keep-alive HTTP/1.1 client (TLS without verification, signed li
     list that *starts* more than ``--stale-after`` (1 s) later (and, for a create, ends before
     its remove was sent) must contain (must not contain) it. A stale read is one such list that
     does not; the "next list" count looks only at the first list after the second;
-  * memory: each agent's VmRSS once the Swarm converged, after the lists, after the churn
-    (and, with ``--metrics``, every ``/metrics`` sample whose name mentions a cache).
+  * memory: each agent's VmRSS once the Swarm converged, after the sequential lists (what a
+    cache holds, before concurrency 16 grows the aggregator's heap with 16 aggregates' buffers),
+    after concurrency 16, after the churn (and, with ``--metrics``, every ``/metrics`` sample
+    whose name mentions a cache).
 
 ``--agent-arg`` (repeatable, written with ``=`` because its value starts with dashes) goes to
 every agent, e.g. ``--agent-arg=--list-cache=off``; the agents also inherit this process's
@@ -388,6 +390,7 @@ def run(lab: Lab, args: argparse.Namespace, started: float) -> dict[str, Any]:
         figures[f"{name}_p99_ms"] = percentile(values, 99)
     figures["aggregated_over_direct_p50"] = figures["aggregated_p50_ms"] / figures["direct_p50_ms"]
     figures["own_over_socket_p50"] = figures["own_agent_p50_ms"] / figures["own_socket_p50_ms"]
+    figures["rss_mb_after_sequential"] = rss_mb(lab)
 
     answered, errors, latencies = concurrent(agent, LIST, args.concurrency, args.seconds)
     figures["aggregated_rps_cN"] = answered / args.seconds
@@ -486,7 +489,8 @@ def report(figures: dict[str, Any], args: argparse.Namespace, worker: str) -> No
                          str(churn["lists_naming_unreachable_nodes"])))
     rows += [
         ("agent RSS once converged", rss("rss_mb_converged")),
-        ("agent RSS after the lists", rss("rss_mb_after_lists")),
+        ("agent RSS after the sequential lists (c=1)", rss("rss_mb_after_sequential")),
+        (f"agent RSS after c={args.concurrency} too", rss("rss_mb_after_lists")),
     ]
     if churn:
         rows.append(("agent RSS after the churn", rss("rss_mb_after_churn")))
