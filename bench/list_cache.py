@@ -176,11 +176,12 @@ def paced(interval: float, deadline: float, step: Any) -> None:
 
 
 def churn(target: Target, node: str, seconds: float, interval: float, lifetime: float,
-          writes: list[Write], lock: threading.Lock, failures: list[str]) -> None:
+          writes: list[Write], lock: threading.Lock, failures: list[str], start: bool = False) -> None:
     """Every ``interval``, for ``seconds``: create a container on the node's socket, and
     (on a second connection, so that a slow create does not halve the rate) remove the
     oldest one once it is ``lifetime`` seconds old; then remove what is left (recorded too,
-    so that no list after it expects those)."""
+    so that no list after it expects those). With ``start``, each container is also started
+    (``true``: start and die events too) before its create counts as acknowledged."""
     alive: deque[tuple[str, float]] = deque()
     deadline = time.monotonic() + seconds
     body = json.dumps({"Image": IMAGE, "Cmd": ["true"], "Labels": {"pa-bench": "churn"},
@@ -191,8 +192,10 @@ def churn(target: Target, node: str, seconds: float, interval: float, lifetime: 
         sent = time.monotonic()
         raw = conn.request("POST", f"/v1.41/containers/create?name=bench-churn-{node}-{next(names)}", body,
                            {"Content-Type": "application/json"}).expect(201)
-        acked = time.monotonic()
         cid = json.loads(raw)["Id"]
+        if start:
+            conn.request("POST", f"/v1.41/containers/{cid}/start").expect(204)
+        acked = time.monotonic()
         with lock:
             alive.append((cid, acked))
             writes.append(Write(node, cid, "create", sent, acked))
@@ -300,6 +303,8 @@ def main() -> int:
     parser.add_argument("--churn-seconds", type=float, default=10.0, help="length of the churn phase (0: skip)")
     parser.add_argument("--churn-interval", type=float, default=0.1, help="one create + one remove per node this often")
     parser.add_argument("--churn-lifetime", type=float, default=3.0, help="how long a churn container lives")
+    parser.add_argument("--churn-start", action="store_true",
+                        help="also start each churn container (it runs `true`: start and die events)")
     parser.add_argument("--stale-after", type=float, default=1.0,
                         help="a list starting this long after a write must reflect it")
     parser.add_argument("--agent-arg", action="append", default=[], metavar="ARG",
@@ -410,7 +415,7 @@ def run(lab: Lab, args: argparse.Namespace, started: float) -> dict[str, Any]:
         stop = threading.Event()
         churners = [threading.Thread(target=churn, daemon=True,
                                      args=(sockets[n.name], n.name, args.churn_seconds, args.churn_interval,
-                                           args.churn_lifetime, writes, lock, failures))
+                                           args.churn_lifetime, writes, lock, failures, args.churn_start))
                     for n in lab.nodes]
         reader = threading.Thread(target=read_lists, args=(agent, direct, stop, reads, churn_direct, failures),
                                   daemon=True)
@@ -472,7 +477,7 @@ def report(figures: dict[str, Any], args: argparse.Namespace, worker: str) -> No
     churn = figures.get("churn")
     if churn:
         rows += [
-            ("churn: creates / removes per s per node (achieved)",
+            ("churn: creates" + (" (and starts)" if args.churn_start else "") + " / removes per s per node (achieved)",
              f"{churn['creates_per_s_per_node']:.1f} / {churn['removes_per_s_per_node']:.1f} "
              f"(socket ack p50 {churn['write_ack_p50_ms']:.1f} ms)"),
             ("churn: aggregated p50 / p99", f"{churn['aggregated_p50_ms']:.2f} / {churn['aggregated_p99_ms']:.2f} ms"
