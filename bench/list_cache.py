@@ -326,7 +326,8 @@ def main() -> int:
     started = time.monotonic()
     lab = Lab(prefix=args.prefix, subnet=args.subnet, nodes_count=args.nodes, managers=min(2, args.nodes),
               secret="bench-secret", agent_args=tuple(args.agent_arg), metrics_port=9003 if args.metrics else None,
-              dockerd_timeout=60 + 12 * args.nodes, agent_timeout=30 + 6 * args.nodes)
+              dockerd_timeout=60 + 12 * args.nodes, agent_timeout=30 + 6 * args.nodes,
+              **({"python": os.environ["PA_BENCH_PYTHON"]} if os.environ.get("PA_BENCH_PYTHON") else {}))
     try:
         print(f"bringing up {args.nodes} nodes ...", file=sys.stderr, flush=True)
         lab.up()

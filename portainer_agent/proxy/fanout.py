@@ -39,10 +39,10 @@ from portainer_agent.toolbox.twisted_private import client_gone
 from portainer_agent.toolbox.whole_body import read_whole_body
 from portainer_agent.proxy.local import DockerProxy
 from portainer_agent.proxy.merge import (
+    MergeMemo,
     NodeAnswer,
     NodeFailure,
     docker_error_message,
-    merge_answers,
     unreachable_header,
 )
 from portainer_agent.proxy.node_list import SwarmNodeList
@@ -87,6 +87,8 @@ class FanOut:
         self._metrics = metrics
         #: Peers' last answers, for conditional legs (None: the list cache is off).
         self._copies = peer_copies
+        #: Merged answers by their nodes' entity tags (only tagged answers: the cache's).
+        self._memo = MergeMemo()
         self._reactor = reactor
         self._local = local
         self._peers = peers
@@ -135,11 +137,12 @@ class FanOut:
                 if response.code == 304 and copy is not None:
                     if self._metrics is not None:
                         self._metrics.aggregate_leg_not_modified(node)
-                    return NodeAnswer(node, copy.body)
+                    return NodeAnswer(node, copy.body, copy.etag)
                 if 200 <= response.code < 300:
+                    tag = response.headers.getRawHeaders(b"etag", [None])[-1] if self._copies is not None else None
                     if copies is not None:
-                        copies.keep(node, request.uri, response.headers.getRawHeaders(b"etag", [None])[-1], body)
-                    return NodeAnswer(node, body)
+                        copies.keep(node, request.uri, tag, body)
+                    return NodeAnswer(node, body, tag)
                 if copies is not None:
                     copies.forget(node, request.uri)
                 raise _HTTPFailure(node, response.code, body, content_type)
@@ -167,7 +170,7 @@ class FanOut:
                 continue
             failures.append(NodeFailure(member.node_name, self._reason(value, http_failures)))
         absent, notes, list_unknown = self._coverage(state if listed else None, members)
-        body, failures = merge_answers(path, answers, failures + absent, notes)
+        body, failures = self._memo.merge(path, request.uri, answers, failures + absent, notes)
         where = request.path.decode("latin-1")
         absent_names = {f.node for f in absent}
         for failure in failures:

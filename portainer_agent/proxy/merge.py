@@ -38,6 +38,8 @@ class NodeAnswer:
 
     node: str
     body: bytes
+    #: Its entity tag (a hash of ``body``, from the list cache), if it has one.
+    tag: bytes | None = None
 
 
 @attrs.frozen
@@ -150,10 +152,45 @@ def merge_answers(path: bytes, answers: Sequence[NodeAnswer], failures: Sequence
     return _encode(items) + b"\n", failures
 
 
+@attrs.frozen
+class _Merged:
+    body: bytes
+
+    @property
+    def size(self) -> int:
+        return len(self.body)
+
+
+class MergeMemo:
+    """The last merged answers, by what they were merged from.
+
+    When every node's answer carries an entity tag (a hash of its bytes: the list cache's),
+    the same tags mean the same bytes in, so the same merged bytes out: the merge is skipped.
+    Answers with failures, notes or an untagged node are merged every time."""
+
+    def __init__(self, max_entries: int = 32, max_bytes: int = 32 * 1024 * 1024) -> None:
+        from portainer_agent.listcache.store import BoundedStore
+
+        self._kept: Any = BoundedStore(max_entries, max_bytes)
+
+    def merge(self, path: bytes, uri: bytes, answers: Sequence[NodeAnswer], failures: Sequence[NodeFailure] = (),
+              notes: Sequence[str] = ()) -> tuple[bytes, list[NodeFailure]]:
+        if failures or notes or any(answer.tag is None for answer in answers):
+            return merge_answers(path, answers, failures, notes)
+        key = (path, uri, tuple(sorted((answer.node, answer.tag) for answer in answers)))
+        kept = self._kept.get(key)
+        if kept is not None:
+            return kept.body, []
+        body, failed = merge_answers(path, answers)
+        if not failed:
+            self._kept.put(key, _Merged(body))
+        return body, failed
+
+
 def unreachable_header(failures: Iterable[NodeFailure]) -> bytes:
     """``node2, node3``: the value of ``X-PortainerAgent-Unreachable-Nodes``."""
     return ", ".join(sorted({f.node for f in failures})).encode()
 
 
-__all__: list[Any] = ["NodeAnswer", "NodeFailure", "InvalidNodeAnswer", "merge_answers", "unreachable_header",
+__all__: list[Any] = ["NodeAnswer", "NodeFailure", "MergeMemo", "InvalidNodeAnswer", "merge_answers", "unreachable_header",
                       "docker_error_message", "tagged_items", "tagged_volumes"]

@@ -179,7 +179,7 @@ class LegTests(Base):
         def broken(*args: Any, **kwargs: Any) -> Any:
             raise RuntimeError("merge broke")
 
-        self.patch(fanout_module, "merge_answers", broken)
+        self.patch(fanout_module.MergeMemo, "merge", broken)
         response, body = self.finish(cluster, cluster.client.get("http://agent/containers/json"))
         self.assertEqual(response.code, 500)
         self.assertEqual(json.loads(body)["message"], "Internal agent error")

@@ -390,6 +390,35 @@ class SmallPartsTests(SynchronousTestCase):
         self.assertIsNone(copies.get("n1", b"/x"))
 
 
+class MergeMemoTests(SynchronousTestCase):
+    def test_the_same_tags_give_the_kept_merge_and_untagged_answers_are_merged_each_time(self) -> None:
+        from portainer_agent.proxy import merge as merge_module
+        from portainer_agent.proxy.merge import MergeMemo, NodeAnswer, NodeFailure
+
+        merged: list[int] = []
+        real = merge_module.merge_answers
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            merged.append(1)
+            return real(*args, **kwargs)
+
+        self.patch(merge_module, "merge_answers", counting)
+        memo = MergeMemo()
+        tagged = [NodeAnswer("n2", b'[{"Id":"b"}]\n', b'"t2"'), NodeAnswer("n1", b'[{"Id":"a"}]\n', b'"t1"')]
+        first = memo.merge(b"/containers/json", b"/containers/json", tagged)
+        again = memo.merge(b"/containers/json", b"/containers/json", list(reversed(tagged)))
+        self.assertEqual(first, again)
+        self.assertEqual(len(merged), 1)
+        self.assertEqual([item["Id"] for item in json.loads(first[0])], ["a", "b"])
+        changed = [NodeAnswer("n1", b'[{"Id":"c"}]\n', b'"t3"'), tagged[0]]
+        self.assertIn(b'"c"', memo.merge(b"/containers/json", b"/containers/json", changed)[0])
+        untagged = [NodeAnswer("n1", b"[]\n")]
+        memo.merge(b"/containers/json", b"/containers/json", untagged)
+        memo.merge(b"/containers/json", b"/containers/json", untagged)
+        memo.merge(b"/containers/json", b"/containers/json", tagged, [NodeFailure("n3", "down")])
+        self.assertEqual(len(merged), 5)
+
+
 class WriteOrderTests(SynchronousTestCase):
     def test_a_write_drops_the_cache_before_the_client_hears_and_again_when_it_ends(self) -> None:
         request = Request(DummyChannel())
