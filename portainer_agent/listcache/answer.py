@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import attrs
 
-from portainer_agent.listcache.status import StatusShape, status_shape
+from portainer_agent.listcache.status import StatusShape, next_change, status_shape
 
 
 @attrs.frozen
@@ -94,9 +94,17 @@ def _shape_of(item: dict[str, Any]) -> StatusShape | None:
         return None
 
 
-@attrs.frozen
+#: A rendered body is reused until this long before its next text change (float margin).
+_MARGIN_NS = 1_000
+
+
+@attrs.define
 class KeptAnswer:
-    """A Docker list answer (status 200), ready to be served again."""
+    """A Docker list answer (status 200), ready to be served again.
+
+    A body with time-relative statuses is rendered again only when one of its texts may
+    have changed (:func:`~portainer_agent.listcache.status.next_change`): in between, the
+    same bytes and tag are served."""
 
     #: Docker's header lines, without those of the message itself (length, date).
     headers: tuple[tuple[bytes, bytes], ...]
@@ -106,17 +114,31 @@ class KeptAnswer:
     size: int
     #: ``static_body``'s entity tag (None when it must be computed per answer).
     static_etag: bytes | None
+    #: The last rendering (from, until: ns) and its body and tag.
+    _rendered: tuple[int, int, bytes, bytes] | None = attrs.field(default=None, eq=False)
 
     def render(self, now_ns: int) -> tuple[bytes, bytes]:
         """The body Docker would give at ``now_ns``, and its entity tag."""
         if self.static_body is not None and self.static_etag is not None:
             return self.static_body, self.static_etag
+        rendered = self._rendered
+        if rendered is not None and rendered[0] <= now_ns < rendered[1]:
+            return rendered[2], rendered[3]
         encode = _codec().encode
-        pieces = [part if isinstance(part, bytes)
-                  else part.before + encode(part.shape.render(part.clock_ns, now_ns)) + part.after
-                  for part in self.parts]
+        until = None
+        pieces = []
+        for part in self.parts:
+            if isinstance(part, bytes):
+                pieces.append(part)
+                continue
+            pieces.append(part.before + encode(part.shape.render(part.clock_ns, now_ns)) + part.after)
+            changes = part.clock_ns + next_change(now_ns - part.clock_ns)
+            until = changes if until is None else min(until, changes)
         body = b"[" + b",".join(pieces) + b"]\n"
-        return body, entity_tag(body)
+        tag = entity_tag(body)
+        if until is not None:
+            self._rendered = (now_ns, until - _MARGIN_NS, body, tag)
+        return body, tag
 
 
 def entity_tag(body: bytes) -> bytes:

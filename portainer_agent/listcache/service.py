@@ -304,7 +304,8 @@ def _response(headers: Iterable[tuple[bytes, bytes]], body: bytes, etag: bytes, 
               phrase: bytes = b"OK") -> MemoryResponse:
     lines = [(name, value) for name, value in headers
              if name.lower() not in (b"content-length", b"etag", b"transfer-encoding", b"date")]
-    lines.append((ETAG, etag))
     if matches(if_none_match, etag):
-        return MemoryResponse(304, b"Not Modified", lines, b"")
+        # RFC 9110 15.4.5: no representation metadata on a 304 but the validator.
+        return MemoryResponse(304, b"Not Modified", [(ETAG, etag)], b"")
+    lines.append((ETAG, etag))
     return MemoryResponse(200, phrase, lines, body)

@@ -55,6 +55,17 @@ def human_duration(ns: int) -> str:
     return f"{int(exact_hours) // 24 // 365} years"
 
 
+def next_change(ns: int) -> int:
+    """The smallest duration above ``ns`` at which :func:`human_duration` may say something
+    else: whole seconds below a minute, whole minutes below an hour, then whole and half
+    hours (hours are rounded, days and more derive from the rounded hours, years from the
+    whole ones)."""
+    if ns < NS:
+        return NS
+    step = NS if ns < 60 * NS else 60 * NS if ns < _HOUR else _HOUR // 2
+    return (ns // step + 1) * step
+
+
 def parse_docker_time(text: str) -> int | None:
     """An RFC 3339 time from ``docker inspect`` as ns since the epoch; None for Go's zero
     time (``0001-01-01T00:00:00Z``: never started, never finished) or an unreadable one."""

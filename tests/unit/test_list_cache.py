@@ -86,6 +86,19 @@ class StatusTests(SynchronousTestCase):
         for static in ("Created", "Dead", "Removal In Progress", "", "Up to you"):
             self.assertIsNone(status_shape(static), static)
 
+    def test_the_text_never_changes_before_the_next_change(self) -> None:
+        from portainer_agent.listcache.status import next_change
+
+        for start in (0, NS // 2, 59 * NS + 3, 61 * NS, 59 * MINUTE + 7, 90 * MINUTE - 1, 47 * HOUR + 1799 * NS,
+                      13 * DAY + 5, 729 * DAY + HOUR, -3 * NS):
+            change = next_change(start)
+            self.assertGreater(change, start)
+            probe = start
+            for probe in (start, (start + change) // 2, change - 1):
+                self.assertEqual(human_duration(probe), human_duration(start), (start, probe))
+        self.assertNotEqual(human_duration(next_change(59 * NS)), human_duration(59 * NS))
+        self.assertNotEqual(human_duration(next_change(89 * MINUTE)), human_duration(89 * MINUTE))
+
     def test_docker_times(self) -> None:
         self.assertIsNone(parse_docker_time("0001-01-01T00:00:00Z"))
         self.assertEqual(parse_docker_time("1970-01-01T00:00:01.000000002Z"), NS + 2)
@@ -234,7 +247,7 @@ class CacheTests(SynchronousTestCase):
         again = self.ask(b"/images/json", b'W/"other", ' + tag)
         assert again is not None
         self.assertEqual((again.code, again.length), (304, 0))
-        self.assertEqual(dict(again.raw_headers)[b"ETag"], tag)
+        self.assertEqual(again.raw_headers, [(b"ETag", tag)])
 
     def test_time_relative_statuses_move_on_in_memory(self) -> None:
         self.up()
