@@ -154,6 +154,7 @@ def merge_answers(path: bytes, answers: Sequence[NodeAnswer], failures: Sequence
 
 @attrs.frozen
 class _Merged:
+    tags: tuple[tuple[str, bytes | None], ...]
     body: bytes
 
     @property
@@ -162,11 +163,12 @@ class _Merged:
 
 
 class MergeMemo:
-    """The last merged answers, by what they were merged from.
+    """The last merged answer of each request URI, and what it was merged from.
 
     When every node's answer carries an entity tag (a hash of its bytes: the list cache's),
     the same tags mean the same bytes in, so the same merged bytes out: the merge is skipped.
-    Answers with failures, notes or an untagged node are merged every time."""
+    Only the latest answer of a URI is kept (an older one will not be asked for again: its
+    tags are gone). Answers with failures, notes or an untagged node are merged every time."""
 
     def __init__(self, max_entries: int = 32, max_bytes: int = 32 * 1024 * 1024) -> None:
         from portainer_agent.listcache.store import BoundedStore
@@ -177,13 +179,13 @@ class MergeMemo:
               notes: Sequence[str] = ()) -> tuple[bytes, list[NodeFailure]]:
         if failures or notes or any(answer.tag is None for answer in answers):
             return merge_answers(path, answers, failures, notes)
-        key = (path, uri, tuple(sorted((answer.node, answer.tag) for answer in answers)))
-        kept = self._kept.get(key)
-        if kept is not None:
+        tags = tuple(sorted((answer.node, answer.tag) for answer in answers))
+        kept = self._kept.get((path, uri))
+        if kept is not None and kept.tags == tags:
             return kept.body, []
         body, failed = merge_answers(path, answers)
         if not failed:
-            self._kept.put(key, _Merged(body))
+            self._kept.put((path, uri), _Merged(tags, body))
         return body, failed
 
 
