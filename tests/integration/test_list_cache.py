@@ -9,7 +9,6 @@ from typing import Any
 from twisted.trial.unittest import SynchronousTestCase
 
 from portainer_agent.testing.polling import wait_for
-from portainer_agent.testing.ports import reserve_port
 from tests.integration.entrypoints import start_agent
 from tests.integration.support import AgentProcess, RealDockerTestCase, socket_request
 from tests.integration.test_operations import scrape
@@ -36,10 +35,8 @@ class ListCacheTests(RealDockerTestCase, SynchronousTestCase):
     @classmethod
     def setUpClass(cls) -> None:
         super().setUpClass()
-        with reserve_port() as metrics:
-            cls.metrics_port = metrics.port
-            cls.agent = start_agent("console", cls.daemon.socket_path,
-                                    args=["--metrics-addr", f"127.0.0.1:{cls.metrics_port}"])
+        cls.agent = start_agent("console", cls.daemon.socket_path, args=["--metrics-addr", "127.0.0.1:0"])
+        cls.metrics_port = cls.agent.bound_port("metrics")
         # A running container and one that has exited: both have time-relative statuses.
         cls.running = cls.daemon.docker("run", "-d", "--label", "pa.lc=1", "busybox:local",
                                         "sleep", "3600").stdout.strip()
@@ -180,10 +177,9 @@ class EventStreamLossTests(SynchronousTestCase):
         self.daemon = DockerDaemon.start(make_workdir("lcr"), "lcrnode")
         self.addCleanup(lambda: self.daemon.stop())
         self.daemon.import_busybox()
-        with reserve_port() as metrics:
-            self.metrics_port = metrics.port
-            self.agent = start_agent("console", self.daemon.socket_path,
-                                     args=["--metrics-addr", f"127.0.0.1:{self.metrics_port}", "--log-level", "DEBUG"])
+        self.agent = start_agent("console", self.daemon.socket_path,
+                                 args=["--metrics-addr", "127.0.0.1:0", "--log-level", "DEBUG"])
+        self.metrics_port = self.agent.bound_port("metrics")
         self.addCleanup(self.agent.cleanup)
 
     def ids_on_socket(self) -> set[str] | None:
