@@ -179,8 +179,8 @@ class EventStreamLossTests(SynchronousTestCase):
         self.daemon.import_busybox()
         self.agent = start_agent("console", self.daemon.socket_path,
                                  args=["--metrics-addr", "127.0.0.1:0", "--log-level", "DEBUG"])
-        self.metrics_port = self.agent.bound_port("metrics")
         self.addCleanup(self.agent.cleanup)
+        self.metrics_port = self.agent.bound_port("metrics")
 
     def ids_on_socket(self) -> set[str] | None:
         try:
