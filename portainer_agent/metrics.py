@@ -40,6 +40,7 @@ list_cache_invalidations_total              counter    reason (``event``, ``writ
 list_cache_event_stream_reconnects_total    counter    (Docker event stream reopened after a loss)
 list_cache_bytes                            gauge      (bytes of list answers held)
 aggregate_not_modified_total                counter    node (peer legs answered 304: its kept list merged)
+aggregate_from_memory_total                 counter    node (peer legs not sent: its announced state is the kept copy's)
 build_info                                  gauge      version, api_version, python (always 1)
 =========================================  =========  ==============================================
 """
@@ -203,6 +204,9 @@ class AgentMetrics:
         self._not_modified = Counter(f"{PREFIX}_aggregate_not_modified",
                                      "Aggregate legs a peer answered 304 (its kept list merged), by node", ["node"],
                                      registry=r)
+        self._from_memory = Counter(f"{PREFIX}_aggregate_from_memory",
+                                    "Aggregate legs not sent: the peer's announced list state is its kept copy's, "
+                                    "by node", ["node"], registry=r)
         import platform
 
         from portainer_agent import AGENT_API_VERSION, __version__
@@ -292,6 +296,10 @@ class AgentMetrics:
     def aggregate_leg_not_modified(self, node: str) -> None:
         """``node``'s list had not changed: its kept answer was merged (a 304)."""
         self._not_modified.labels(node).inc()
+
+    def aggregate_leg_from_memory(self, node: str) -> None:
+        """``node`` announced that its list has not changed: its kept answer was merged unasked."""
+        self._from_memory.labels(node).inc()
 
     # -- list cache ------------------------------------------------------------------
 

@@ -25,6 +25,8 @@ from portainer_agent.proxy.splice import HijackProxy
 from portainer_agent.docker.identity import DockerUnavailable, NodeIdentity, fetch_identity_blocking
 from portainer_agent.proxy.local import DockerProxy
 from portainer_agent.proxy.peer_lists import PeerCopies
+from portainer_agent.listcache.beacon import ListBeacon
+from portainer_agent.listcache.peer_states import PeerListStates
 from portainer_agent.listcache.service import ListCache, ListCacheService
 from portainer_agent.http.request import AgentRequests
 from portainer_agent.http.root import AgentRoot
@@ -121,6 +123,7 @@ class AgentService(MultiService):
         # Cluster membership (issue 5). Its stack (AMP, SWIM: about 1 MB of RSS) is imported
         # in a Swarm only (issue 15). Built here, started in its place below.
         self.cluster: ClusterService | None = None
+        self.peer_list_states: PeerListStates | None = None
         self.peer_pool: HTTPConnectionPool | None = None
         cluster_snapshot: Callable[[], ClusterSnapshot | None] | None = None
         if identity.in_swarm:
@@ -129,6 +132,10 @@ class AgentService(MultiService):
             self.cluster = build_cluster_service(config, identity, tls, reactor, self.docker, metrics=self.metrics,
                                                  api_port=lambda: self.api.when_bound(), ports=self.bound_ports)
             view = self.cluster.view
+            if self.lists is not None:
+                # Peers' list cache states, heard over membership: unchanged peers are not asked.
+                self.peer_list_states = PeerListStates(reactor)
+                self.cluster.transport.on_list_state = self.peer_list_states.heard
             self.destinations = self._cluster_destinations(view)
             cluster_snapshot = lambda: ClusterSnapshot.of(view)  # noqa: E731
         else:
@@ -182,6 +189,11 @@ class AgentService(MultiService):
         # Membership is stopped before the API drains, so peers see our leave first.
         if self.cluster is not None:
             self.cluster.setServiceParent(self)
+            if self.lists is not None:
+                cluster = self.cluster
+                ListBeacon(reactor, self.lists, cluster.transport,
+                           lambda: [m for m in cluster.view.alive_members() if m.node_name != cluster.view.local.node_name],
+                           lambda: cluster.view.local.node_name).setServiceParent(self)
         self.consoles.setServiceParent(self)
         # Metrics (issue 11): a plain-HTTP listener of its own, only when asked for.
         if config.metrics_addr is not None:
@@ -223,7 +235,8 @@ class AgentService(MultiService):
                                   wait=min(self.config.aggregate_timeout, 2.0))
         fanout = FanOut(self.reactor, self.docker_proxy, peers, self.config.aggregate_timeout,
                         max_bytes=self.config.aggregate_max_bytes, node_list=node_list, metrics=self.metrics,
-                        peer_copies=PeerCopies(1024, self.config.list_cache_max_bytes) if self.config.list_cache else None)
+                        peer_copies=PeerCopies(1024, self.config.list_cache_max_bytes) if self.config.list_cache else None,
+                        peer_states=self.peer_list_states)
         return Destinations(self.docker_proxy, self.hijack, peers, fanout)
 
     def setServiceParent(self, parent: Any) -> None:  # noqa: N802

@@ -209,3 +209,15 @@ def page_last_key(page: Sequence[dict[str, Any]]) -> str:
 
     last = page[-1]
     return format_hostport(last["cluster_addr"], last["cluster_port"])
+
+
+class ListState(amp.Command):
+    """An agent's list cache state (``boot``, ``generation``): sent when what it holds
+    changed, and as a heartbeat. An aggregating agent merges its kept copy of a peer's list
+    without asking while it has heard, recently, that the peer's state is the copy's
+    (:mod:`portainer_agent.listcache.peer_states`). Unknown to older agents: an error there
+    only means they are asked every time."""
+
+    arguments = [(b"node", amp.Unicode()), (b"boot", amp.Unicode()), (b"generation", amp.Integer())]
+    response: list[tuple[bytes, amp.Argument]] = []
+

@@ -28,6 +28,7 @@ from portainer_agent.cluster.commands import (
     Gossip,
     Hello,
     Leave,
+    ListState,
     NotAuthenticated,
     Ping,
     PingRequest,
@@ -106,6 +107,8 @@ class ClusterProtocol(amp.AMP):
         self._client_nonce = b""
         self._server_nonce = b""
         self._auth_timer: Any = None
+        #: Where a peer's list cache state goes (``(node, boot, generation)``), if anywhere.
+        self.list_states: Callable[[str, str, int], None] | None = None
 
     # ------------------------------------------------------------------ connection
 
@@ -221,6 +224,12 @@ class ClusterProtocol(amp.AMP):
         self.node.handle_gossip(decode_updates(updates))
         return {}
 
+    @ListState.responder
+    def list_state(self, node: str, boot: str, generation: int) -> dict[str, Any]:
+        if self.list_states is not None:
+            self.list_states(node, boot, generation)
+        return {}
+
     @PushState.responder
     def push_state(self, members: list[dict[str, Any]], join: bool) -> dict[str, Any]:
         self.node.merge_state(decode_members(members), source=self.peer_origin)
@@ -283,6 +292,8 @@ class AmpPeerTransport:
         self.connect_timeout = connect_timeout
         self.max_connections = max_connections
         self.node: SwimNode | None = None
+        #: Peers' list cache states arriving on server connections go here (set by the agent).
+        self.on_list_state: Callable[[str, str, int], None] | None = None
         self._connections: dict[str, Deferred] = {}
         self._open: dict[str, ClusterProtocol] = {}
         self._waiters: dict[str, list[Deferred]] = {}
@@ -294,6 +305,7 @@ class AmpPeerTransport:
         """A protocol for a new connection, tracked until it is lost (so stop can close it)."""
         assert self.node is not None, "bind the transport to a node first"
         protocol = ClusterProtocol(self.node, self.key, self.clock, server, local_fingerprint)
+        protocol.list_states = self._list_state
         protocol.closed = Deferred()
         self._all.add(protocol)
         protocol.closed.addBoth(lambda _: self._all.discard(protocol))
@@ -424,6 +436,14 @@ class AmpPeerTransport:
                 break
             after = answer["next"]
         return received
+
+    def _list_state(self, node: str, boot: str, generation: int) -> None:
+        if self.on_list_state is not None:
+            self.on_list_state(node, boot, generation)
+
+    def list_state(self, peer: PeerAddress, node: str, boot: str, generation: int) -> Deferred:
+        """Tell ``peer`` this agent's list cache state; fires when it has heard it."""
+        return self._call(peer, ListState, node=node, boot=boot, generation=generation)
 
     def leave(self, peer: PeerAddress, member: Member) -> Deferred:
         d = self._call(peer, Leave, member=[encode_member(member)])

@@ -119,11 +119,16 @@ class KeptAnswer:
 
     def render(self, now_ns: int) -> tuple[bytes, bytes]:
         """The body Docker would give at ``now_ns``, and its entity tag."""
+        body, tag, _ = self.render_until(now_ns)
+        return body, tag
+
+    def render_until(self, now_ns: int) -> tuple[bytes, bytes, int | None]:
+        """:meth:`render`, and until when (ns) its texts stay as they are (None: always)."""
         if self.static_body is not None and self.static_etag is not None:
-            return self.static_body, self.static_etag
+            return self.static_body, self.static_etag, None
         rendered = self._rendered
         if rendered is not None and rendered[0] <= now_ns < rendered[1]:
-            return rendered[2], rendered[3]
+            return rendered[2], rendered[3], rendered[1]
         encode = _codec().encode
         until = None
         pieces = []
@@ -136,9 +141,10 @@ class KeptAnswer:
             until = changes if until is None else min(until, changes)
         body = b"[" + b",".join(pieces) + b"]\n"
         tag = entity_tag(body)
-        if until is not None:
-            self._rendered = (now_ns, until - _MARGIN_NS, body, tag)
-        return body, tag
+        if until is None:
+            return body, tag, None
+        self._rendered = (now_ns, until - _MARGIN_NS, body, tag)
+        return body, tag, until - _MARGIN_NS
 
 
 def entity_tag(body: bytes) -> bytes:

@@ -22,6 +22,7 @@ agent learns, in one small round trip, that a peer's list has not changed.
 """
 from __future__ import annotations
 
+import secrets
 import time
 from typing import Any, Callable, Iterable, Protocol
 
@@ -34,6 +35,7 @@ from twisted.web.iweb import IResponse
 from portainer_agent.listcache.answer import KeptAnswer, NotKeepable, entity_tag, keep, timed_statuses
 from portainer_agent.listcache.events import EventStream
 from portainer_agent.listcache.keys import ListKey, list_key
+from portainer_agent.listcache.peer_states import state_text
 from portainer_agent.listcache.status import StatusShape, parse_docker_time
 from portainer_agent.listcache.store import BoundedStore
 from portainer_agent.toolbox.memory_response import MemoryResponse
@@ -48,6 +50,10 @@ INSPECT_CONCURRENCY = 8
 #: Answers read again, in the background, when the event stream comes back.
 REFILL_LIMIT = 16
 ETAG = b"ETag"
+#: The cache state an answer is valid in (``<boot>-<generation>``), for aggregating peers.
+STATE_HEADER = b"X-PortainerAgent-List-State"
+#: How long (ms) its time-relative texts stay as they are; absent: as long as the state.
+VALID_FOR_HEADER = b"X-PortainerAgent-List-Valid-For"
 #: Containers whose clocks are held at most (far above any node's container count).
 MAX_CLOCKS = 100_000
 
@@ -119,6 +125,12 @@ class ListCache:
         self._clocks: dict[str, tuple[str, int]] = {}
         self._inspecting = DeferredSemaphore(INSPECT_CONCURRENCY)
         self.generation = 0
+        #: Tells a restarted agent's generations from the last run's.
+        self.boot = secrets.token_hex(6)
+        #: Called at every change (:class:`~portainer_agent.listcache.beacon.ListBeacon`).
+        self.on_change: Callable[[], None] | None = None
+        #: The write barrier (the beacon's), if this agent is in a cluster.
+        self.barrier: Callable[[Any], Any] | None = None
         self.ready = False
         self._refill: list[bytes] = []
         self.events = events if events is not None else EventStream(
@@ -145,12 +157,19 @@ class ListCache:
         if len(self.store):
             self.store.clear()
         self._metrics.list_cache_invalidated(reason)
+        if self.on_change is not None:
+            self.on_change()
 
     def written(self, result: Any = None) -> Any:
         """A write this agent proxied to Docker was answered (or failed): called before the
         client sees the answer. Passes ``result`` through (a Deferred callback)."""
         self.invalidate("write")
         return result
+
+    def settled(self, result: Any = None) -> Any:
+        """After :meth:`written`: ``result`` once the other agents heard of the change (the
+        write barrier), at once outside a cluster."""
+        return self.barrier(result) if self.barrier is not None else result
 
     def _event(self, event: dict[str, Any]) -> None:
         actor = event.get("Actor")
@@ -191,8 +210,11 @@ class ListCache:
         kept = self.store.get(key)
         if kept is not None:
             self._metrics.list_cache_answered(key.list, "hit")
-            body, etag = kept.answer.render(self._now_ns())
-            return succeed(_response(kept.answer.headers, body, etag, if_none_match))
+            now = self._now_ns()
+            body, etag, until = kept.answer.render_until(now)
+            valid = None if until is None else max(0, (until - now) // 1_000_000)
+            return succeed(_response(kept.answer.headers, body, etag, if_none_match,
+                                     state=state_text(self.boot, self.generation), valid_ms=valid))
         self._metrics.list_cache_answered(key.list, "miss")
         return self._read(uri, key, fetch(), self.generation, self._now_ns(), if_none_match)
 
@@ -208,7 +230,9 @@ class ListCache:
                     return MemoryResponse(response.code, response.phrase, headers, body)
                 if key is not None:
                     self._keep(uri, key, body, headers, generation, (sent_ns, self._now_ns()))
-                return _response(headers, body, entity_tag(body), if_none_match, phrase=response.phrase)
+                # Valid in the state it was asked in, for no time: an aggregating peer asks again.
+                return _response(headers, body, entity_tag(body), if_none_match, phrase=response.phrase,
+                                 state=state_text(self.boot, generation), valid_ms=0)
 
             return read_whole_body(response, self._max_body, "Docker", " (--aggregate-max-bytes)"
                                    ).addCallback(answered)
@@ -301,11 +325,16 @@ def _header_lines(response: IResponse) -> list[tuple[bytes, bytes]]:
 
 
 def _response(headers: Iterable[tuple[bytes, bytes]], body: bytes, etag: bytes, if_none_match: bytes | None,
-              phrase: bytes = b"OK") -> MemoryResponse:
+              phrase: bytes = b"OK", state: str | None = None, valid_ms: int | None = None) -> MemoryResponse:
     lines = [(name, value) for name, value in headers
              if name.lower() not in (b"content-length", b"etag", b"transfer-encoding", b"date")]
+    own = [(ETAG, etag)]
+    if state is not None:
+        own.append((STATE_HEADER, state.encode("ascii")))
+    if valid_ms is not None:
+        own.append((VALID_FOR_HEADER, b"%d" % valid_ms))
     if matches(if_none_match, etag):
-        # RFC 9110 15.4.5: no representation metadata on a 304 but the validator.
-        return MemoryResponse(304, b"Not Modified", [(ETAG, etag)], b"")
-    lines.append((ETAG, etag))
+        # RFC 9110 15.4.5: no representation metadata on a 304 but the validator (and ours).
+        return MemoryResponse(304, b"Not Modified", own, b"")
+    lines.extend(own)
     return MemoryResponse(200, phrase, lines, body)

@@ -48,6 +48,8 @@ from portainer_agent.proxy.merge import (
 from portainer_agent.proxy.node_list import SwarmNodeList
 from portainer_agent.proxy.peer import PeerForwarder
 from portainer_agent.proxy.peer_lists import PeerCopies
+from portainer_agent.listcache.peer_states import PeerListStates
+from portainer_agent.listcache.service import STATE_HEADER, VALID_FOR_HEADER
 from portainer_agent.proxy.reasons import upstream_failure_reason
 
 log = Logger()
@@ -77,18 +79,23 @@ class AggregateMetrics(Protocol):
 
     def aggregate_leg_not_modified(self, node: str) -> None: ...
 
+    def aggregate_leg_from_memory(self, node: str) -> None: ...
+
 
 class FanOut:
     """Serves aggregated list requests (``RouteKind.AGGREGATE``)."""
 
     def __init__(self, reactor: Any, local: DockerProxy, peers: PeerForwarder, timeout: float = 10.0,
                  max_bytes: int = DEFAULT_MAX_BYTES, node_list: SwarmNodeList | None = None,
-                 metrics: AggregateMetrics | None = None, peer_copies: PeerCopies | None = None) -> None:
+                 metrics: AggregateMetrics | None = None, peer_copies: PeerCopies | None = None,
+                 peer_states: PeerListStates | None = None) -> None:
         self._metrics = metrics
         #: Peers' last answers, for conditional legs (None: the list cache is off).
         self._copies = peer_copies
         #: Merged answers by their nodes' entity tags (only tagged answers: the cache's).
         self._memo = MergeMemo()
+        #: The peers' cache states heard over membership (None: every peer is asked).
+        self._states = peer_states
         self._reactor = reactor
         self._local = local
         self._peers = peers
@@ -118,6 +125,12 @@ class FanOut:
     def _leg(self, request: Request, member: Member, local: bool) -> "Deferred[NodeAnswer]":
         node, copies = member.node_name, None if local else self._copies
         copy = copies.get(node, request.uri) if copies is not None else None
+        if copy is not None and self._states is not None and self._states.trusts(node, copy.state) and (
+                copy.valid_until is None or self._reactor.seconds() < copy.valid_until):
+            # The peer said it has not changed since, recently enough, and the texts hold.
+            if self._metrics is not None:
+                self._metrics.aggregate_leg_from_memory(node)
+            return succeed(NodeAnswer(node, copy.body, copy.etag))
         try:
             if local:
                 sent = self._local.send(request)
@@ -134,14 +147,15 @@ class FanOut:
             content_type = response.headers.getRawHeaders(b"content-type", [None])[-1]
 
             def check(body: bytes) -> NodeAnswer:
-                if response.code == 304 and copy is not None:
+                if response.code == 304 and copy is not None and copies is not None:
                     if self._metrics is not None:
                         self._metrics.aggregate_leg_not_modified(node)
+                    copies.keep(node, request.uri, copy.etag, copy.body, *self._validity(response))
                     return NodeAnswer(node, copy.body, copy.etag)
                 if 200 <= response.code < 300:
                     tag = response.headers.getRawHeaders(b"etag", [None])[-1] if self._copies is not None else None
                     if copies is not None:
-                        copies.keep(node, request.uri, tag, body)
+                        copies.keep(node, request.uri, tag, body, *self._validity(response))
                     return NodeAnswer(node, body, tag)
                 if copies is not None:
                     copies.forget(node, request.uri)
@@ -155,6 +169,21 @@ class FanOut:
         # (connection aborted) or the body (upstream stopped).
         answer.addTimeout(self._timeout, self._reactor)
         return answer
+
+    def _validity(self, response: IResponse) -> tuple[str | None, float | None]:
+        """The peer's cache state of an answer, and until when (our clock) its texts hold."""
+        headers = response.headers
+        state = headers.getRawHeaders(STATE_HEADER, [None])[-1]
+        valid_for = headers.getRawHeaders(VALID_FOR_HEADER, [None])[-1]
+        if state is None:
+            return None, 0.0
+        if valid_for is None:
+            return state.decode("ascii", "replace"), None
+        try:
+            milliseconds = int(valid_for)
+        except ValueError:
+            milliseconds = 0
+        return state.decode("ascii", "replace"), self._reactor.seconds() + milliseconds / 1000
 
     def _answer(self, results: list[tuple[bool, Any]], request: Request, path: bytes,
                 members: Sequence[Member]) -> None:

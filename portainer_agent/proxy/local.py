@@ -44,6 +44,8 @@ class Lists(Protocol):
 
     def written(self, result: Any = None) -> Any: ...
 
+    def settled(self, result: Any = None) -> Any: ...
+
 
 _READS = frozenset({b"GET", b"HEAD"})
 
@@ -84,6 +86,8 @@ class DockerProxy:
         if self.lists is not None and request.method not in _READS:
             # Before the relay's callbacks: the cache forgets before the client hears.
             pending.addBoth(self.lists.written)
+            # In a cluster: answered once the other agents heard of it (read-your-writes).
+            pending.addBoth(self.lists.settled)
             request.notifyFinish().addBoth(lambda _: self.lists.written())  # type: ignore[union-attr]
         relay_pending(pending, request, self._unreachable)
         return NOT_DONE_YET

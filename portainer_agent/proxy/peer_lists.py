@@ -6,6 +6,10 @@ has not changed answers ``304`` with no body, and the kept body is merged instea
 tag is a hash of the exact bytes (:func:`portainer_agent.listcache.answer.entity_tag`),
 so a 304 means the bytes are the peer's current answer, whoever changed what in between:
 read-your-writes holds across agents without any clock or gossip.
+
+With the peers' states heard over membership (:mod:`portainer_agent.listcache.peer_states`),
+a copy whose state the peer still announces, and whose texts still hold, is merged without
+asking at all.
 """
 from __future__ import annotations
 
@@ -18,6 +22,10 @@ from portainer_agent.listcache.store import BoundedStore
 class PeerCopy:
     etag: bytes
     body: bytes
+    #: The peer's cache state the copy is valid in (``X-PortainerAgent-List-State``).
+    state: str | None = None
+    #: Until when (this agent's clock, seconds) its time-relative texts hold; None: always.
+    valid_until: float | None = 0.0
 
     @property
     def size(self) -> int:
@@ -37,10 +45,12 @@ class PeerCopies:
     def get(self, node: str, uri: bytes) -> PeerCopy | None:
         return self._store.get((node, uri))
 
-    def keep(self, node: str, uri: bytes, etag: bytes | None, body: bytes) -> None:
-        """The peer's 200 answer: kept if it has a tag, else any older copy is dropped."""
+    def keep(self, node: str, uri: bytes, etag: bytes | None, body: bytes, state: str | None = None,
+             valid_until: float | None = 0.0) -> None:
+        """The peer's 200 answer (or a 304 confirming a copy): kept if it has a tag, else any
+        older copy is dropped."""
         if etag:
-            self._store.put((node, uri), PeerCopy(etag, body))
+            self._store.put((node, uri), PeerCopy(etag, body, state, valid_until))
         else:
             self._store.discard((node, uri))
 

@@ -247,7 +247,9 @@ class CacheTests(SynchronousTestCase):
         again = self.ask(b"/images/json", b'W/"other", ' + tag)
         assert again is not None
         self.assertEqual((again.code, again.length), (304, 0))
-        self.assertEqual(again.raw_headers, [(b"ETag", tag)])
+        # Only the validator and the cache state (no representation metadata on a 304).
+        self.assertEqual(again.raw_headers, [(b"ETag", tag), (b"X-PortainerAgent-List-State",
+                                                             f"{self.cache.boot}-{self.cache.generation}".encode())])
 
     def test_time_relative_statuses_move_on_in_memory(self) -> None:
         self.up()
@@ -432,6 +434,63 @@ class MergeMemoTests(SynchronousTestCase):
         self.assertEqual(len(merged), 5)
 
 
+class PeerStatesTests(SynchronousTestCase):
+    def test_a_copy_is_trusted_only_in_the_state_last_heard_and_only_while_it_is_fresh(self) -> None:
+        from portainer_agent.listcache.peer_states import TRUST_SECONDS, PeerListStates
+
+        clock = Clock()
+        states = PeerListStates(clock)
+        self.assertFalse(states.trusts("n1", "b-1"), "nothing heard yet")
+        states.heard("n1", "b", 1)
+        self.assertTrue(states.trusts("n1", "b-1"))
+        self.assertFalse(states.trusts("n1", "b-0"), "a copy from an older state")
+        self.assertFalse(states.trusts("n1", None))
+        self.assertFalse(states.trusts("n2", "b-1"))
+        clock.advance(TRUST_SECONDS + 0.01)
+        self.assertFalse(states.trusts("n1", "b-1"), "not heard for too long: asked again")
+        states.heard("n1", "b", 2)
+        self.assertFalse(states.trusts("n1", "b-1"), "changed")
+        states.heard("n1", "c", 1)
+        self.assertFalse(states.trusts("n1", "b-1"), "restarted")
+
+    def test_the_beacon_tells_every_live_peer_and_the_barrier_waits_for_them_or_its_deadline(self) -> None:
+        from portainer_agent.cluster.member import PeerAddress
+        from portainer_agent.listcache.beacon import BARRIER_SECONDS, HEARTBEAT_SECONDS, ListBeacon
+
+        clock = Clock()
+        cache = ListCache(clock, FakeDocker())
+        told: list[tuple[str, str, int, Deferred[Any]]] = []
+
+        class Transport:
+            def list_state(self, peer: PeerAddress, node: str, boot: str, generation: int) -> "Deferred[Any]":
+                d: Deferred[Any] = Deferred()
+                told.append((peer.host, node, generation, d))
+                return d
+
+        class Peer:
+            def __init__(self, host: str) -> None:
+                self.peer = PeerAddress(host, 9002)
+
+        beacon = ListBeacon(clock, cache, Transport(), lambda: [Peer("10.0.0.1"), Peer("10.0.0.2")], lambda: "me")
+        beacon.startService()
+        cache.invalidate("event")
+        clock.advance(0)
+        self.assertEqual([(host, node, gen) for host, node, gen, _ in told], [("10.0.0.1", "me", 1), ("10.0.0.2", "me", 1)])
+        clock.advance(HEARTBEAT_SECONDS)
+        self.assertEqual(len(told), 4, "and as a heartbeat")
+        result = cache.settled("the answer")
+        self.assertNoResult(result)
+        told[-2][3].callback({})
+        self.assertNoResult(result)
+        told[-1][3].errback(Failure(ConnectionRefusedError()))
+        self.assertEqual(self.successResultOf(result), "the answer")
+        late = cache.settled("late")
+        clock.advance(BARRIER_SECONDS)
+        self.assertEqual(self.successResultOf(late), "late", "a peer that does not answer holds a write 1 s at most")
+        beacon.stopService()
+        self.assertEqual(cache.settled("after"), "after")
+
+
 class WriteOrderTests(SynchronousTestCase):
     def test_a_write_drops_the_cache_before_the_client_hears_and_again_when_it_ends(self) -> None:
         request = Request(DummyChannel())
@@ -451,6 +510,9 @@ class WriteOrderTests(SynchronousTestCase):
 
             def written(self, result: Any = None) -> Any:
                 seen.append(len(sent.getvalue()))
+                return result
+
+            def settled(self, result: Any = None) -> Any:
                 return result
 
         DockerProxy(Upstream(), "/sock", lists=Lists()).render(request)
