@@ -95,7 +95,8 @@ def rss_mb(lab: Lab) -> dict[str, float]:
 
 
 def cache_metrics(lab: Lab) -> dict[str, dict[str, float]]:
-    """Every metrics sample whose name mentions a cache, by node (empty without ``--metrics``)."""
+    """Every metrics sample of the list cache, and the aggregate legs it spared (304s, legs
+    not sent), by node (empty without ``--metrics``)."""
     if not lab.metrics_port:
         return {}
     found: dict[str, dict[str, float]] = {}
@@ -105,7 +106,8 @@ def cache_metrics(lab: Lab) -> dict[str, dict[str, float]]:
             continue
         found[node.name] = {
             name + ("{" + ",".join(f"{k}={v}" for k, v in sorted(labels)) + "}" if labels else ""): value
-            for (name, labels), value in metrics.samples.items() if "cache" in name}
+            for (name, labels), value in metrics.samples.items()
+            if ("cache" in name or "not_modified" in name or "from_memory" in name) and not name.endswith("_created")}
     return found
 
 

@@ -117,6 +117,11 @@ class KeptAnswer:
     #: The last rendering (from, until: ns) and its body and tag.
     _rendered: tuple[int, int, bytes, bytes] | None = attrs.field(default=None, eq=False)
 
+    def clocks(self) -> list[int]:
+        """The clocks of the time-relative statuses, in body order (what an aggregating
+        agent needs to format them itself: :func:`keep_with_clocks`)."""
+        return [part.clock_ns for part in self.parts if isinstance(part, TimedItem)]
+
     def render(self, now_ns: int) -> tuple[bytes, bytes]:
         """The body Docker would give at ``now_ns``, and its entity tag."""
         body, tag, _ = self.render_until(now_ns)
@@ -197,3 +202,16 @@ def keep(body: bytes, headers: Sequence[tuple[bytes, bytes]], containers: bool,
     if not timed:
         return KeptAnswer(kept_headers, body, (body,), len(body), entity_tag(body))
     return KeptAnswer(kept_headers, None, tuple(parts), len(body), None)
+
+
+def keep_with_clocks(body: bytes, clocks: Sequence[int], now_ns: int) -> KeptAnswer:
+    """A peer's containers answer, re-renderable here: ``clocks`` are its time-relative
+    statuses' clocks in body order (:meth:`KeptAnswer.clocks`), ``now_ns`` the peer's time
+    when it formatted them (checked like Docker's, :func:`keep`)."""
+    items = _items(body)
+    decode_str = _codec().decode_str
+    timed = [decode_str(item["Id"]) for item in items if _shape_of(item) is not None]
+    if len(timed) != len(clocks):
+        raise NotKeepable(f"{len(clocks)} clocks for {len(timed)} time-relative statuses")
+    return keep(body, [], True, dict(zip(timed, clocks)), (now_ns, now_ns))
+

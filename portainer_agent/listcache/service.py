@@ -54,6 +54,14 @@ ETAG = b"ETag"
 STATE_HEADER = b"X-PortainerAgent-List-State"
 #: How long (ms) its time-relative texts stay as they are; absent: as long as the state.
 VALID_FOR_HEADER = b"X-PortainerAgent-List-Valid-For"
+#: Asked by an aggregating agent (any value): send the clocks of the time-relative statuses,
+#: so it can format them itself while the state holds (answered in the same header: the
+#: ns clocks of the items whose Status is time-relative, in body order, comma-separated).
+CLOCKS_HEADER = b"X-PortainerAgent-List-Clocks"
+#: With the clocks: this agent's time (ns) when it formatted the answer (for clock skew).
+NOW_HEADER = b"X-PortainerAgent-List-Now"
+#: More time-relative items than this: no clocks (a header stays well under 16 kB).
+MAX_CLOCKS_SENT = 400
 #: Containers whose clocks are held at most (far above any node's container count).
 MAX_CLOCKS = 100_000
 
@@ -198,7 +206,7 @@ class ListCache:
     # -- answers ---------------------------------------------------------------------
 
     def answer(self, method: bytes, uri: bytes, if_none_match: bytes | None,
-               fetch: Callable[[], "Deferred[IResponse]"]) -> "Deferred[IResponse] | None":
+               fetch: Callable[[], "Deferred[IResponse]"], clocks: bool = False) -> "Deferred[IResponse] | None":
         """The answer to a list request, or None when it is not one this cache answers
         (the caller sends it on as usual). ``fetch()`` sends the request to Docker."""
         key = list_key(method, uri)
@@ -213,8 +221,14 @@ class ListCache:
             now = self._now_ns()
             body, etag, until = kept.answer.render_until(now)
             valid = None if until is None else max(0, (until - now) // 1_000_000)
-            return succeed(_response(kept.answer.headers, body, etag, if_none_match,
-                                     state=state_text(self.boot, self.generation), valid_ms=valid))
+            response = _response(kept.answer.headers, body, etag, if_none_match,
+                                 state=state_text(self.boot, self.generation), valid_ms=valid)
+            if clocks and until is not None and response.code == 200:
+                timed = kept.answer.clocks()
+                if len(timed) <= MAX_CLOCKS_SENT:
+                    response.raw_headers += [(CLOCKS_HEADER, b",".join(b"%d" % clock for clock in timed)),
+                                             (NOW_HEADER, b"%d" % now)]
+            return succeed(response)
         self._metrics.list_cache_answered(key.list, "miss")
         return self._read(uri, key, fetch(), self.generation, self._now_ns(), if_none_match)
 

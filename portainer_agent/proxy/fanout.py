@@ -21,6 +21,7 @@ last answer is merged. Merge and failures are the same either way.
 """
 from __future__ import annotations
 
+import time
 from typing import Any, Iterable, Protocol, Sequence
 
 import attrs
@@ -49,7 +50,8 @@ from portainer_agent.proxy.node_list import SwarmNodeList
 from portainer_agent.proxy.peer import PeerForwarder
 from portainer_agent.proxy.peer_lists import PeerCopies
 from portainer_agent.listcache.peer_states import PeerListStates
-from portainer_agent.listcache.service import STATE_HEADER, VALID_FOR_HEADER
+from portainer_agent.listcache.answer import NotKeepable, keep_with_clocks
+from portainer_agent.listcache.service import CLOCKS_HEADER, NOW_HEADER, STATE_HEADER, VALID_FOR_HEADER
 from portainer_agent.proxy.reasons import upstream_failure_reason
 
 log = Logger()
@@ -57,6 +59,8 @@ log = Logger()
 UNREACHABLE_HEADER = b"X-PortainerAgent-Unreachable-Nodes"
 #: Set to ``unknown`` on an aggregate answered before the Swarm's node list was known.
 NODE_LIST_HEADER = b"X-PortainerAgent-Node-List"
+#: The list whose statuses are time-relative (formatted here from a peer's clocks).
+CONTAINERS_PATH = b"/containers/json"
 #: ``--aggregate-max-bytes``'s default: one node's answer (a big node's ``ps -a --size``
 #: is a few MB).
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
@@ -109,7 +113,7 @@ class FanOut:
 
     def render(self, request: Request, path: bytes, members: Sequence[Member], local_name: str) -> Any:
         """Ask ``members`` for ``request`` (its routed ``path``: which list, how to merge)."""
-        legs = [self._leg(request, member, member.node_name == local_name) for member in members]
+        legs = [self._leg(request, path, member, member.node_name == local_name) for member in members]
         listing: Deferred[NodeListState | None] = (
             self._node_list.current(request, members, local_name) if self._node_list is not None else succeed(None))
         pending: list[Deferred[Any]] = [*legs, listing]
@@ -122,22 +126,27 @@ class FanOut:
         answered.addErrback(self._crashed, request)
         return NOT_DONE_YET
 
-    def _leg(self, request: Request, member: Member, local: bool) -> "Deferred[NodeAnswer]":
+    def _leg(self, request: Request, path: bytes, member: Member, local: bool) -> "Deferred[NodeAnswer]":
         node, copies = member.node_name, None if local else self._copies
         copy = copies.get(node, request.uri) if copies is not None else None
+        now_ns = time.time_ns()
         if copy is not None and self._states is not None and self._states.trusts(node, copy.state) and (
-                copy.valid_until is None or self._reactor.seconds() < copy.valid_until):
-            # The peer said it has not changed since, recently enough, and the texts hold.
+                copy.answer is not None or copy.valid_until is None or self._reactor.seconds() < copy.valid_until):
+            # The peer said it has not changed since, recently enough, and its texts are
+            # formatted here (or still hold).
             if self._metrics is not None:
                 self._metrics.aggregate_leg_from_memory(node)
-            return succeed(NodeAnswer(node, copy.body, copy.etag))
+            body, tag = copy.rendered(now_ns)
+            return succeed(NodeAnswer(node, body, tag))
+        current = copy.rendered(now_ns) if copy is not None else None
         try:
             if local:
                 sent = self._local.send(request)
             elif copies is not None:
                 # The client's own If-None-Match never reaches a peer: a 304 must mean "as kept".
-                sent = self._peers.send(request, member, "aggregate",
-                                        {b"If-None-Match": copy.etag if copy is not None else None})
+                sent = self._peers.send(request, member, "aggregate", {
+                    b"If-None-Match": current[1] if current is not None else None,
+                    CLOCKS_HEADER: b"1" if self._states is not None and path == CONTAINERS_PATH else None})
             else:
                 sent = self._peers.send(request, member, "aggregate")
         except Exception:  # noqa: BLE001 - an AgentError (a bad URI), or a bug: this leg fails, not the list
@@ -147,21 +156,23 @@ class FanOut:
             content_type = response.headers.getRawHeaders(b"content-type", [None])[-1]
 
             def check(body: bytes) -> NodeAnswer:
-                if response.code == 304 and copy is not None and copies is not None:
+                if response.code == 304 and copy is not None and current is not None and copies is not None:
                     if self._metrics is not None:
                         self._metrics.aggregate_leg_not_modified(node)
-                    copies.keep(node, request.uri, copy.etag, copy.body, *self._validity(response))
-                    return NodeAnswer(node, copy.body, copy.etag)
+                    copies.keep(node, request.uri, copy.etag, copy.body, *self._validity(response),
+                                answer=copy.answer, offset_ns=copy.offset_ns)
+                    return NodeAnswer(node, current[0], current[1])
                 if 200 <= response.code < 300:
                     tag = response.headers.getRawHeaders(b"etag", [None])[-1] if self._copies is not None else None
                     if copies is not None:
-                        copies.keep(node, request.uri, tag, body, *self._validity(response))
+                        copies.keep(node, request.uri, tag, body, *self._validity(response),
+                                    *self._renderable(response, body))
                     return NodeAnswer(node, body, tag)
                 if copies is not None:
                     copies.forget(node, request.uri)
                 raise _HTTPFailure(node, response.code, body, content_type)
 
-            return read_whole_body(response, self._max_bytes, f"node {member.node_name}",
+            return read_whole_body(response, self._max_bytes, f"node {node}",
                                    " (--aggregate-max-bytes)").addCallback(check)
 
         answer: Deferred[NodeAnswer] = sent.addCallback(read)
@@ -169,6 +180,21 @@ class FanOut:
         # (connection aborted) or the body (upstream stopped).
         answer.addTimeout(self._timeout, self._reactor)
         return answer
+
+    def _renderable(self, response: IResponse, body: bytes) -> tuple[Any, int]:
+        """A peer's containers answer sent with its clocks, as a copy this agent formats
+        itself (and the peer's clock offset); (None, 0) otherwise."""
+        headers = response.headers
+        clocks = headers.getRawHeaders(CLOCKS_HEADER, [None])[-1]
+        now = headers.getRawHeaders(NOW_HEADER, [None])[-1]
+        if clocks is None or now is None:
+            return None, 0
+        try:
+            peer_now = int(now)
+            answer = keep_with_clocks(body, [int(c) for c in clocks.split(b",") if c], peer_now)
+        except (ValueError, NotKeepable):
+            return None, 0
+        return answer, peer_now - time.time_ns()
 
     def _validity(self, response: IResponse) -> tuple[str | None, float | None]:
         """The peer's cache state of an answer, and until when (our clock) its texts hold."""

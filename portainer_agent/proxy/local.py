@@ -25,6 +25,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from portainer_agent.errors import AgentError, bad_gateway_docker
 from portainer_agent.proxy.outgoing import request_body_producer, upstream_header_lines
 from portainer_agent.proxy.relay import failure_reason, relay_pending
+from portainer_agent.listcache.service import CLOCKS_HEADER
 from portainer_agent.routing import Route
 
 log = Logger()
@@ -40,7 +41,7 @@ class Lists(Protocol):
     """What the proxy needs of the list cache (:class:`~portainer_agent.listcache.service.ListCache`)."""
 
     def answer(self, method: bytes, uri: bytes, if_none_match: bytes | None,
-               fetch: Callable[[], "Deferred[Any]"]) -> "Deferred[Any] | None": ...
+               fetch: Callable[[], "Deferred[Any]"], clocks: bool = False) -> "Deferred[Any] | None": ...
 
     def written(self, result: Any = None) -> Any: ...
 
@@ -66,8 +67,10 @@ class DockerProxy:
         ``If-None-Match`` if ``conditional``); raises :class:`AgentError` (400) for a URI
         that cannot go on the wire."""
         if self.lists is not None and request.method == b"GET":
-            tag = request.requestHeaders.getRawHeaders(b"if-none-match", [None])[-1] if conditional else None
-            cached = self.lists.answer(request.method, request.uri, tag, lambda: self._send(request))
+            headers = request.requestHeaders
+            tag = headers.getRawHeaders(b"if-none-match", [None])[-1] if conditional else None
+            clocks = conditional and headers.hasHeader(CLOCKS_HEADER)
+            cached = self.lists.answer(request.method, request.uri, tag, lambda: self._send(request), clocks)
             if cached is not None:
                 return cached
         return self._send(request)

@@ -13,6 +13,8 @@ asking at all.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 
 from portainer_agent.listcache.store import BoundedStore
@@ -26,6 +28,17 @@ class PeerCopy:
     state: str | None = None
     #: Until when (this agent's clock, seconds) its time-relative texts hold; None: always.
     valid_until: float | None = 0.0
+    #: The copy, re-renderable here (a :class:`~portainer_agent.listcache.answer.KeptAnswer`
+    #: built from the peer's clocks), and how far the peer's clock is ahead of ours (ns).
+    answer: Any = None
+    offset_ns: int = 0
+
+    def rendered(self, now_ns: int) -> tuple[bytes, bytes]:
+        """The body and tag the peer would give now (the copy itself if not re-renderable)."""
+        if self.answer is None:
+            return self.body, self.etag
+        rendered: tuple[bytes, bytes] = self.answer.render(now_ns + self.offset_ns)
+        return rendered
 
     @property
     def size(self) -> int:
@@ -46,11 +59,11 @@ class PeerCopies:
         return self._store.get((node, uri))
 
     def keep(self, node: str, uri: bytes, etag: bytes | None, body: bytes, state: str | None = None,
-             valid_until: float | None = 0.0) -> None:
+             valid_until: float | None = 0.0, answer: Any = None, offset_ns: int = 0) -> None:
         """The peer's 200 answer (or a 304 confirming a copy): kept if it has a tag, else any
         older copy is dropped."""
         if etag:
-            self._store.put((node, uri), PeerCopy(etag, body, state, valid_until))
+            self._store.put((node, uri), PeerCopy(etag, body, state, valid_until, answer, offset_ns))
         else:
             self._store.discard((node, uri))
 

@@ -149,6 +149,27 @@ class KeptAnswerTests(SynchronousTestCase):
         self.assertEqual(kept.render(10 * DAY)[0], body)
 
 
+class PeerClocksTests(SynchronousTestCase):
+    def test_a_peer_answer_with_its_clocks_is_formatted_here_at_the_peers_time(self) -> None:
+        from portainer_agent.listcache.answer import keep_with_clocks
+        from portainer_agent.proxy.peer_lists import PeerCopy
+
+        at = STARTED_NS + 5 * MINUTE
+        body = containers_body(RUNNING, CREATED)
+        peer = keep(body, [], True, {RUNNING["Id"]: STARTED_NS}, (at, at))
+        self.assertEqual(peer.clocks(), [STARTED_NS])
+        here = keep_with_clocks(body, peer.clocks(), at)
+        skew = 7 * NS  # the peer's clock is 7 s ahead of ours
+        copy = PeerCopy(b'"x"', body, "b-1", None, here, skew)
+        ours = at - skew + 2 * MINUTE
+        self.assertEqual(copy.rendered(ours), peer.render(at + 2 * MINUTE))
+        with self.assertRaises(NotKeepable):
+            keep_with_clocks(body, [], at)
+        with self.assertRaises(NotKeepable):
+            keep_with_clocks(body, [STARTED_NS - HOUR], at)  # the texts do not match the clocks
+        self.assertEqual(PeerCopy(b'"x"', body).rendered(ours), (body, b'"x"'))
+
+
 class FakeDocker:
     """Answers lists from ``lists`` and inspects from ``started``; holds ``/events`` open."""
 
@@ -250,6 +271,16 @@ class CacheTests(SynchronousTestCase):
         # Only the validator and the cache state (no representation metadata on a 304).
         self.assertEqual(again.raw_headers, [(b"ETag", tag), (b"X-PortainerAgent-List-State",
                                                              f"{self.cache.boot}-{self.cache.generation}".encode())])
+
+    def test_an_aggregating_peer_asking_for_clocks_gets_them(self) -> None:
+        self.up()
+        self.ask(b"/containers/json?all=1")
+        pending = self.cache.answer(b"GET", b"/containers/json?all=1", None, lambda: succeed(None), clocks=True)
+        assert pending is not None
+        headers = dict(self.successResultOf(pending).raw_headers)
+        self.assertEqual(headers[b"X-PortainerAgent-List-Clocks"], b"%d" % STARTED_NS)
+        self.assertEqual(headers[b"X-PortainerAgent-List-Now"], b"%d" % self.now)
+        self.assertEqual(headers[b"X-PortainerAgent-List-Valid-For"], b"%d" % (60 * 1000 - 1), "until 6 minutes")
 
     def test_time_relative_statuses_move_on_in_memory(self) -> None:
         self.up()
