@@ -529,6 +529,7 @@ class WriteOrderTests(SynchronousTestCase):
         request.content = io.BytesIO(b"{}")
         sent = request.channel.transport.written
         answered: Deferred[Any] = Deferred()
+        barrier: Deferred[Any] = Deferred()
         seen: list[int] = []
 
         class Upstream:
@@ -544,10 +545,14 @@ class WriteOrderTests(SynchronousTestCase):
                 return result
 
             def settled(self, result: Any = None) -> Any:
-                return result
+                # The write barrier: the client hears nothing until the other agents heard.
+                seen.append(-1)
+                return barrier.addCallback(lambda _: result)
 
         DockerProxy(Upstream(), "/sock", lists=Lists()).render(request)
         answered.callback(MemoryResponse(201, b"Created", [], b'{"Id":"x"}'))
-        self.assertEqual(seen[0], 0, "dropped before anything reached the client")
+        self.assertEqual(seen, [0, -1], "dropped before anything reached the client, then the barrier")
+        self.assertEqual(sent.getvalue(), b"", "held by the barrier")
+        barrier.callback(None)
         self.assertTrue(sent.getvalue().endswith(b'{"Id":"x"}'), sent.getvalue())
-        self.assertEqual(len(seen), 2, "and once more when the exchange ended")
+        self.assertEqual(len(seen), 3, "and dropped once more when the exchange ended")
