@@ -26,6 +26,7 @@ from portainer_agent.http.router import Router
 from portainer_agent.metrics import AgentMetrics
 from portainer_agent.docker.testing import MemoryDocker
 from portainer_agent.proxy.dispatch import Destinations
+from portainer_agent.listcache.peer_states import PeerListStates
 from portainer_agent.proxy.fanout import DEFAULT_MAX_BYTES, UNREACHABLE_HEADER, FanOut
 from portainer_agent.proxy.node_list import SwarmNodeList
 from portainer_agent.proxy.local import DockerProxy
@@ -114,7 +115,8 @@ class Cluster:
     """The agent of ``local`` in a 3-node cluster, all in memory."""
 
     def __init__(self, local: Member = NODE3, timeout: float = 10.0, max_bytes: int = DEFAULT_MAX_BYTES,
-                 node_list: bool = False, response_timeout: float = 120.0) -> None:
+                 node_list: bool = False, response_timeout: float = 120.0, peer_copies: Any = None,
+                 peer_states: bool = False) -> None:
         #: Node names membership has declared dead.
         self.dead: set[str] = set()
         self.metrics = AgentMetrics()
@@ -134,8 +136,10 @@ class Cluster:
         #: The Swarm node list (only when asked for: the older tests cover live members alone).
         self.node_list = SwarmNodeList(self.clock, self.local_agent, self.peers.client,
                                        timeout=5.0, wait=2.0) if node_list else None
+        #: The peers' list cache states, as membership would report them (list cache tests).
+        self.peer_states = PeerListStates(self.clock) if peer_states else None
         self.fanout = FanOut(self.clock, docker, self.peers, timeout, max_bytes=max_bytes, node_list=self.node_list,
-                             metrics=self.metrics)
+                             metrics=self.metrics, peer_copies=peer_copies, peer_states=self.peer_states)
         destinations = Destinations(docker, RecordingHandler(), self.peers, self.fanout)
         self.root = AgentRoot(destinations, Router(lambda: self.snapshot))
         self.client: Any = StubTreq(self.root)

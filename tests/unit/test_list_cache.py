@@ -522,6 +522,52 @@ class PeerStatesTests(SynchronousTestCase):
         self.assertEqual(cache.settled("after"), "after")
 
 
+class TrustedPeersTests(SynchronousTestCase):
+    """The real FanOut in memory: a peer whose announced state is its copy's is not asked."""
+
+    def test_unchanged_peers_are_not_asked_changed_ones_conditionally_and_trust_runs_out(self) -> None:
+        from portainer_agent.listcache.peer_states import TRUST_SECONDS
+
+        from .test_cluster_memory import Cluster
+
+        cluster = Cluster(peer_copies=PeerCopies(100, 10_000_000), peer_states=True)
+        self.addCleanup(cluster.stop)
+        states = cluster.peer_states
+        assert states is not None
+
+        def peer(node: str) -> Any:
+            def answer(request: Request) -> bytes:
+                tag = b'"%s-tag"' % node.encode()
+                request.setHeader(b"ETag", tag)
+                request.setHeader(b"X-PortainerAgent-List-State", b"boot-1")
+                if request.getHeader(b"if-none-match") == tag:
+                    request.setResponseCode(304)
+                    return b""
+                request.setHeader(b"content-type", b"application/json")
+                return json.dumps([{"Id": f"{node}-a"}]).encode()
+            return answer
+
+        for node in ("node1", "node2"):
+            cluster.dockers[node].handler = peer(node)
+
+        def asked() -> list[int]:
+            return [len(cluster.dockers[node].seen) for node in ("node1", "node2")]
+
+        first = cluster.get("/containers/json")[1]
+        self.assertEqual(asked(), [1, 1])
+        states.heard("node1", "boot", 1)
+        states.heard("node2", "boot", 1)
+        self.assertEqual(cluster.get("/containers/json")[1], first)
+        self.assertEqual(asked(), [1, 1], "neither peer asked: both announced the copy's state")
+        states.heard("node1", "boot", 2)
+        self.assertEqual(cluster.get("/containers/json")[1], first)
+        self.assertEqual(asked(), [2, 1], "node1 changed: asked, conditionally")
+        self.assertEqual(cluster.dockers["node1"].seen[-1].header(b"if-none-match"), [b'"node1-tag"'])
+        cluster.clock.advance(TRUST_SECONDS + 0.1)
+        cluster.get("/containers/json")
+        self.assertEqual(asked(), [3, 2], "nothing heard for too long: both asked")
+
+
 class WriteOrderTests(SynchronousTestCase):
     def test_a_write_drops_the_cache_before_the_client_hears_and_again_when_it_ends(self) -> None:
         request = Request(DummyChannel())
