@@ -52,7 +52,7 @@ import attrs
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from proxy import IMAGE, Connection, HTTPError, Target, call, percentile  # noqa: E402
+from proxy import IMAGE, Connection, HTTPError, Target, call, create_containers, percentile  # noqa: E402
 from routing import NodeTarget, sequential  # noqa: E402
 
 from portainer_agent.lab.harness import Lab  # noqa: E402
@@ -68,26 +68,7 @@ MB = 1024 * 1024
 def make_containers(target: Target, node: str, count: int, running: int, workers: int = 4) -> None:
     """``count`` busybox containers on one node, the first ``running`` started (``sleep``):
     created-only ones list like the others but cost no shim process, so 500 a node fit."""
-    errors: list[BaseException] = []
-
-    def make(indexes: range) -> None:
-        try:
-            for index in indexes:
-                created = call(target, "POST", f"/v1.41/containers/create?name=bench-list-{node}-{index}",
-                               {"Image": IMAGE, "Cmd": ["sleep", "3600"], "Labels": {"pa-bench": "1"},
-                                "HostConfig": {"NetworkMode": "none"}}, codes=(201,))
-                if index < running:
-                    call(target, "POST", f"/v1.41/containers/{created['Id']}/start", codes=(204,))
-        except BaseException as error:  # noqa: BLE001
-            errors.append(error)
-
-    threads = [threading.Thread(target=make, args=(range(w, count, workers),), daemon=True) for w in range(workers)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(600)
-    if errors:
-        raise errors[0]
+    create_containers(target, count, workers, running=running, name=f"bench-list-{node}")
 
 
 def rss_mb(lab: Lab) -> dict[str, float]:

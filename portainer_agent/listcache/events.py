@@ -59,6 +59,8 @@ class EventStream:
         self._body: _EventLines | None = None
         self._retry: Any = None
         self._delay = FIRST_DELAY
+        #: When the open stream's head came in (reactor seconds).
+        self._opened_at = 0.0
         self._running = False
         self.up = False
         self.opened = 0

@@ -198,8 +198,7 @@ class ListCache:
 
     def _stream_down(self, reason: str) -> None:
         self.ready = False
-        self._refill = [kept.uri for kept in (self.store.get(key) for key in self.store) if kept is not None]
-        self._refill = self._refill[-REFILL_LIMIT:]
+        self._refill = [kept.uri for kept in self.store.values()][-REFILL_LIMIT:]
         self._clocks.clear()
         self.invalidate("stream_down")
 
@@ -221,14 +220,14 @@ class ListCache:
             now = self._now_ns()
             body, etag, until = kept.answer.render_until(now)
             valid = None if until is None else max(0, (until - now) // 1_000_000)
-            response = _response(kept.answer.headers, body, etag, if_none_match,
-                                 state=state_text(self.boot, self.generation), valid_ms=valid)
-            if clocks and until is not None and response.code == 200:
+            extra: list[tuple[bytes, bytes]] = []
+            if clocks and until is not None:
                 timed = kept.answer.clocks()
                 if len(timed) <= MAX_CLOCKS_SENT:
-                    response.raw_headers += [(CLOCKS_HEADER, b",".join(b"%d" % clock for clock in timed)),
-                                             (NOW_HEADER, b"%d" % now)]
-            return succeed(response)
+                    extra = [(CLOCKS_HEADER, b",".join(b"%d" % clock for clock in timed)), (NOW_HEADER, b"%d" % now)]
+            return succeed(_response(kept.answer.headers, body, etag, if_none_match,
+                                     state=state_text(self.boot, self.generation), valid_ms=valid,
+                                     with_body=extra))
         self._metrics.list_cache_answered(key.list, "miss")
         return self._read(uri, key, fetch(), self.generation, self._now_ns(), if_none_match)
 
@@ -339,7 +338,10 @@ def _header_lines(response: IResponse) -> list[tuple[bytes, bytes]]:
 
 
 def _response(headers: Iterable[tuple[bytes, bytes]], body: bytes, etag: bytes, if_none_match: bytes | None,
-              phrase: bytes = b"OK", state: str | None = None, valid_ms: int | None = None) -> MemoryResponse:
+              phrase: bytes = b"OK", state: str | None = None, valid_ms: int | None = None,
+              with_body: Iterable[tuple[bytes, bytes]] = ()) -> MemoryResponse:
+    """A 200 with ``body`` (and the ``with_body`` header lines), or a 304 when
+    ``if_none_match`` matches ``etag``."""
     lines = [(name, value) for name, value in headers
              if name.lower() not in (b"content-length", b"etag", b"transfer-encoding", b"date")]
     own = [(ETAG, etag)]
@@ -351,4 +353,5 @@ def _response(headers: Iterable[tuple[bytes, bytes]], body: bytes, etag: bytes, 
         # RFC 9110 15.4.5: no representation metadata on a 304 but the validator (and ours).
         return MemoryResponse(304, b"Not Modified", own, b"")
     lines.extend(own)
+    lines.extend(with_body)
     return MemoryResponse(200, phrase, lines, body)

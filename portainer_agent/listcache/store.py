@@ -35,6 +35,10 @@ class BoundedStore(Generic[K, V]):
     def __iter__(self) -> Iterator[K]:
         return iter(list(self._items))
 
+    def values(self) -> list[V]:
+        """The values, least recently used first (without marking them used)."""
+        return list(self._items.values())
+
     def get(self, key: K) -> V | None:
         value = self._items.get(key)
         if value is not None:

@@ -17,6 +17,8 @@ from typing import Any, Iterable, Sequence
 import attrs
 import msgspec
 
+from portainer_agent.listcache.store import BoundedStore
+
 _Object = dict[str, msgspec.Raw]
 _decode_list = msgspec.json.Decoder(list[_Object]).decode
 _decode_object = msgspec.json.Decoder(_Object).decode
@@ -171,9 +173,7 @@ class MergeMemo:
     tags are gone). Answers with failures, notes or an untagged node are merged every time."""
 
     def __init__(self, max_entries: int = 32, max_bytes: int = 32 * 1024 * 1024) -> None:
-        from portainer_agent.listcache.store import BoundedStore
-
-        self._kept: Any = BoundedStore(max_entries, max_bytes)
+        self._kept: BoundedStore[tuple[bytes, bytes], _Merged] = BoundedStore(max_entries, max_bytes)
 
     def merge(self, path: bytes, uri: bytes, answers: Sequence[NodeAnswer], failures: Sequence[NodeFailure] = (),
               notes: Sequence[str] = ()) -> tuple[bytes, list[NodeFailure]]:

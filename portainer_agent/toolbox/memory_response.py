@@ -7,6 +7,7 @@ code as an answer read from a socket.
 """
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Any, Sequence
 
 from twisted.internet.interfaces import IPushProducer
@@ -44,8 +45,9 @@ class MemoryResponse:
         self.body = body
         self.length = len(body)
 
-    @property
+    @cached_property
     def headers(self) -> Headers:
+        """``raw_headers`` as a ``Headers``, built once, when first asked for."""
         headers = Headers()
         for name, value in self.raw_headers:
             headers.addRawHeader(name, value)
